@@ -1,0 +1,1 @@
+"""Device, process groups and the CPU compatibility layer for megatron-core."""

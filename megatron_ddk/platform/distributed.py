@@ -1,0 +1,152 @@
+"""Process-group and device set-up from the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
+
+One validated topology object (``ParallelLayout``) says how the world splits into TP x PP x DP;
+``initialize`` starts torch.distributed (nccl on GPU, gloo on CPU), builds megatron-core's
+parallel state and seeds every generator the way Megatron does (a PP-rank offset, TP-specific
+model-parallel streams).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelLayout:
+    """How ``world_size`` ranks split into tensor x pipeline x data parallel groups."""
+
+    world_size: int
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if self.world_size % model_parallel != 0:
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
+                f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
+                f"({self.pipeline_model_parallel_size}); change the sizes or the number of processes"
+            )
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tensor_model_parallel_size > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pipeline_model_parallel_size > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.data_parallel_size > 1
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def device() -> torch.device:
+    """The device this rank computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10) -> None:
+    """Start torch.distributed and megatron-core's parallel state for ``layout``.
+
+    Works without torchrun too (a single process): the rendezvous then uses a local TCP store.
+    """
+    from megatron.core import parallel_state
+
+    from megatron_ddk.platform.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(
+            backend=backend,
+            rank=rank_from_env(),
+            world_size=world_size_from_env(),
+            timeout=timedelta(minutes=distributed_timeout_minutes),
+        )
+    if dist.get_world_size() != layout.world_size:
+        raise RuntimeError(f"layout is for {layout.world_size} ranks but the world has {dist.get_world_size()}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tensor_model_parallel_size,
+            pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        )
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch; each PP stage gets its own offset and TP ranks their own stream.
+
+    Under torchrun every process starts with a different torch seed, so this must run before any
+    model is built, or data-parallel replicas start from different weights.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_ddk.platform.cpu_compat import reseed_rng_tracker
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    reseed_rng_tracker()
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_rank_0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def is_last_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
