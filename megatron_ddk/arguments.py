@@ -1,0 +1,329 @@
+"""Megatron-LM-compatible command line -> typed ``RunConfig``.
+
+Flag names and meanings follow Megatron-LM's ``arguments.py`` for everything it also has; the
+distillation and DDK flags are ours. ``parse_run_config`` collects every problem it finds and
+raises once (``ArgumentError``) so a user fixes the command line in one go; it never mutates what
+it was given. The model's vocabulary size comes from the tokenizer, not from a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from megatron_ddk.config import (
+    DDK_MODES,
+    FP8_FORMATS,
+    FP8_RECIPES,
+    KD_LOSS_TYPES,
+    LR_DECAY_STYLES,
+    MIXING_MODES,
+    CheckpointConfig,
+    DataConfig,
+    DDKConfig,
+    DistillConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainingConfig,
+)
+
+
+class ArgumentError(ValueError):
+    """The command line is inconsistent; the message lists every problem, one per line."""
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_ddk.py",
+        description="Distil a teacher GPT into a student with DDK (or run the CPT / KD baselines) on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    g = parser.add_argument_group("model (the student's; the teacher's comes from its checkpoint)")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value heads (grouped-query attention); implies --group-query-attention")
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron compatibility")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 * hidden size")
+    g.add_argument("--kv-channels", type=int, default=None)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default="RMSNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (LLaMA/Qwen); default GELU")
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"), default="rope")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved schedule: not supported (refused)")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+
+    g = parser.add_argument_group("precision")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true", help="not supported (refused); use --bf16")
+    g.add_argument("--fp8-format", choices=FP8_FORMATS, default=None)
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed")
+    g.add_argument("--fp8-amax-history-len", type=int, default=1024)
+    g.add_argument("--fp8-amax-compute-algo", choices=("max", "most_recent"), default="max")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, default=3e-5)
+    g.add_argument("--min-lr", type=float, default=3e-6)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit when the iteration is a multiple of this")
+
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="load only the weights of --load; iteration, optimizer and data start fresh")
+
+    g = parser.add_argument_group("logging and validation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--domains", default=None, help="domain registry (YAML/JSON), see docs/DATA.md")
+    g.add_argument("--data-path", nargs="+", default=None, help="Megatron's static form: W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--data-cache-path", default=None, help="where GPTDataset index caches go")
+    g.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"), required=True)
+    g.add_argument("--tokenizer-model", required=True)
+
+    g = parser.add_argument_group("distillation (Eq. 3)")
+    g.add_argument("--ddk-mode", choices=DDK_MODES, default="ddk",
+                   help="cpt: student alone; kd: teacher, static mixture; ddk: teacher, dynamic mixture")
+    g.add_argument("--teacher-load", default=None)
+    g.add_argument("--teacher-bf16", type=_bool, default=None, help="default: follow --bf16")
+    g.add_argument("--teacher-fp8", type=_bool, default=True)
+    g.add_argument("--kd-loss-type", choices=KD_LOSS_TYPES, default="forward_kl")
+    g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument("--kd-weight", type=float, default=0.2, help="gamma: loss = CE + gamma * KD")
+    g.add_argument("--kd-jsd-beta", type=float, default=0.5)
+    g.add_argument("--kd-chunk-size", type=int, default=1024, help="tokens per chunk of the KD loss")
+
+    g = parser.add_argument_group("DDK domain mixing (Eq. 1-2)")
+    g.add_argument("--ddk-interval", type=int, default=1000, help="K: iterations between weight updates")
+    g.add_argument("--ddk-alpha", type=float, default=0.5)
+    g.add_argument("--ddk-val-samples", type=int, default=500, help="validation samples per domain")
+    g.add_argument("--ddk-mixing", choices=MIXING_MODES, default="ddk")
+    g.add_argument("--ddk-log-file", default=None, help="JSONL of every update (default <save>/ddk_log.jsonl)")
+    return parser
+
+
+def parse_run_config(argv: Sequence[str] | None, *, vocab_size: int | None = None,
+                     world_size: int = 1) -> RunConfig:
+    """Parse and validate; ``vocab_size`` is the tokenizer's (None: read it from --tokenizer-model)."""
+    args = build_parser().parse_args(argv)
+    problems = _check(args, world_size)
+    if problems:
+        raise ArgumentError("\n".join(problems))
+    if vocab_size is None:
+        from megatron_ddk.data.tokenizer import build_tokenizer
+
+        vocab_size = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+    return _to_config(args, vocab_size, world_size)
+
+
+def _check(args: argparse.Namespace, world_size: int) -> list[str]:
+    problems: list[str] = []
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        problems.append(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must divide "
+                        f"the number of processes ({world_size})")
+        dp = 1
+    else:
+        dp = world_size // (tp * pp)
+    if args.num_layers % max(pp, 1):
+        problems.append(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        problems.append("--num-layers-per-virtual-pipeline-stage: the interleaved pipeline schedule cannot carry the "
+                        "teacher's hidden states (megatron-core's adjust_tensor_shapes_fn is 1F1B only); drop it")
+    if args.fp16:
+        problems.append("--fp16 is not supported (no loss scaling here); use --bf16")
+    if args.num_query_groups is not None and args.num_attention_heads % args.num_query_groups:
+        problems.append(f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+                        f"{args.num_query_groups}")
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    if args.micro_batch_size < 1 or gbs % (args.micro_batch_size * dp):
+        problems.append(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size "
+                        f"{args.micro_batch_size} x data-parallel size {dp}")
+    if args.train_iters < 1:
+        problems.append(f"--train-iters must be >= 1, got {args.train_iters}")
+    if args.domains is None and not args.data_path:
+        problems.append("no data: give --domains REGISTRY.yaml or --data-path [W1] PREFIX1 [W2 PREFIX2 ...]")
+    if args.domains is not None and args.data_path:
+        problems.append("give either --domains or --data-path, not both")
+    if args.ddk_mode == "cpt" and args.teacher_load:
+        problems.append("--teacher-load is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd or ddk")
+    if args.ddk_mode in ("kd", "ddk") and not args.teacher_load:
+        problems.append(f"--ddk-mode {args.ddk_mode} needs a teacher: add --teacher-load DIR (or use --ddk-mode cpt)")
+    if args.kd_temperature <= 0:
+        problems.append(f"--kd-temperature must be > 0, got {args.kd_temperature}")
+    if args.kd_weight < 0:
+        problems.append(f"--kd-weight must be >= 0, got {args.kd_weight}")
+    if not 0.0 <= args.kd_jsd_beta <= 1.0:
+        problems.append(f"--kd-jsd-beta must be in [0, 1], got {args.kd_jsd_beta}")
+    if args.ddk_interval < 1:
+        problems.append(f"--ddk-interval must be >= 1, got {args.ddk_interval}")
+    if not 0.0 <= args.ddk_alpha <= 1.0:
+        problems.append(f"--ddk-alpha must be in [0, 1], got {args.ddk_alpha}")
+    if args.ddk_val_samples < 1:
+        problems.append(f"--ddk-val-samples must be >= 1, got {args.ddk_val_samples}")
+    if args.save_interval is not None and not args.save:
+        problems.append("--save-interval needs --save DIR")
+    if args.sequence_parallel and tp == 1:
+        problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        problems.append("--overlap-param-gather needs --use-distributed-optimizer")
+    if args.fp8_format is not None and not args.bf16:
+        problems.append("--fp8-format needs --bf16 (FP8 GEMMs with bf16 everywhere else)")
+    return problems
+
+
+def _to_config(args: argparse.Namespace, vocab_size: int, world_size: int) -> RunConfig:
+    dp = world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
+    model = ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+        kv_channels=args.kv_channels,
+        vocab_size=vocab_size,
+        max_position_embeddings=args.max_position_embeddings or args.seq_length,
+        normalization=args.normalization,
+        norm_epsilon=args.norm_epsilon,
+        swiglu=args.swiglu,
+        position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        add_bias_linear=not args.disable_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        init_method_std=args.init_method_std,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+    )
+    return RunConfig(
+        model=model,
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather,
+        ),
+        precision=PrecisionConfig(
+            bf16=args.bf16,
+            fp8_format=args.fp8_format,
+            fp8_recipe=args.fp8_recipe,
+            fp8_amax_history_len=args.fp8_amax_history_len,
+            fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+        ),
+        training=TrainingConfig(
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size or args.micro_batch_size * dp,
+            train_iters=args.train_iters,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_iters=args.lr_warmup_iters,
+            lr_decay_style=args.lr_decay_style,
+            lr_decay_iters=args.lr_decay_iters,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            seed=args.seed,
+            exit_interval=args.exit_interval,
+        ),
+        checkpoint=CheckpointConfig(
+            save=args.save,
+            load=args.load,
+            save_interval=args.save_interval,
+            no_load_optim=args.no_load_optim,
+            no_load_rng=args.no_load_rng,
+            finetune=args.finetune,
+        ),
+        logging=LoggingConfig(
+            log_interval=args.log_interval,
+            eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters,
+            tensorboard_dir=args.tensorboard_dir,
+        ),
+        data=DataConfig(
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            domains=args.domains,
+            data_path=tuple(args.data_path or ()),
+            data_cache_path=args.data_cache_path,
+            seq_length=args.seq_length,
+        ),
+        distill=DistillConfig(
+            mode=args.ddk_mode,
+            teacher_load=args.teacher_load,
+            kd_loss_type=args.kd_loss_type,
+            kd_temperature=args.kd_temperature,
+            kd_weight=args.kd_weight,
+            kd_jsd_beta=args.kd_jsd_beta,
+            kd_chunk_size=args.kd_chunk_size,
+            teacher_bf16=args.teacher_bf16,
+            teacher_fp8=args.teacher_fp8,
+        ),
+        ddk=DDKConfig(
+            interval=args.ddk_interval,
+            alpha=args.ddk_alpha,
+            val_samples=args.ddk_val_samples,
+            mixing=args.ddk_mixing,
+            log_file=args.ddk_log_file,
+        ),
+    )

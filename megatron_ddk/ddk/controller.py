@@ -1,0 +1,145 @@
+"""The every-K controller: per-domain validation -> domain discrepancy factor -> next window's weights.
+
+Timeline (window j = iterations [jK, (j+1)K), laid out by ``DomainMixingSchedule``):
+
+- start of a fresh run: evaluate teacher and student once; the teacher's perplexities are cached
+  (it is frozen) and window 0 gets Eq. 1's weights (``ddk`` / ``no-smoothing``);
+- after iteration jK (j >= 1): evaluate the student, apply Eq. 2 (or the ablation's rule) and fix
+  window j's weights before any of its samples is read.
+
+Everything the controller knows lives in ``state_dict`` (JSON-able) so a resumed run continues
+with the same teacher numbers and factor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_ddk.ddk import factor
+from megatron_ddk.ddk.evaluation import DomainEvaluation
+
+
+class DDKController:
+    def __init__(self, *, mixing: str, alpha: float, interval: int, domain_names: Sequence[str],
+                 static_weights: Sequence[float], log_file: str | None, dynamic: bool):
+        self.mixing = mixing
+        self.alpha = alpha
+        self.interval = interval
+        self.domain_names = list(domain_names)
+        self.static_weights = np.asarray(static_weights, dtype=np.float64)
+        self.log_file = log_file
+        self.dynamic = dynamic
+        """False for cpt/kd: weights stay static and the student is validated only at start and end."""
+        self.ce_teacher: np.ndarray | None = None
+        self.ce_student_initial: np.ndarray | None = None
+        self.ce_student_last: np.ndarray | None = None
+        self.weights: np.ndarray = factor.first_weights(mixing if dynamic else "static", self.static_weights,
+                                                        len(self.domain_names))
+        self.factor: np.ndarray | None = None
+        """r_t of Eq. 2 (None until the first evaluation)."""
+
+    # -------------------------------------------------------------------------------- decisions
+    def is_update_iteration(self, iteration: int, train_iters: int) -> bool:
+        """Update after iteration jK, when window j will actually be trained on."""
+        return self.dynamic and iteration > 0 and iteration % self.interval == 0 and iteration < train_iters
+
+    def start(self, evaluation: DomainEvaluation, iteration: int = 0) -> np.ndarray:
+        """First evaluation of a fresh run: cache the teacher, compute window 0's weights (Eq. 1)."""
+        self.ce_teacher = evaluation.ce_teacher
+        self.ce_student_initial = evaluation.ce_student
+        self.ce_student_last = evaluation.ce_student
+        if self.dynamic and self.ce_teacher is not None:
+            self.weights = factor.next_weights(self.mixing, r_prev=None, ce_student=evaluation.ce_student,
+                                               ce_teacher=self.ce_teacher, alpha=self.alpha,
+                                               static_weights=self.static_weights)
+            self.factor = self.weights
+        self._log(iteration, window=0, ce_student=evaluation.ce_student)
+        return self.weights
+
+    def update(self, evaluation: DomainEvaluation, iteration: int) -> np.ndarray:
+        """Eq. 2 at the start of window ``iteration // K``."""
+        if self.ce_teacher is None:
+            raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
+        self.ce_student_last = evaluation.ce_student
+        self.weights = factor.next_weights(self.mixing, r_prev=self.factor, ce_student=evaluation.ce_student,
+                                           ce_teacher=self.ce_teacher, alpha=self.alpha,
+                                           static_weights=self.static_weights)
+        self.factor = self.weights
+        self._log(iteration, window=iteration // self.interval, ce_student=evaluation.ce_student)
+        return self.weights
+
+    def finish(self, evaluation: DomainEvaluation) -> None:
+        self.ce_student_last = evaluation.ce_student
+
+    # ------------------------------------------------------------------------------- reporting
+    def record(self, iteration: int, window: int, ce_student: np.ndarray) -> dict[str, Any]:
+        ce_teacher = self.ce_teacher
+        ratio = None if ce_teacher is None else factor.perplexity_ratio(ce_student, ce_teacher)
+        return {
+            "iteration": iteration,
+            "window": window,
+            "mixing": self.mixing if self.dynamic else "static",
+            "domains": self.domain_names,
+            "ce_student": _list(ce_student),
+            "ce_teacher": _list(ce_teacher),
+            "ppl_student": _list(np.exp(ce_student)),
+            "ppl_teacher": _list(None if ce_teacher is None else np.exp(ce_teacher)),
+            "ratio": _list(ratio),
+            "weights": _list(self.weights),
+        }
+
+    def _log(self, iteration: int, *, window: int, ce_student: np.ndarray) -> None:
+        self.last_record = self.record(iteration, window, ce_student)
+        if self.log_file is None:
+            return
+        Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "a") as handle:
+            handle.write(json.dumps(self.last_record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def truncate_log(self, iteration: int) -> None:
+        """On resume, drop log records newer than the checkpoint (they will be recomputed identically)."""
+        if self.log_file is None or not os.path.exists(self.log_file):
+            return
+        kept = [line for line in Path(self.log_file).read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= iteration]
+        tmp = self.log_file + ".tmp"
+        Path(tmp).write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.log_file)
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mixing": self.mixing,
+            "domains": self.domain_names,
+            "ce_teacher": _list(self.ce_teacher),
+            "ce_student_initial": _list(self.ce_student_initial),
+            "ce_student_last": _list(self.ce_student_last),
+            "weights": _list(self.weights),
+            "factor": _list(self.factor),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["domains"] != self.domain_names:
+            raise ValueError(f"the checkpoint was trained on domains {state['domains']} but this run has "
+                             f"{self.domain_names}; use the same --domains registry to resume")
+        self.ce_teacher = _array(state["ce_teacher"])
+        self.ce_student_initial = _array(state["ce_student_initial"])
+        self.ce_student_last = _array(state["ce_student_last"])
+        self.weights = _array(state["weights"])
+        self.factor = _array(state["factor"])
+
+
+def _list(values) -> list[float] | None:
+    return None if values is None else [float(v) for v in np.asarray(values)]
+
+
+def _array(values) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=np.float64)

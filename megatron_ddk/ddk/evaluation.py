@@ -1,0 +1,96 @@
+"""Per-domain validation cross-entropy of the student (and, once, of the teacher).
+
+Runs megatron-core's forward-only schedule over each domain's held-out samples, split across DP
+ranks without overlap, through every TP/PP stage; the per-domain token sums are reduced so that
+every rank ends with the same numbers (``training.metrics.reduce_reports``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ddk.data.loader import evaluation_batches
+from megatron_ddk.distill.model import DistillationModel
+from megatron_ddk.training.metrics import reduce_reports
+from megatron_ddk.training.step import DOMAIN_LM_LOSS, DOMAIN_TEACHER_LM_LOSS, LossSettings, forward_step
+
+
+@dataclass(frozen=True)
+class DomainEvaluation:
+    """Mean token CE per domain; ``ce_teacher`` is None for student-only passes."""
+
+    ce_student: np.ndarray
+    ce_teacher: np.ndarray | None
+    tokens: np.ndarray
+
+    @property
+    def ppl_student(self) -> np.ndarray:
+        return np.exp(self.ce_student)
+
+    @property
+    def ppl_teacher(self) -> np.ndarray | None:
+        return None if self.ce_teacher is None else np.exp(self.ce_teacher)
+
+
+def evaluate_domains(
+    model: torch.nn.Module,
+    unwrapped: DistillationModel,
+    valid_sets: Sequence,
+    *,
+    num_samples: int,
+    micro_batch_size: int,
+    seq_length: int,
+    settings: LossSettings,
+    with_teacher: bool,
+    shape_adjuster: Callable | None,
+) -> DomainEvaluation:
+    """Mean CE of each domain's first ``num_samples`` validation samples (all ranks get the result)."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    batches = []
+    for domain_id, dataset in enumerate(valid_sets):
+        for batch in evaluation_batches(dataset, num_samples=num_samples, micro_batch_size=micro_batch_size,
+                                        dp_rank=dp_rank, dp_size=dp_size):
+            batch = dict(batch)
+            batch["domain_id"] = torch.full((batch["tokens"].shape[0],), domain_id, dtype=torch.long)
+            batches.append(batch)
+    num_domains = len(valid_sets)
+    eval_settings = replace(settings, train_on_kd=False)
+    was_training = model.training
+    unwrapped.run_teacher = with_teacher
+    model.eval()
+    try:
+        with torch.no_grad():
+            reports = get_forward_backward_func()(
+                forward_step_func=partial(forward_step, settings=eval_settings),
+                data_iterator=iter(batches),
+                model=[model],
+                num_microbatches=len(batches),
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+                adjust_tensor_shapes_fn=shape_adjuster if (with_teacher and shape_adjuster) else None,
+            )
+    finally:
+        unwrapped.run_teacher = unwrapped.teacher is not None
+        model.train(was_training)
+    totals = reduce_reports(reports if parallel_state.is_pipeline_last_stage() else [],
+                            {DOMAIN_LM_LOSS: 2 * num_domains, DOMAIN_TEACHER_LM_LOSS: 2 * num_domains})
+    student = totals[DOMAIN_LM_LOSS].numpy()
+    tokens = student[num_domains:]
+    if np.any(tokens == 0):
+        empty = [i for i in range(num_domains) if tokens[i] == 0]
+        raise RuntimeError(f"domains {empty} have no validation tokens; check their validation sets")
+    ce_student = student[:num_domains] / tokens
+    ce_teacher = None
+    if with_teacher:
+        teacher = totals[DOMAIN_TEACHER_LM_LOSS].numpy()
+        ce_teacher = teacher[:num_domains] / teacher[num_domains:]
+    return DomainEvaluation(ce_student=ce_student, ce_teacher=ce_teacher, tokens=tokens)

@@ -1,0 +1,101 @@
+"""The forward step and loss function handed to megatron-core's ``forward_backward_func``.
+
+Contract (Megatron's): ``forward_step(data_iterator, model) -> (output, loss_func)`` and
+``loss_func(output) -> (loss_sum, num_tokens, report)``. With ``calculate_per_token_loss`` the
+schedule leaves ``loss_sum`` un-normalised and ``finalize_model_grads`` divides the gradients by
+the global token count, so the loss is an exact per-token mean over the whole global batch, whatever
+the micro-batching and DP layout.
+
+Per token: ``loss = CE(student) + gamma * KD(teacher || student)`` (the paper's Eq. 3); masked
+tokens (``loss_mask == 0``) count nowhere. Reports carry sums and token counts so that averages
+over micro-batches and DP ranks are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_ddk.distill.kd_loss import vocab_parallel_kd_loss
+
+# Scalar report keys: each report value is a 2-vector [sum over tokens, number of tokens].
+LM_LOSS = "lm loss"
+KD_LOSS = "kd loss"
+TEACHER_LM_LOSS = "teacher lm loss"
+# Per-domain report: [ce sums (N) | token counts (N)] of the student, and of the teacher when present.
+DOMAIN_LM_LOSS = "domain lm loss"
+DOMAIN_TEACHER_LM_LOSS = "domain teacher lm loss"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossSettings:
+    num_domains: int
+    vocab_size: int
+    """The tokenizer's true vocabulary: KD puts no probability mass on padded embedding rows."""
+    kd_weight: float = 0.0
+    kd_loss_type: str = "forward_kl"
+    kd_temperature: float = 1.0
+    kd_jsd_beta: float = 0.5
+    kd_chunk_size: int = 1024
+    train_on_kd: bool = True
+    """False for validation: report CE (and teacher CE) only."""
+
+
+def move_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if torch.cuda.is_available():
+        return {key: value.cuda(non_blocking=True) for key, value in batch.items()}
+    return batch
+
+
+def forward_step(data_iterator, model, *, settings: LossSettings):
+    """Run one micro-batch through the (student, teacher) stage; the last stage gets a loss function."""
+    batch = move_batch(next(data_iterator))
+    output = model(batch["tokens"], batch["position_ids"], None)
+    if not parallel_state.is_pipeline_last_stage():
+        return output, None
+    student_logits, teacher_logits = output
+    return student_logits, partial(loss_func, batch, teacher_logits, settings=settings)
+
+
+def _per_domain(values: torch.Tensor, mask: torch.Tensor, domain_id: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """[sums per domain | token counts per domain] from per-token ``values`` [b, s]."""
+    sums = torch.zeros(num_domains, dtype=torch.float32, device=values.device)
+    counts = torch.zeros(num_domains, dtype=torch.float32, device=values.device)
+    sums.index_add_(0, domain_id, (values * mask).sum(dim=1))
+    counts.index_add_(0, domain_id, mask.sum(dim=1))
+    return torch.cat([sums, counts])
+
+
+def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None, student_logits: torch.Tensor,
+              *, settings: LossSettings):
+    """CE + gamma * KD summed over unmasked tokens; logits are ``[b, s, v]`` vocab shards."""
+    labels, mask = batch["labels"], batch["loss_mask"].float()
+    ce = tensor_parallel.vocab_parallel_cross_entropy(student_logits.float(), labels)  # [b, s]
+    num_tokens = mask.sum()
+    loss = (ce * mask).sum()
+    report = {
+        LM_LOSS: torch.stack([loss.detach(), num_tokens]),
+        DOMAIN_LM_LOSS: _per_domain(ce.detach(), mask, batch["domain_id"], settings.num_domains),
+    }
+    if teacher_logits is not None:
+        with torch.no_grad():
+            teacher_ce = tensor_parallel.vocab_parallel_cross_entropy(teacher_logits.float(), labels)
+        report[TEACHER_LM_LOSS] = torch.stack([(teacher_ce * mask).sum(), num_tokens])
+        report[DOMAIN_TEACHER_LM_LOSS] = _per_domain(teacher_ce, mask, batch["domain_id"], settings.num_domains)
+        if settings.train_on_kd and settings.kd_weight > 0:
+            kd = vocab_parallel_kd_loss(
+                student_logits,
+                teacher_logits,
+                kind=settings.kd_loss_type,
+                temperature=settings.kd_temperature,
+                jsd_beta=settings.kd_jsd_beta,
+                chunk_size=settings.kd_chunk_size,
+                vocab_size=settings.vocab_size,
+            )  # [b, s]
+            kd_sum = (kd * mask).sum()
+            loss = loss + settings.kd_weight * kd_sum
+            report[KD_LOSS] = torch.stack([kd_sum.detach(), num_tokens])
+    return loss, num_tokens.to(torch.int), report

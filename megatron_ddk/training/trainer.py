@@ -1,0 +1,465 @@
+"""The training loop: built in dependency order in ``__init__``, run by ``train``.
+
+One ``Trainer`` serves the three modes of the paper's comparison:
+
+- ``cpt``: the student alone on a static mixture (continued pre-training);
+- ``kd``: plus a frozen teacher, loss CE + gamma * KD, static mixture;
+- ``ddk``: plus per-domain validation every K iterations driving the mixture (Eq. 1-2).
+
+All numerics go through megatron-core: ``get_forward_backward_func`` (gradient accumulation and
+pipeline schedules), its DDP wrapper, ``get_megatron_optimizer``, ``OptimizerParamScheduler`` and
+``dist_checkpointing``. Cheap checks (data registry, teacher checkpoint, vocabulary agreement,
+resume compatibility) run before any model is built.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_ddk.checkpointing import (
+    CheckpointError,
+    CheckpointMetadata,
+    load_common,
+    load_model_state,
+    load_sharded,
+    read_metadata,
+    read_tracker,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from megatron_ddk.config import PrecisionConfig, RunConfig
+from megatron_ddk.data.datasets import build_domain_datasets
+from megatron_ddk.data.domains import load_domain_registry, registry_from_data_path, validate_registry
+from megatron_ddk.data.loader import MixedDomainBatches
+from megatron_ddk.data.mixing import DomainMixingSchedule
+from megatron_ddk.data.tokenizer import tokenizer_identity
+from megatron_ddk.ddk.controller import DDKController
+from megatron_ddk.ddk.evaluation import DomainEvaluation, evaluate_domains
+from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
+from megatron_ddk.models.gpt import build_gpt_model, check_fp8_supported, padded_vocab_size
+from megatron_ddk.platform import distributed
+from megatron_ddk.training import report
+from megatron_ddk.training.metrics import mean, reduce_reports
+from megatron_ddk.training.step import (
+    DOMAIN_LM_LOSS,
+    DOMAIN_TEACHER_LM_LOSS,
+    KD_LOSS,
+    LM_LOSS,
+    TEACHER_LM_LOSS,
+    LossSettings,
+    forward_step,
+)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.layout = distributed.ParallelLayout(
+            world_size=distributed.world_size_from_env(),
+            tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        )
+        # ---- cheap checks first: nothing expensive has happened if any of these fails
+        self.registry = (load_domain_registry(cfg.data.domains) if cfg.data.domains
+                         else registry_from_data_path(list(cfg.data.data_path)))
+        validate_registry(self.registry, vocab_size=tokenizer.vocab_size)
+        check_fp8_supported(cfg.precision)
+        self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher else None
+        self.resume_dir = self._check_resume()
+
+        distributed.initialize(self.layout)
+        distributed.set_seed(cfg.training.seed)
+        from megatron.core import parallel_state
+
+        self.ps = parallel_state
+        self.writer = self._tensorboard()
+        self._build_model()
+        self._build_optimizer()
+        self._build_data()
+        self.iteration = 0
+        if self.resume_dir is not None:
+            self._load(self.resume_dir)
+        self.batches = MixedDomainBatches(
+            [d.train for d in self.domains], self.schedule,
+            global_batch_size=cfg.training.global_batch_size, micro_batch_size=cfg.training.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            start_iteration=self.iteration,
+        )
+
+    # ================================================================================ checks
+    def _check_teacher(self) -> CheckpointMetadata:
+        cfg = self.cfg
+        meta = read_metadata(cfg.distill.teacher_load, flag="--teacher-load")
+        problems = []
+        pp = cfg.parallel.pipeline_model_parallel_size
+        if meta.model.num_layers % pp:
+            problems.append(f"the teacher has {meta.model.num_layers} layers, not divisible by "
+                            f"--pipeline-model-parallel-size {pp}; choose a PP size dividing both models' layers")
+        student_identity = tokenizer_identity(self.tokenizer)
+        teacher_identity = meta.tokenizer or {}
+        if teacher_identity.get("sha256") and student_identity.get("sha256") \
+                and teacher_identity["sha256"] != student_identity["sha256"]:
+            problems.append(f"--teacher-load {cfg.distill.teacher_load} was trained with a different tokenizer "
+                            f"({teacher_identity.get('type')}, sha256 {teacher_identity['sha256'][:12]}) than "
+                            f"--tokenizer-model {cfg.data.tokenizer_model} (sha256 {student_identity['sha256'][:12]}); "
+                            "teacher and student must share a vocabulary")
+        if teacher_identity.get("vocab_size") not in (None, self.tokenizer.vocab_size):
+            problems.append(f"teacher tokenizer has {teacher_identity['vocab_size']} tokens but --tokenizer-model has "
+                            f"{self.tokenizer.vocab_size}; teacher and student must share a vocabulary")
+        tp = cfg.parallel.tensor_model_parallel_size
+        t_rows = padded_vocab_size(meta.model.vocab_size, tp, meta.model.make_vocab_size_divisible_by)
+        s_rows = padded_vocab_size(cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by)
+        if t_rows != s_rows:
+            problems.append(f"teacher logits have {t_rows} (padded) vocabulary columns at TP={tp} but the student's have "
+                            f"{s_rows}; the student's vocabulary ({cfg.model.vocab_size}) must pad like the teacher's "
+                            f"({meta.model.vocab_size}): adjust --make-vocab-size-divisible-by")
+        teacher_bf16 = cfg.precision.bf16 if cfg.distill.teacher_bf16 is None else cfg.distill.teacher_bf16
+        if pp > 1 and teacher_bf16 != cfg.precision.bf16:
+            problems.append("--teacher-bf16 must match --bf16 with pipeline parallelism (one p2p dtype for both models)")
+        if problems:
+            raise CheckpointError("; ".join(problems))
+        return meta
+
+    def _check_resume(self) -> Path | None:
+        """The checkpoint to resume from (None: fresh start), checked against this run's model."""
+        load = self.cfg.checkpoint.load
+        if load is None or (not self.cfg.checkpoint.finetune and read_tracker(load) is None
+                            and not (Path(load) / "ddk_checkpoint.json").exists()):
+            if load is not None and not Path(load).exists() and not self.cfg.checkpoint.save == load:
+                raise CheckpointError(f"--load {load}: no such directory")
+            return None  # Megatron's behaviour: --load of an empty --save dir starts fresh
+        resolved = resolve_checkpoint(load, flag="--load")
+        meta = read_metadata(resolved, flag="--load")
+        mine, theirs = self.cfg.model.to_dict(), meta.model.to_dict()
+        differ = [f"{k}: checkpoint {theirs[k]!r} vs flags {mine[k]!r}" for k in mine
+                  if mine[k] != theirs[k] and k not in ("attention_dropout", "hidden_dropout", "init_method_std")]
+        if differ:
+            raise CheckpointError(f"--load {load} holds a different model ({'; '.join(differ)}); "
+                                  "fix the model flags to match the checkpoint")
+        return resolved
+
+    # ============================================================================== building
+    def _build_model(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+        cfg, ps = self.cfg, self.ps
+        pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+        student = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, pre_process=pre, post_process=post)
+        teacher = None
+        if self.teacher_metadata is not None:
+            bf16 = cfg.precision.bf16 if cfg.distill.teacher_bf16 is None else cfg.distill.teacher_bf16
+            precision = PrecisionConfig(**{**cfg.precision.__dict__, "bf16": bf16})
+            teacher = build_gpt_model(self.teacher_metadata.model, cfg.parallel, precision, pre_process=pre,
+                                      post_process=post, use_fp8=cfg.distill.teacher_fp8, initialize_weights=False)
+            load_model_state(cfg.distill.teacher_load, teacher, flag="--teacher-load")
+        self.student = student
+        self.unwrapped = DistillationModel(student, teacher, pre_process=pre, post_process=post)
+        self.shape_adjuster = (pipeline_shape_adjuster(self.teacher_metadata.model.hidden_size)
+                               if teacher is not None and self.layout.pp_enabled else None)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            check_for_nan_in_grad=True,
+        )
+        self.model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=self.unwrapped)
+        config = student.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.model.no_sync
+        if cfg.parallel.overlap_grad_reduce:
+            config.grad_sync_func = self.model.start_grad_sync
+        if cfg.parallel.overlap_param_gather:
+            config.param_sync_func = self.model.start_param_sync
+        self.loss_settings = LossSettings(
+            num_domains=len(self.registry.domains),
+            vocab_size=self.tokenizer.vocab_size,
+            kd_weight=cfg.distill.kd_weight if teacher is not None else 0.0,
+            kd_loss_type=cfg.distill.kd_loss_type,
+            kd_temperature=cfg.distill.kd_temperature,
+            kd_jsd_beta=cfg.distill.kd_jsd_beta,
+            kd_chunk_size=cfg.distill.kd_chunk_size,
+        )
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        t, cfg = self.cfg.training, self.cfg
+        opt_config = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+            bf16=cfg.precision.bf16, params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.student.config.grad_scale_func = self.optimizer.scale_loss
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if t.lr_warmup_iters > 0 else t.lr,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_iters,
+            lr_decay_steps=t.lr_decay_iters or t.train_iters,
+            lr_decay_style=t.lr_decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=t.train_iters,
+            wd_incr_style="constant",
+        )
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save
+                                             else os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk"))
+        self.domains = build_domain_datasets(self.registry, tokenizer=self.tokenizer, seq_length=cfg.data.seq_length,
+                                             seed=cfg.training.seed, cache_dir=cache)
+        dynamic = cfg.distill.mode == "ddk"
+        log_file = cfg.ddk.log_file or (os.path.join(cfg.checkpoint.save, "ddk_log.jsonl") if cfg.checkpoint.save else None)
+        self.controller = DDKController(
+            mixing=cfg.ddk.mixing, alpha=cfg.ddk.alpha, interval=cfg.ddk.interval,
+            domain_names=self.registry.names, static_weights=self.registry.initial_weights,
+            log_file=log_file if distributed.is_rank_0() else None, dynamic=dynamic,
+        )
+        self.schedule = DomainMixingSchedule(
+            [len(d.train) for d in self.domains],
+            window_size=cfg.ddk.interval * cfg.training.global_batch_size,
+            seed=cfg.training.seed,
+            initial_weights=self.controller.weights,
+        )
+
+    def _tensorboard(self):
+        if self.cfg.logging.tensorboard_dir is None or not distributed.is_rank_0():
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=self.cfg.logging.tensorboard_dir)
+
+    # ============================================================================== evaluation
+    def evaluate(self, *, with_teacher: bool, num_samples: int) -> DomainEvaluation:
+        return evaluate_domains(
+            self.model, self.unwrapped, [d.valid for d in self.domains], num_samples=num_samples,
+            micro_batch_size=self.cfg.training.micro_batch_size, seq_length=self.cfg.data.seq_length,
+            settings=self.loss_settings, with_teacher=with_teacher, shape_adjuster=self.shape_adjuster,
+        )
+
+    # ============================================================================== the loop
+    def train(self) -> DomainEvaluation:
+        cfg, t = self.cfg, self.cfg.training
+        has_teacher = self.unwrapped.teacher is not None
+        if self.iteration == 0 and self.controller.ce_student_initial is None:
+            evaluation = self.evaluate(with_teacher=has_teacher, num_samples=cfg.ddk.val_samples)
+            weights = self.controller.start(evaluation)
+            self.schedule.set_window_weights(0, weights)
+            self._log_ddk(0, "initial")
+        num_microbatches = t.global_batch_size // (t.micro_batch_size * self.layout.data_parallel_size)
+        layout = self._report_layout()
+        window = {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
+        window_start, window_iters, last_saved = time.time(), 0, None
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        forward_backward = get_forward_backward_func()
+        while self.iteration < t.train_iters:
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            reports = forward_backward(
+                forward_step_func=partial(forward_step, settings=self.loss_settings),
+                data_iterator=self.batches, model=[self.model], num_microbatches=num_microbatches,
+                seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size, forward_only=False,
+                adjust_tensor_shapes_fn=self.shape_adjuster,
+            )
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+            self.iteration += 1
+            totals = reduce_reports(reports if self.ps.is_pipeline_last_stage() else [], layout)
+            for key in window:
+                window[key] += totals[key]
+            window_iters += 1
+            self.last_metrics = totals
+
+            if self.controller.is_update_iteration(self.iteration, t.train_iters):
+                evaluation = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
+                weights = self.controller.update(evaluation, self.iteration)
+                self.schedule.set_window_weights(self.iteration // cfg.ddk.interval, weights)
+                self._log_ddk(self.iteration, "update")
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
+                elapsed = time.time() - window_start
+                self._log_iteration(window, window_iters, elapsed, grad_norm)
+                window = {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
+                window_start, window_iters = time.time(), 0
+            if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
+                self._validate()
+            exiting = bool(t.exit_interval and self.iteration % t.exit_interval == 0)
+            periodic = bool(cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
+            if cfg.checkpoint.save and (periodic or exiting):
+                self.save()
+                last_saved = self.iteration
+            if exiting and self.iteration < t.train_iters:
+                report.print_rank_0(f"exiting program at iteration {self.iteration} (--exit-interval {t.exit_interval})")
+                return None
+        if cfg.checkpoint.save and last_saved != self.iteration:
+            self.save()
+        final = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
+        self.controller.finish(final)
+        report.print_rank_0(report.result_table(self.controller, final))
+        return final
+
+    # ============================================================================== logging
+    def _report_layout(self) -> dict[str, int]:
+        n = len(self.registry.domains)
+        return {LM_LOSS: 2, KD_LOSS: 2, TEACHER_LM_LOSS: 2, DOMAIN_LM_LOSS: 2 * n, DOMAIN_TEACHER_LM_LOSS: 2 * n}
+
+    def _log_iteration(self, window: dict[str, torch.Tensor], iters: int, elapsed: float, grad_norm) -> None:
+        t = self.cfg.training
+        has_teacher = self.unwrapped.teacher is not None
+        lr = self.optimizer.param_groups[0]["lr"]
+        tokens = iters * t.global_batch_size * self.cfg.data.seq_length
+        values = {"lm loss": mean(window[LM_LOSS])}
+        if has_teacher and self.loss_settings.kd_weight > 0:
+            values["kd loss"] = mean(window[KD_LOSS])
+        if has_teacher:
+            values["teacher lm loss"] = mean(window[TEACHER_LM_LOSS])
+        line = (
+            f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {self.iteration:8d}/{t.train_iters:8d} |"
+            f" consumed samples: {self.iteration * t.global_batch_size:12d} |"
+            f" elapsed time per iteration (ms): {1000 * elapsed / max(iters, 1):.1f} |"
+            f" tokens/s: {tokens / max(elapsed, 1e-9):.0f} | learning rate: {lr:.6E} |"
+            f" global batch size: {t.global_batch_size:5d} |"
+            + "".join(f" {k}: {v:.6E} |" for k, v in values.items())
+            + f" grad norm: {float(grad_norm) if grad_norm is not None else float('nan'):.3f} |"
+        )
+        report.print_rank_0(line)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, self.iteration)
+            self.writer.add_scalar("learning-rate", lr, self.iteration)
+            if grad_norm is not None:
+                self.writer.add_scalar("grad-norm", float(grad_norm), self.iteration)
+            self.writer.add_scalar("tokens-per-second", tokens / max(elapsed, 1e-9), self.iteration)
+            n = len(self.registry.domains)
+            domain = window[DOMAIN_LM_LOSS]
+            for i, name in enumerate(self.registry.names):
+                if domain[n + i] > 0:
+                    self.writer.add_scalar(f"train-lm-loss/{name}", float(domain[i] / domain[n + i]), self.iteration)
+            self.writer.flush()
+
+    def _log_ddk(self, iteration: int, what: str) -> None:
+        record = self.controller.last_record
+        report.print_rank_0(report.ddk_update_lines(record, what))
+        if self.writer is not None:
+            for i, name in enumerate(record["domains"]):
+                self.writer.add_scalar(f"ddk-weight/{name}", record["weights"][i], iteration)
+                self.writer.add_scalar(f"ddk-ppl-student/{name}", record["ppl_student"][i], iteration)
+                if record["ratio"] is not None:
+                    self.writer.add_scalar(f"ddk-ppl-ratio/{name}", record["ratio"][i], iteration)
+                    self.writer.add_scalar(f"ddk-ppl-teacher/{name}", record["ppl_teacher"][i], iteration)
+            self.writer.flush()
+
+    def _validate(self) -> None:
+        cfg = self.cfg
+        samples = cfg.logging.eval_iters * cfg.training.micro_batch_size * self.layout.data_parallel_size
+        evaluation = self.evaluate(with_teacher=False, num_samples=samples)
+        total = float(np.sum(evaluation.ce_student * evaluation.tokens) / np.sum(evaluation.tokens))
+        per_domain = " | ".join(f"{n}: {v:.4f}" for n, v in zip(self.registry.names, evaluation.ce_student))
+        report.print_rank_0(
+            f" validation loss at iteration {self.iteration} | lm loss value: {total:.6E} | "
+            f"lm loss PPL: {np.exp(total):.6E} | {per_domain}"
+        )
+        if self.writer is not None:
+            self.writer.add_scalar("validation/lm loss", total, self.iteration)
+            for name, ce in zip(self.registry.names, evaluation.ce_student):
+                self.writer.add_scalar(f"validation/{name}", float(ce), self.iteration)
+
+    # ============================================================================== checkpoints
+    def _rng_object(self, state):
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        ps = self.ps
+        return ShardedObject(
+            "rng_state", state,
+            (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
+            replica_id=0,
+        )
+
+    def save(self) -> None:
+        cfg = self.cfg
+        model_sd = self.student.sharded_state_dict()
+        state = {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(model_sd),
+            "rng_state": self._rng_object(rng_state()),
+            "iteration": self.iteration,
+            "consumed_samples": self.iteration * cfg.training.global_batch_size,
+            "opt_param_scheduler": self.scheduler.state_dict(),
+            "mixing": self.schedule.state_dict(),
+            "ddk": self.controller.state_dict(),
+        }
+        meta = CheckpointMetadata(
+            iteration=self.iteration, model=cfg.model, tokenizer=tokenizer_identity(self.tokenizer),
+            tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
+            data_parallel_size=self.layout.data_parallel_size, ddk_mode=cfg.distill.mode, has_optimizer=True,
+        )
+        start = time.time()
+        path = save_checkpoint(cfg.checkpoint.save, meta, state)
+        report.print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
+                            f"[ {time.time() - start:.2f}s ]")
+
+    def _load(self, path: Path) -> None:
+        cfg = self.cfg
+        meta = read_metadata(path)
+        if cfg.checkpoint.finetune:
+            load_model_state(path, self.student)
+            self.optimizer.reload_model_params()
+            report.print_rank_0(f"  loaded weights from {path} (--finetune: iteration, optimizer and data start fresh)")
+            return
+        model_sd = self.student.sharded_state_dict()
+        request = {"model": model_sd}
+        load_optim = meta.has_optimizer and not cfg.checkpoint.no_load_optim
+        if load_optim:
+            request["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+        same_layout = (meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size, meta.data_parallel_size) == (
+            self.layout.tensor_model_parallel_size, self.layout.pipeline_model_parallel_size,
+            self.layout.data_parallel_size)
+        load_rng = same_layout and not cfg.checkpoint.no_load_rng
+        if load_rng:
+            request["rng_state"] = self._rng_object(None)
+        state = load_sharded(path, request)
+        self.student.load_state_dict(state["model"], strict=True)
+        if load_optim:
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            self.optimizer.reload_model_params()
+        common = load_common(path)
+        self.scheduler.load_state_dict(common["opt_param_scheduler"])
+        self.iteration = int(common["iteration"])
+        self.schedule.load_state_dict(common["mixing"])
+        self.controller.load_state_dict(common["ddk"])
+        self.controller.truncate_log(self.iteration)
+        if load_rng:
+            set_rng_state(state["rng_state"])
+        report.print_rank_0(
+            f"  loaded checkpoint from {path} at iteration {self.iteration}"
+            + ("" if same_layout else f" (resharded from TP{meta.tensor_model_parallel_size} "
+                                       f"PP{meta.pipeline_model_parallel_size} DP{meta.data_parallel_size})")
+        )
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,41 @@
+"""Distil a teacher GPT into a student with DDK on megatron-core (or run the CPT / KD baselines).
+
+    torchrun --nproc-per-node 8 pretrain_ddk.py --ddk-mode ddk --teacher-load TEACHER ... (see README.md)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_ddk.arguments import ArgumentError, parse_run_config
+    from megatron_ddk.checkpointing import CheckpointError
+    from megatron_ddk.data.domains import DataConfigError
+    from megatron_ddk.data.tokenizer import build_tokenizer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = parse_run_config(argv, vocab_size=None, world_size=world_size)
+        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        from megatron_ddk.training.trainer import Trainer
+
+        trainer = Trainer(cfg, tokenizer)
+    except (ArgumentError, CheckpointError, DataConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            message = str(err).replace("\n", "\n  ")
+            print(f"pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        from megatron_ddk.platform.distributed import destroy
+
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: dist_checkpointing's writer spawns processes
+    sys.exit(main())
