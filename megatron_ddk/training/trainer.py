@@ -262,6 +262,7 @@ class Trainer:
         if self.iteration == 0 and self.controller.ce_student_initial is None:
             evaluation = self.evaluate(with_teacher=has_teacher, num_samples=cfg.ddk.val_samples)
             weights = self.controller.start(evaluation)
+            _check_same_on_all_ranks(weights, "DDK initial domain weights")
             self.schedule.set_window_weights(0, weights)
             self._log_ddk(0, "initial")
         num_microbatches = t.global_batch_size // (t.micro_batch_size * self.layout.data_parallel_size)
@@ -292,6 +293,7 @@ class Trainer:
             if self.controller.is_update_iteration(self.iteration, t.train_iters):
                 evaluation = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
                 weights = self.controller.update(evaluation, self.iteration)
+                _check_same_on_all_ranks(weights, "DDK domain weights")
                 self.schedule.set_window_weights(self.iteration // cfg.ddk.interval, weights)
                 self._log_ddk(self.iteration, "update")
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
@@ -463,3 +465,16 @@ class Trainer:
             self.writer.close()
         if dist.is_initialized():
             dist.barrier()
+
+
+def _check_same_on_all_ranks(values: np.ndarray, what: str) -> None:
+    """Every rank must lay out the same sample stream: fail loudly if the weights ever diverge."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if torch.cuda.is_available():
+        mine = mine.cuda()
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    if any(not torch.equal(g, mine) for g in gathered):
+        raise RuntimeError(f"{what} differ between ranks: {[g.tolist() for g in gathered]}")
