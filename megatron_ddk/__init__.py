@@ -24,3 +24,10 @@ def _check_megatron_core_version() -> None:
 
 
 _check_megatron_core_version()
+
+# Without TE/apex megatron-core falls back to torch kernels and says so once per module; on CPU
+# that is the intended path, so keep the logs readable.
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=r".*Apex is not installed.*")

@@ -1,0 +1,145 @@
+"""Write a small multi-domain JSONL corpus from text every Python 3.11 install carries, plus synthetic data.
+
+Domains (deliberately unlike each other, so a small model's per-domain perplexities differ):
+
+- ``python_code``: function- and class-sized pieces of the standard library's own sources;
+- ``prose``: the English reference documentation bundled with CPython (``pydoc_data.topics``);
+- ``arithmetic``: synthetic worked sums and products ("417 * 23 = 9591");
+- ``records``: synthetic JSON records (people, orders, sensor readings).
+
+Also writes ``domains.yaml`` (the registry pretrain_ddk.py reads) pointing at the
+``<domain>_text_document`` datasets tools/preprocess_data.py will create in the same directory.
+
+    python tools/make_demo_corpus.py --output-dir data/demo --size-mb 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import random
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+
+DOMAINS = ("python_code", "prose", "arithmetic", "records")
+
+
+def python_code(rng: random.Random) -> Iterator[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.glob("*.py"))
+    rng.shuffle(files)
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        lines = source.splitlines()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.end_lineno:
+                piece = "\n".join(lines[node.lineno - 1: node.end_lineno])
+                if 80 <= len(piece) <= 6000:
+                    yield piece
+
+
+def prose(rng: random.Random) -> Iterator[str]:
+    from pydoc_data import topics
+
+    texts = [text for _, text in sorted(topics.topics.items())]
+    rng.shuffle(texts)
+    for text in texts:
+        for paragraph in text.split("\n\n"):
+            paragraph = " ".join(paragraph.split())
+            # keep running English, not code listings or tables
+            if len(paragraph) >= 120 and sum(c.isalpha() or c == " " for c in paragraph) / len(paragraph) > 0.8:
+                yield paragraph
+
+
+def arithmetic(rng: random.Random) -> Iterator[str]:
+    while True:
+        problems = []
+        for _ in range(rng.randint(4, 12)):
+            a, b = rng.randint(0, 9999), rng.randint(1, 999)
+            op = rng.choice("+-*")
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            problems.append(f"{a} {op} {b} = {value}")
+        yield "\n".join(problems)
+
+
+def records(rng: random.Random) -> Iterator[str]:
+    first = ["ada", "alan", "grace", "edsger", "barbara", "donald", "frances", "john", "margaret", "ken"]
+    cities = ["oslo", "lima", "pune", "kyoto", "accra", "quito", "perth", "tunis", "hanoi", "bergen"]
+    while True:
+        kind = rng.choice(["person", "order", "reading"])
+        rows = []
+        for _ in range(rng.randint(2, 6)):
+            if kind == "person":
+                row = {"id": rng.randint(1, 99999), "name": rng.choice(first), "city": rng.choice(cities),
+                       "age": rng.randint(18, 90), "active": rng.random() < 0.5}
+            elif kind == "order":
+                row = {"order": rng.randint(10000, 99999), "items": rng.randint(1, 9),
+                       "total": round(rng.uniform(1, 500), 2), "currency": rng.choice(["EUR", "USD", "JPY"])}
+            else:
+                row = {"sensor": f"s{rng.randint(1, 64):02d}", "t": rng.randint(0, 86399),
+                       "celsius": round(rng.gauss(18, 7), 1), "ok": rng.random() < 0.95}
+            rows.append(json.dumps(row, sort_keys=True))
+        yield "\n".join(rows)
+
+
+GENERATORS = {"python_code": python_code, "prose": prose, "arithmetic": arithmetic, "records": records}
+
+
+def write_domain(path: Path, documents: Iterator[str], budget_bytes: int) -> tuple[int, int]:
+    """Write documents until ``budget_bytes`` (or the source runs out); atomic via a temp file."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = size = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for text in documents:
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            handle.write(line)
+            count += 1
+            size += len(line.encode("utf-8"))
+            if size >= budget_bytes:
+                break
+    os.replace(tmp, path)
+    return count, size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--size-mb", type=float, default=3.0, help="total size, split evenly over the domains")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--valid-fraction", type=float, default=0.05)
+    args = parser.parse_args(argv)
+    if args.size_mb <= 0:
+        parser.error(f"--size-mb must be > 0, got {args.size_mb}")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    budget = int(args.size_mb * 1e6 / len(DOMAINS))
+    summary = []
+    for index, name in enumerate(DOMAINS):
+        rng = random.Random(args.seed * 1000 + index)
+        count, size = write_domain(out / f"{name}.jsonl", GENERATORS[name](rng), budget)
+        summary.append(f"{name}={count} docs/{size / 1e6:.2f} MB")
+    registry = ["# Written by tools/make_demo_corpus.py; datasets come from tools/preprocess_data.py.", "domains:"]
+    for name in DOMAINS:
+        registry += [f"  - name: {name}", f"    train: {name}_text_document",
+                     f"    valid_fraction: {args.valid_fraction}", "    weight: 1.0"]
+    tmp = out / "domains.yaml.tmp"
+    tmp.write_text("\n".join(registry) + "\n")
+    os.replace(tmp, out / "domains.yaml")
+    print(f"demo corpus in {out}: {', '.join(summary)} ({time.time() - start:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
