@@ -34,6 +34,14 @@ class DistillationModel(MegatronModule):
         if teacher is not None:
             freeze(teacher)
 
+    def __getattr__(self, name: str):
+        """Anything else (e.g. ``share_embeddings_and_output_weights``, which megatron-core's grad
+        finalisation looks up on the outermost module) is the student's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["student"], name)
+
     @property
     def teacher(self) -> MegatronModule | None:
         return self._teacher
