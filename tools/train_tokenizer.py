@@ -67,25 +67,32 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     with tempfile.TemporaryDirectory(dir=output.parent) as staging:
         prefix = os.path.join(staging, "tok")
-        sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter_texts(files, args.json_key, args.max_sentences, args.seed),
-            model_prefix=prefix,
-            vocab_size=args.vocab_size,
-            model_type=args.model_type,
-            character_coverage=args.character_coverage,
-            num_threads=args.num_threads,
-            byte_fallback=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            max_sentence_length=1 << 16,
-            train_extremely_large_corpus=False,
-            minloglevel=2,
-        )
+        try:
+            _train(sentencepiece, files, args, prefix)
+        except RuntimeError as err:  # sentencepiece reports bad settings as RuntimeError
+            print(f"train_tokenizer.py: error: {str(err).splitlines()[-1]}", file=sys.stderr)
+            return 2
         for ext in (".model", ".vocab"):
             os.replace(prefix + ext, f"{output}{ext}")
     size = sentencepiece.SentencePieceProcessor(model_file=f"{output}.model").get_piece_size()
     print(f"tokenizer {output}.model: vocab size {size}, {args.model_type}, trained on {len(files)} file(s) "
           f"in {time.time() - start:.1f}s")
     return 0
+
+
+def _train(sentencepiece, files: list[str], args: argparse.Namespace, prefix: str) -> None:
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter_texts(files, args.json_key, args.max_sentences, args.seed),
+        model_prefix=prefix,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        num_threads=args.num_threads,
+        byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        max_sentence_length=1 << 16,
+        minloglevel=2,
+    )
 
 
 if __name__ == "__main__":

@@ -260,6 +260,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         has_teacher = self.unwrapped.teacher is not None
         if self.iteration == 0 and self.controller.ce_student_initial is None:
+            self.controller.truncate_log(-1)  # a fresh run starts a fresh log
             evaluation = self.evaluate(with_teacher=has_teacher, num_samples=cfg.ddk.val_samples)
             weights = self.controller.start(evaluation)
             _check_same_on_all_ranks(weights, "DDK initial domain weights")

@@ -1,0 +1,151 @@
+"""Benchmark: chunked vocab-parallel KD loss vs the naive full-vocabulary autograd loss (TP=1).
+
+Each implementation runs forward + backward in its own fresh process (so one cannot inherit the
+other's allocator state), on the same seeded logits. Reported per implementation: the peak memory
+ABOVE the inputs (CPU: the process's peak RSS, ``ru_maxrss``, minus its RSS once the inputs
+exist; CUDA: ``max_memory_allocated`` minus the allocated bytes once the inputs exist), the median
+time of ``--repeats`` timed forward + backward passes, and the per-token loss sum (a sanity check
+that both computed the same thing). The student's gradient counts towards the peak of both.
+
+    python benchmarks/kd_loss.py                      # 2048 tokens x 151936 (Qwen) vocab, fp32
+    python benchmarks/kd_loss.py --dtype bf16 --kind jsd --chunk-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("naive", "chunked")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=2048, help="tokens (s*b) in the micro-batch")
+    p.add_argument("--vocab", type=int, default=151936, help="vocabulary size (default: Qwen's 151936)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of both logits")
+    p.add_argument("--kind", choices=("forward_kl", "reverse_kl", "jsd"), default="forward_kl")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the chunked loss")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes first (their memory still counts)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the CPU, then CUDA too when available")
+    p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
+    p.add_argument("--child-device", default="cpu", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    problems = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+                for name in ("tokens", "vocab", "repeats") if getattr(args, name) < 1]
+    if args.warmup < 0:
+        problems.append(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device is available; use --device cpu")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def _current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """One implementation, measured in this (fresh) process; returns the numbers as a dict."""
+    sys.path.insert(0, str(REPO))
+    from megatron_ddk.distill.kd_loss import reference_kd_loss, vocab_parallel_kd_loss
+
+    device = torch.device(args.child_device)
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(1234)
+    shape = (args.tokens, 1, args.vocab)  # [s, b, v]
+    # filled in place: no temporary the size of the inputs inflates the baseline peak
+    student = torch.empty(shape, dtype=DTYPES[args.dtype], device=device).normal_(0.0, 3.0, generator=gen)
+    teacher = torch.empty(shape, dtype=DTYPES[args.dtype], device=device).normal_(0.0, 3.0, generator=gen)
+    student.requires_grad_()
+    if args.child == "naive":
+        def loss_fn():
+            return reference_kd_loss(student, teacher, kind=args.kind, temperature=args.temperature)
+    else:
+        def loss_fn():
+            return vocab_parallel_kd_loss(student, teacher, kind=args.kind, temperature=args.temperature,
+                                          chunk_size=args.chunk_size)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base, base_peak = _current_rss_bytes(), _peak_rss_bytes()
+    times, loss_sum = [], 0.0
+    for i in range(args.warmup + args.repeats):
+        student.grad = None
+        start = time.perf_counter()
+        loss = loss_fn().sum()
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+        loss_sum = loss.item()
+        del loss
+    peak = torch.cuda.max_memory_allocated() - base if cuda else _peak_rss_bytes() - base
+    return {"peak_bytes": peak, "time_s": statistics.median(times), "loss_sum": loss_sum,
+            "baseline_ok": cuda or base_peak <= base + 64 * 2**20,
+            "grad_bytes": student.grad.numel() * student.grad.element_size(),
+            "threads": torch.get_num_threads()}
+
+
+def measure(args: argparse.Namespace, impl: str, device: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--child-device", device,
+           "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--dtype", args.dtype, "--kind", args.kind,
+           "--temperature", str(args.temperature), "--chunk-size", str(args.chunk_size),
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} on {device} failed (exit {proc.returncode}); out of memory? try fewer --tokens\n"
+                         f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return
+    devices = [args.device] if args.device != "auto" else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    input_gib = 2 * args.tokens * args.vocab * DTYPES[args.dtype].itemsize / 2**30
+    print(f"KD loss {args.kind}, T={args.temperature}, {args.tokens} tokens x {args.vocab} vocab, {args.dtype} "
+          f"logits ({input_gib:.2f} GiB of inputs), chunk {args.chunk_size}, TP=1, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    header = (f"{'device':<7}{'naive MiB':>11}{'chunked MiB':>13}{'mem ratio':>11}"
+              f"{'naive s':>10}{'chunked s':>11}{'time ratio':>12}{'|dloss|/loss':>14}")
+    print(header)
+    print("-" * len(header))
+    for device in devices:
+        naive, chunked = (measure(args, impl, device) for impl in IMPLS)
+        rel = abs(naive["loss_sum"] - chunked["loss_sum"]) / max(abs(naive["loss_sum"]), 1e-30)
+        print(f"{device:<7}{naive['peak_bytes'] / 2**20:>11.0f}{chunked['peak_bytes'] / 2**20:>13.0f}"
+              f"{chunked['peak_bytes'] / naive['peak_bytes']:>11.3f}{naive['time_s']:>10.3f}"
+              f"{chunked['time_s']:>11.3f}{chunked['time_s'] / naive['time_s']:>12.3f}{rel:>14.1e}")
+        if not (naive["baseline_ok"] and chunked["baseline_ok"]):
+            print(f"  warning ({device}): the peak before the run exceeded the inputs; memory is understated")
+    print(f"(peak memory above the inputs, student gradient included: {chunked['grad_bytes'] / 2**20:.0f} MiB of "
+          f"it; torch threads: {chunked['threads']})")
+
+
+if __name__ == "__main__":
+    main()
