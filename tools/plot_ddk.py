@@ -35,13 +35,33 @@ def read_log(path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise LogError(f"{path}:{number}: not JSON ({err.msg})") from err
+        if not isinstance(record, dict):
+            raise LogError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         missing = [k for k in REQUIRED if k not in record]
         if missing:
             raise LogError(f"{path}:{number}: record lacks {', '.join(missing)}; is this a ddk_log.jsonl?")
+        _check_record(record, records[0]["domains"] if records else None, f"{path}:{number}")
         records.append(record)
     if not records:
         raise LogError(f"{path}: empty log; the run has not reached its first DDK evaluation")
     return records
+
+
+def _check_record(record: dict, domains: list | None, where: str) -> None:
+    names = record["domains"]
+    if not isinstance(names, list) or not names:
+        raise LogError(f"{where}: 'domains' must be a non-empty list of names")
+    if domains is not None and names != domains:
+        raise LogError(f"{where}: domains {names} differ from the first record's {domains}; one log per run")
+    if not isinstance(record["iteration"], int):
+        raise LogError(f"{where}: 'iteration' must be an integer, got {record['iteration']!r}")
+    for key in ("weights", "ratio"):
+        values = record[key]
+        if key == "ratio" and values is None:  # runs without a teacher have no ratio
+            continue
+        if not isinstance(values, list) or len(values) != len(names) or not all(
+                isinstance(v, (int, float)) for v in values):
+            raise LogError(f"{where}: '{key}' must be {len(names)} numbers (one per domain), got {values!r}")
 
 
 def plot(records: list[dict], output: Path, title: str | None = None) -> None:
@@ -73,9 +93,12 @@ def plot(records: list[dict], output: Path, title: str | None = None) -> None:
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.stem + ".tmp" + output.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, output)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, output)  # an existing plot is replaced whole or not at all
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

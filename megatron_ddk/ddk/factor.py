@@ -1,17 +1,18 @@
-"""The domain discrepancy factor of DDK (Liu et al. 2024, arXiv 2407.16154), as pure functions.
+"""The domain discrepancy factor of DDK (Liu et al. 2024, arXiv 2407.16154), as pure numpy functions.
 
 Notation (paper, Sec. 3): N domains; ``ppl_S[i]`` / ``ppl_T[i]`` the student's / teacher's validation
-perplexity on domain i, i.e. ``exp`` of the mean token cross-entropy.
+perplexity on domain i, i.e. ``exp`` of the mean token cross-entropy (``ce``).
 
     Eq. 1   r_0[i]     = softmax_i( ppl_S[i] / ppl_T[i] )
     Eq. 2   psi[i]     = r_t[i] * exp( ppl_S[i] / ppl_T[i] )
             r_{t+1}[i] = alpha * psi[i] / sum_j psi[j] + (1 - alpha) / N
 
-Numerics: the ratio itself is ``exp(ce_S - ce_T)`` and is exponentiated once more by Eq. 1/2, so a
-weak student (ratio 1e3) would overflow float64 if done literally. Everything is computed in log
-space with max-subtraction (a softmax is shift-invariant), and the ratio is clipped at
-``MAX_RATIO`` before it is used. Every weight is kept at or above ``MIN_WEIGHT`` (then renormalised):
-a domain never disappears from the mixture, which also keeps Eq. 2's product from collapsing.
+Numerics: the ratio is ``exp(ce_S - ce_T)`` and Eq. 1/2 exponentiate it once more, so a weak student
+(ratio 1e3) overflows float64 if the equations are evaluated literally. The ratio is formed from the
+CE difference clipped at ``MAX_LOG_RATIO``; the softmax / normalisation then runs in log space with
+max-subtraction (a softmax is shift-invariant), so nothing overflows. Every returned weight is at
+least ``MIN_WEIGHT``: a domain never vanishes from the mixture, and Eq. 2's product ``r_t * ...``
+can never get stuck at 0 (alpha = 1 or no-smoothing could otherwise underflow a domain to 0 forever).
 """
 
 from __future__ import annotations
@@ -21,101 +22,133 @@ from collections.abc import Sequence
 import numpy as np
 
 from megatron_ddk.config import MIXING_MODES
+
+__all__ = [
+    "MAX_LOG_RATIO", "MAX_RATIO", "MIN_WEIGHT", "MIXING_MODES", "apply_floor", "first_weights",
+    "initial_factor", "next_weights", "perplexity_ratio", "smoothed_update",
+]
+
 MAX_LOG_RATIO = 50.0
-"""log(ppl_S / ppl_T) is clipped here (ratio ~5e21): beyond it every ordering is already decided."""
+"""ce_S - ce_T is clipped here (ratio ~5.2e21) before exponentiating: beyond it every ordering is decided."""
 MAX_RATIO = float(np.exp(MAX_LOG_RATIO))
 MIN_WEIGHT = 1e-4
-"""Floor for every domain weight, as a fraction of the mixture."""
+"""Floor of every domain weight (absolute probability). With N >= 1 / MIN_WEIGHT domains the floor is
+unreachable and the weights become uniform."""
 
 
-def _vector(values, name: str) -> np.ndarray:
+def _vector(values: Sequence[float], name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {array.shape}")
+        raise ValueError(f"{name} must be a non-empty 1-D sequence (one value per domain), got shape {array.shape}")
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be finite, got {array.tolist()}")
+        raise ValueError(f"{name} must be finite, got {array.tolist()}; a NaN/inf validation loss means a "
+                         "diverged model or an empty validation set")
     return array
 
 
-def perplexity_ratio(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> np.ndarray:
-    """ppl_S / ppl_T per domain from mean token cross-entropies, clipped at ``MAX_RATIO``."""
+def _ce_pair(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     s, t = _vector(ce_student, "ce_student"), _vector(ce_teacher, "ce_teacher")
     if s.shape != t.shape:
         raise ValueError(f"ce_student has {s.size} domains but ce_teacher has {t.size}")
+    return s, t
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"--ddk-alpha must be in [0, 1], got {alpha}")
+
+
+def perplexity_ratio(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> np.ndarray:
+    """ppl_S / ppl_T per domain = exp(ce_S - ce_T), with the exponent clipped at ``MAX_LOG_RATIO``."""
+    s, t = _ce_pair(ce_student, ce_teacher)
     return np.exp(np.minimum(s - t, MAX_LOG_RATIO))
 
 
-def _normalise_log(log_weights: np.ndarray) -> np.ndarray:
-    """softmax of log weights, stably (max-subtraction)."""
-    shifted = log_weights - log_weights.max()
-    weights = np.exp(shifted)
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """exp(logits) / sum(exp(logits)), stably (max-subtraction)."""
+    weights = np.exp(logits - logits.max())
     return weights / weights.sum()
 
 
-def apply_floor(weights: np.ndarray, floor: float = MIN_WEIGHT) -> np.ndarray:
-    """Raise every weight to at least ``floor`` while keeping the sum at 1 (exact for floor * N < 1)."""
-    weights = np.asarray(weights, dtype=np.float64)
-    n = weights.size
+def apply_floor(weights: Sequence[float], floor: float = MIN_WEIGHT) -> np.ndarray:
+    """Every weight >= ``floor``, sum 1, by mixing with the uniform distribution just enough.
+
+    Mixing with uniform (rather than clamping) keeps the order of the domains and is exact: the
+    smallest weight lands on the floor. If ``floor * N >= 1`` the result is uniform.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    n = w.size
     if n * floor >= 1.0:
         return np.full(n, 1.0 / n)
-    # mix with the uniform distribution just enough that the smallest weight reaches the floor
-    smallest = weights.min()
+    smallest = w.min()
     if smallest >= floor:
-        return weights / weights.sum()
-    lam = (floor - smallest) / (1.0 / n - smallest)
-    mixed = (1.0 - lam) * weights + lam / n
+        return w
+    lam = (floor - smallest) / (1.0 / n - smallest)  # in (0, 1]
+    mixed = (1.0 - lam) * w + lam / n
     return mixed / mixed.sum()
 
 
 def initial_factor(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> np.ndarray:
-    """Eq. 1: r_0 = softmax(ppl_S / ppl_T)."""
-    return apply_floor(_normalise_log(perplexity_ratio(ce_student, ce_teacher)))
+    """Eq. 1: r_0 = softmax_i(ppl_S[i] / ppl_T[i]) (the softmax is over the ratios themselves)."""
+    return apply_floor(_softmax(perplexity_ratio(ce_student, ce_teacher)))
 
 
 def smoothed_update(r_prev: Sequence[float], ce_student: Sequence[float], ce_teacher: Sequence[float], *,
                     alpha: float) -> np.ndarray:
-    """Eq. 2: psi = r_t * exp(ppl_S / ppl_T); r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--ddk-alpha must be in [0, 1], got {alpha}")
+    """Eq. 2: psi = r_t * exp(ppl_S / ppl_T); r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N.
+
+    Computed as psi / sum(psi) = softmax(log r_t + ratio), so neither exp(ratio) nor the product overflows.
+    """
+    _check_alpha(alpha)
     r = _vector(r_prev, "r_prev")
     ratio = perplexity_ratio(ce_student, ce_teacher)
     if r.shape != ratio.shape:
-        raise ValueError(f"r_prev has {r.size} domains but the perplexities have {ratio.size}")
+        raise ValueError(f"r_prev has {r.size} domains but the validation losses have {ratio.size}")
     if np.any(r <= 0):
         raise ValueError(f"r_prev must be positive, got {r.tolist()}")
-    psi = _normalise_log(np.log(r) + ratio)  # psi / sum(psi), in log space
+    psi = _softmax(np.log(r) + ratio)
     return apply_floor(alpha * psi + (1.0 - alpha) / r.size)
-
-
-def first_weights(mode: str, static_weights: Sequence[float], num_domains: int) -> np.ndarray:
-    """Weights before any evaluation: uniform for ``equal``, the registry's otherwise."""
-    _check_mode(mode)
-    if mode == "equal":
-        return np.full(num_domains, 1.0 / num_domains)
-    weights = _vector(static_weights, "static_weights")
-    if weights.size != num_domains or np.any(weights <= 0):
-        raise ValueError(f"static weights {weights.tolist()} must be {num_domains} positive numbers")
-    return weights / weights.sum()
-
-
-def next_weights(mode: str, *, r_prev: Sequence[float] | None, ce_student: Sequence[float],
-                 ce_teacher: Sequence[float], alpha: float, static_weights: Sequence[float]) -> np.ndarray:
-    """The mixture for the next interval under ``--ddk-mixing mode`` (the paper's method and ablations).
-
-    ``ddk``: Eq. 1 on the first call (``r_prev`` None), Eq. 2 afterwards; ``no-smoothing``: Eq. 1
-    every time (the paper's "w/o factor smoothing"); ``equal``: uniform; ``static``: the registry's.
-    """
-    _check_mode(mode)
-    n = len(ce_student)
-    if mode == "equal":
-        return np.full(n, 1.0 / n)
-    if mode == "static":
-        return first_weights("static", static_weights, n)
-    if mode == "no-smoothing" or r_prev is None:
-        return initial_factor(ce_student, ce_teacher)
-    return smoothed_update(r_prev, ce_student, ce_teacher, alpha=alpha)
 
 
 def _check_mode(mode: str) -> None:
     if mode not in MIXING_MODES:
         raise ValueError(f"--ddk-mixing {mode!r} is not one of {', '.join(MIXING_MODES)}")
+
+
+def first_weights(mode: str, static_weights: Sequence[float], num_domains: int) -> np.ndarray:
+    """Weights used before any evaluation: uniform for ``equal``, the registry's (normalised) otherwise.
+
+    For ``ddk`` / ``no-smoothing`` with a teacher, the caller replaces them with Eq. 1 right after the
+    evaluation at iteration 0; without a teacher (CPT) they stay.
+    """
+    _check_mode(mode)
+    if num_domains < 1:
+        raise ValueError(f"need at least one domain, got {num_domains}")
+    if mode == "equal":
+        return np.full(num_domains, 1.0 / num_domains)
+    weights = _vector(static_weights, "static weights")
+    if weights.size != num_domains or np.any(weights <= 0):
+        raise ValueError(f"static weights {weights.tolist()} must be {num_domains} positive numbers "
+                         "(one per domain of the registry)")
+    return weights / weights.sum()
+
+
+def next_weights(mode: str, *, r_prev: Sequence[float] | None, ce_student: Sequence[float],
+                 ce_teacher: Sequence[float], alpha: float, static_weights: Sequence[float]) -> np.ndarray:
+    """The mixture of the next interval under ``--ddk-mixing mode`` (the paper's method and its ablations).
+
+    ``ddk``: Eq. 1 on the first call (``r_prev`` None), Eq. 2 afterwards; ``no-smoothing``: Eq. 1 every
+    time (the paper's "w/o factor smoothing"); ``equal``: uniform (the paper's "ES"); ``static``: the
+    registry's weights. Inputs are validated in every mode, so a broken evaluation never passes silently.
+    """
+    _check_mode(mode)
+    _check_alpha(alpha)
+    s, _ = _ce_pair(ce_student, ce_teacher)
+    if mode == "equal":
+        return np.full(s.size, 1.0 / s.size)
+    if mode == "static":
+        return first_weights("static", static_weights, s.size)
+    if mode == "no-smoothing" or r_prev is None:
+        return initial_factor(ce_student, ce_teacher)
+    return smoothed_update(r_prev, ce_student, ce_teacher, alpha=alpha)

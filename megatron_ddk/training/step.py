@@ -73,8 +73,22 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
               *, settings: LossSettings):
     """CE + gamma * KD summed over unmasked tokens; logits are ``[b, s, v]`` vocab shards."""
     labels, mask = batch["labels"], batch["loss_mask"].float()
-    ce = tensor_parallel.vocab_parallel_cross_entropy(student_logits.float(), labels)  # [b, s]
     num_tokens = mask.sum()
+    kd_sum = None
+    if teacher_logits is not None and settings.train_on_kd and settings.kd_weight > 0:
+        # before the cross-entropies: megatron-core's vocab_parallel_cross_entropy works in place on
+        # fp32 logits (``.float()`` of an fp32 tensor is the tensor itself)
+        kd = vocab_parallel_kd_loss(
+            student_logits,
+            teacher_logits,
+            kind=settings.kd_loss_type,
+            temperature=settings.kd_temperature,
+            jsd_beta=settings.kd_jsd_beta,
+            chunk_size=settings.kd_chunk_size,
+            vocab_size=settings.vocab_size,
+        )  # [b, s]
+        kd_sum = (kd * mask).sum()
+    ce = tensor_parallel.vocab_parallel_cross_entropy(student_logits.float(), labels)  # [b, s]
     loss = (ce * mask).sum()
     report = {
         LM_LOSS: torch.stack([loss.detach(), num_tokens]),
@@ -85,17 +99,7 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
             teacher_ce = tensor_parallel.vocab_parallel_cross_entropy(teacher_logits.float(), labels)
         report[TEACHER_LM_LOSS] = torch.stack([(teacher_ce * mask).sum(), num_tokens])
         report[DOMAIN_TEACHER_LM_LOSS] = _per_domain(teacher_ce, mask, batch["domain_id"], settings.num_domains)
-        if settings.train_on_kd and settings.kd_weight > 0:
-            kd = vocab_parallel_kd_loss(
-                student_logits,
-                teacher_logits,
-                kind=settings.kd_loss_type,
-                temperature=settings.kd_temperature,
-                jsd_beta=settings.kd_jsd_beta,
-                chunk_size=settings.kd_chunk_size,
-                vocab_size=settings.vocab_size,
-            )  # [b, s]
-            kd_sum = (kd * mask).sum()
-            loss = loss + settings.kd_weight * kd_sum
-            report[KD_LOSS] = torch.stack([kd_sum.detach(), num_tokens])
+    if kd_sum is not None:
+        loss = loss + settings.kd_weight * kd_sum
+        report[KD_LOSS] = torch.stack([kd_sum.detach(), num_tokens])
     return loss, num_tokens.to(torch.int), report

@@ -1,4 +1,4 @@
-"""Eq. 1 and Eq. 2 against values worked out by hand."""
+"""Eq. 1 and Eq. 2 against values worked out by hand, the numerics guards and the mixing modes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ def ce_for_ratios(ratios):
     return [1.0 + math.log(r) for r in ratios], [1.0] * len(ratios)
 
 
-def test_ratio_is_perplexity_quotient():
+def test_ratio_is_perplexity_quotient_and_clipped():
     np.testing.assert_allclose(factor.perplexity_ratio([2.0, 1.0], [1.0, 1.0]), [math.e, 1.0])
+    assert factor.perplexity_ratio([1000.0], [0.0])[0] == factor.MAX_RATIO == pytest.approx(math.exp(50))
 
 
 def test_eq1_softmax_of_ratios():
@@ -25,12 +26,25 @@ def test_eq1_softmax_of_ratios():
     np.testing.assert_allclose(factor.initial_factor(s, t), [0.2689414213699951, 0.7310585786300049], rtol=1e-12)
 
 
+def test_eq1_three_domains():
+    # ratios [1.2, 1.5, 1.2]: e^1.2 = 3.320117, e^1.5 = 4.481689; sum 11.121923
+    s, t = ce_for_ratios([1.2, 1.5, 1.2])
+    np.testing.assert_allclose(factor.initial_factor(s, t), [0.298520, 0.402960, 0.298520], atol=1e-6)
+
+
 def test_eq2_with_alpha_half():
     # r = [0.5, 0.5], ratios [1, 2]: psi ~ [0.5e, 0.5e^2] -> normalised [0.268941, 0.731059]
     # r' = 0.5 * that + 0.25 = [0.384471, 0.615529]
     s, t = ce_for_ratios([1.0, 2.0])
     np.testing.assert_allclose(factor.smoothed_update([0.5, 0.5], s, t, alpha=0.5),
                                [0.38447071068499755, 0.6155292893150024], rtol=1e-12)
+
+
+def test_eq2_history_matters():
+    # r = [0.8, 0.2], ratios [1, 2]: psi = [0.8e, 0.2e^2] = [2.174625, 1.477811] -> [0.595390, 0.404610]
+    # r' = 0.5 * that + 0.25 = [0.547695, 0.452305]
+    s, t = ce_for_ratios([1.0, 2.0])
+    np.testing.assert_allclose(factor.smoothed_update([0.8, 0.2], s, t, alpha=0.5), [0.547695, 0.452305], atol=1e-6)
 
 
 def test_eq2_alpha_one_and_zero():
@@ -46,13 +60,26 @@ def test_one_domain_has_all_the_weight():
     assert factor.smoothed_update([1.0], [5.0], [2.0], alpha=0.5).tolist() == [1.0]
 
 
-def test_huge_ratio_neither_overflows_nor_starves_a_domain():
-    # student CE 1000 nats above the teacher: ratio e^1000 overflows float64 if done literally
-    w = factor.initial_factor([1001.0, 1.0, 1.0], [1.0, 1.0, 1.0])
-    assert np.all(np.isfinite(w)) and abs(w.sum() - 1) < 1e-12
-    assert w[0] > 0.99 and np.all(w >= factor.MIN_WEIGHT * (1 - 1e-9))
-    w2 = factor.smoothed_update(w, [1001.0, 1.0, 1.0], [1.0, 1.0, 1.0], alpha=1.0)
+@pytest.mark.parametrize("ce_gap", [math.log(1e6), 1000.0])
+def test_huge_ratio_neither_overflows_nor_starves_a_domain(ce_gap):
+    # a ratio of 1e6 (or e^1000) is exponentiated again by Eq. 1: overflows float64 if done literally
+    s, t = [1.0 + ce_gap, 1.0, 1.0], [1.0, 1.0, 1.0]
+    w = factor.initial_factor(s, t)
+    assert np.all(np.isfinite(w)) and w.sum() == pytest.approx(1.0, abs=1e-12)
+    assert w[0] > 0.99 and w[1:] == pytest.approx([factor.MIN_WEIGHT] * 2, rel=1e-9)
+    w2 = factor.smoothed_update(w, s, t, alpha=1.0)
     assert np.all(np.isfinite(w2)) and np.all(w2 >= factor.MIN_WEIGHT * (1 - 1e-9))
+    for _ in range(20):  # repeated alpha=1 updates: the floor keeps the lagging-free domains alive
+        w2 = factor.smoothed_update(w2, s, t, alpha=1.0)
+    assert np.all(w2 >= factor.MIN_WEIGHT * (1 - 1e-9)) and w2.sum() == pytest.approx(1.0)
+
+
+def test_apply_floor_mixes_with_uniform_exactly():
+    w = factor.apply_floor([0.9, 0.1, 0.0], floor=0.01)
+    # lam = 0.01 / (1/3) = 0.03: [0.9*0.97 + 0.01, 0.1*0.97 + 0.01, 0.01]
+    np.testing.assert_allclose(w, [0.883, 0.107, 0.01], atol=1e-12)
+    np.testing.assert_allclose(factor.apply_floor([0.5, 0.5, 0.0], floor=0.5), [1 / 3] * 3)
+    assert factor.apply_floor([0.6, 0.4]).tolist() == [0.6, 0.4]
 
 
 def test_weaker_domain_gains_weight():
@@ -60,30 +87,41 @@ def test_weaker_domain_gains_weight():
     r0 = np.full(3, 1 / 3)
     r1 = factor.smoothed_update(r0, s, t, alpha=0.5)
     assert r1[2] > r0[2] and r1[0] < r0[0] and r1[0] == pytest.approx(r1[1])
+    r2 = factor.smoothed_update(r1, s, t, alpha=0.5)
+    assert r2[2] > r1[2]  # the history term keeps pushing while the gap persists
+    assert r2.max() <= 0.5 + 0.5 / 3  # but alpha = 0.5 bounds a weight by alpha + (1 - alpha) / N
 
 
 def test_modes():
     s, t = ce_for_ratios([1.0, 2.0])
     static = [3.0, 1.0]
-    assert factor.next_weights("equal", r_prev=None, ce_student=s, ce_teacher=t, alpha=0.5,
-                               static_weights=static).tolist() == [0.5, 0.5]
-    assert factor.next_weights("static", r_prev=[0.5, 0.5], ce_student=s, ce_teacher=t, alpha=0.5,
-                               static_weights=static).tolist() == [0.75, 0.25]
+    kw = dict(ce_student=s, ce_teacher=t, alpha=0.5, static_weights=static)
+    assert factor.next_weights("equal", r_prev=None, **kw).tolist() == [0.5, 0.5]
+    assert factor.next_weights("static", r_prev=[0.5, 0.5], **kw).tolist() == [0.75, 0.25]
     eq1 = factor.initial_factor(s, t)
-    np.testing.assert_allclose(factor.next_weights("no-smoothing", r_prev=[0.9, 0.1], ce_student=s, ce_teacher=t,
-                                                   alpha=0.5, static_weights=static), eq1)
-    np.testing.assert_allclose(factor.next_weights("ddk", r_prev=None, ce_student=s, ce_teacher=t, alpha=0.5,
-                                                   static_weights=static), eq1)
+    np.testing.assert_allclose(factor.next_weights("no-smoothing", r_prev=[0.9, 0.1], **kw), eq1)
+    np.testing.assert_allclose(factor.next_weights("ddk", r_prev=None, **kw), eq1)
+    np.testing.assert_allclose(factor.next_weights("ddk", r_prev=[0.5, 0.5], **kw), [0.384470711, 0.615529289])
     assert factor.first_weights("equal", static, 2).tolist() == [0.5, 0.5]
     assert factor.first_weights("ddk", static, 2).tolist() == [0.75, 0.25]
+    assert factor.first_weights("no-smoothing", static, 2).tolist() == [0.75, 0.25]
+    assert factor.first_weights("static", static, 2).tolist() == [0.75, 0.25]
+    assert factor.MIXING_MODES == ("ddk", "no-smoothing", "equal", "static")
 
 
 @pytest.mark.parametrize("call,needle", [
     (lambda: factor.smoothed_update([0.5, 0.5], [1, 1], [1, 1], alpha=1.5), "--ddk-alpha"),
+    (lambda: factor.next_weights("equal", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=-0.1,
+                                 static_weights=[1]), "--ddk-alpha"),
     (lambda: factor.initial_factor([1, 2], [1]), "domains"),
+    (lambda: factor.smoothed_update([1.0], [1, 2], [1, 2], alpha=0.5), "r_prev has 1 domains"),
+    (lambda: factor.smoothed_update([1.0, 0.0], [1, 2], [1, 2], alpha=0.5), "positive"),
     (lambda: factor.initial_factor([float("nan")], [1]), "finite"),
+    (lambda: factor.initial_factor([], []), "non-empty"),
     (lambda: factor.next_weights("greedy", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5,
                                  static_weights=[1]), "--ddk-mixing"),
+    (lambda: factor.first_weights("static", [1.0, -1.0], 2), "positive"),
+    (lambda: factor.first_weights("ddk", [1.0], 2), "2 positive numbers"),
 ])
 def test_bad_input(call, needle):
     with pytest.raises(ValueError, match=needle):

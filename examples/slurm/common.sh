@@ -1,0 +1,109 @@
+# Shared by the examples/slurm/*.sbatch scripts (sourced, not run): checks, resume logic, launch.
+#
+# Each sbatch script sets the model / layout variables and the PRETRAIN_ARGS array, then calls
+#   ddk_check_layout; ddk_resume_args; ddk_launch
+# DRY_RUN=1 prints the exact launch line and exits 0 without srun or scontrol (works off-cluster).
+
+REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+
+ddk_die() {
+  echo "$(basename "$0"): error: $*" >&2
+  exit 1
+}
+
+ddk_warn() {
+  echo "$(basename "$0"): warning: $*" >&2
+}
+
+# The layout must divide the models and the GPUs; fail here, not 10 minutes into a queued job.
+ddk_check_layout() {
+  local world=$((NNODES * GPUS_PER_NODE)) problems=()
+  [ $((world % (TP * PP))) -eq 0 ] ||
+    problems+=("TP=$TP x PP=$PP does not divide the $world GPUs ($NNODES nodes x $GPUS_PER_NODE)")
+  [ $((STUDENT_LAYERS % PP)) -eq 0 ] || problems+=("PP=$PP does not divide the student's $STUDENT_LAYERS layers")
+  [ $((TEACHER_LAYERS % PP)) -eq 0 ] || problems+=("PP=$PP does not divide the teacher's $TEACHER_LAYERS layers")
+  if [ ${#problems[@]} -eq 0 ]; then
+    DP=$((world / (TP * PP)))
+    [ $((GLOBAL_BATCH % (MICRO_BATCH * DP))) -eq 0 ] ||
+      problems+=("GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of MICRO_BATCH=$MICRO_BATCH x DP=$DP")
+  fi
+  if [ ${#problems[@]} -gt 0 ]; then
+    printf '%s\n' "${problems[@]}" >&2
+    ddk_die "fix TP / PP / MICRO_BATCH / GLOBAL_BATCH or the node count (see tools/estimate_memory.py --sweep)"
+  fi
+  local missing=()
+  [ -e "$DOMAINS" ] || missing+=("DOMAINS=$DOMAINS (domain registry, docs/DATA.md)")
+  [ -e "$TOKENIZER" ] || missing+=("TOKENIZER=$TOKENIZER (tokenizer.json or its directory)")
+  if [ "$DDK_MODE" != cpt ] && [ ! -e "$TEACHER_CKPT" ]; then
+    missing+=("TEACHER_CKPT=$TEACHER_CKPT (tools/convert_hf_to_megatron.py output)")
+  fi
+  if [ -n "$STUDENT_CKPT" ] && [ ! -e "$STUDENT_CKPT" ] && [ ! -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ]; then
+    missing+=("STUDENT_CKPT=$STUDENT_CKPT (set STUDENT_CKPT= to start from random weights)")
+  fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    if [ -n "${DRY_RUN:-}" ]; then
+      for m in "${missing[@]}"; do ddk_warn "not found: $m"; done
+    else
+      printf 'not found: %s\n' "${missing[@]}" >&2
+      ddk_die "set the variables above to existing paths"
+    fi
+  fi
+}
+
+# Resume: CKPT_DIR is both --save and --load, so a requeued job continues from its latest checkpoint.
+# The first launch (no checkpoint there yet) starts from the converted student with --finetune
+# (weights only: iteration, optimizer and data start fresh), or from random weights without STUDENT_CKPT.
+ddk_resume_args() {
+  if [ -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ]; then
+    LOAD_ARGS=(--load "$CKPT_DIR")
+  elif [ -n "$STUDENT_CKPT" ]; then
+    LOAD_ARGS=(--load "$STUDENT_CKPT" --finetune)
+  else
+    LOAD_ARGS=(--load "$CKPT_DIR")
+  fi
+  if [ "$DDK_MODE" != cpt ]; then
+    TEACHER_ARGS=(--teacher-load "$TEACHER_CKPT")
+  else
+    TEACHER_ARGS=()
+  fi
+}
+
+# srun (one task per node) -> torchrun (one process per GPU) -> pretrain_ddk.py.
+ddk_launch() {
+  local master_addr job_id
+  if [ -n "${DRY_RUN:-}" ]; then
+    master_addr=${MASTER_ADDR:-localhost}
+    job_id=${SLURM_JOB_ID:-dryrun}
+  else
+    [ -n "${SLURM_JOB_ID:-}" ] || ddk_die "not inside a SLURM job: submit with sbatch (or set DRY_RUN=1)"
+    master_addr=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+    job_id=$SLURM_JOB_ID
+  fi
+  local launcher=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)
+  if [ -n "$CONTAINER" ]; then  # pyxis/enroot; CONTAINER_MOUNTS must include the repo and the data
+    launcher+=(--container-image="$CONTAINER" --container-workdir="$REPO_DIR")
+    [ -z "$CONTAINER_MOUNTS" ] || launcher+=(--container-mounts="$CONTAINER_MOUNTS")
+  fi
+  LAUNCH=("${launcher[@]}" "$TORCHRUN"
+    --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
+    --rdzv-backend c10d --rdzv-endpoint "$master_addr:$MASTER_PORT" --rdzv-id "$job_id"
+    "$REPO_DIR/pretrain_ddk.py" "${PRETRAIN_ARGS[@]}")
+  if [ -n "${DRY_RUN:-}" ]; then
+    printf '%q ' "${LAUNCH[@]}"
+    echo
+    exit 0
+  fi
+  mkdir -p "$CKPT_DIR"
+  echo "[$(date -Is)] job $job_id: $NNODES nodes x $GPUS_PER_NODE GPUs, TP=$TP PP=$PP DP=$DP, master $master_addr"
+  echo "[$(date -Is)] ${LOAD_ARGS[*]}"
+  # --signal=B:USR1@... reaches this shell shortly before the time limit: requeue, and the next run
+  # resumes from the latest checkpoint in CKPT_DIR (work since the last --save-interval is redone).
+  trap 'echo "[$(date -Is)] time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+  "${LAUNCH[@]}" &
+  local pid=$!
+  local status=0
+  wait "$pid" || status=$?
+  # wait returns early (status > 128) when the trap fires; let srun finish its teardown.
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done
+  exit "$status"
+}

@@ -1,0 +1,179 @@
+"""Hugging Face LLaMA / Qwen2 / Qwen3 (safetensors) -> a megatron-ddk checkpoint (TP1/PP1, reshards on load).
+
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --save ckpt/teacher [--bf16 | --fp32] [--overwrite]
+
+Everything that can be checked from config.json and the safetensors headers (architecture, refused
+options, missing shards, missing/unexpected tensors, shapes) is checked before any weight is read.
+The model is built once without random init, then the shards are streamed tensor by tensor into
+their slices, so peak memory is about one model plus one tensor. The result is written next to
+--save and renamed into place at the end: an existing --save is replaced (with --overwrite) only
+once the new checkpoint is complete. Use it as --teacher-load (or --load with --finetune) at any
+TP/PP: dist_checkpointing reshards when loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import torch
+
+from megatron_ddk.models.hf_mapping import HFConversionError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)")
+    parser.add_argument("--save", required=True, type=Path, help="checkpoint root to write")
+    dtype = parser.add_mutually_exclusive_group()
+    dtype.add_argument("--bf16", action="store_true", help="store bfloat16 weights")
+    dtype.add_argument("--fp32", action="store_true", help="store float32 weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    return parser.parse_args(argv)
+
+
+def target_dtype(args: argparse.Namespace, hf_dtype: str | None) -> tuple[torch.dtype, str | None]:
+    """--bf16/--fp32, else the HF torch_dtype; float16 becomes float32 (lossless), with a note."""
+    if args.bf16:
+        return torch.bfloat16, None
+    if args.fp32 or hf_dtype is None:
+        return torch.float32, None
+    if hf_dtype == "bfloat16":
+        return torch.bfloat16, None
+    if hf_dtype == "float16":
+        return torch.float32, "torch_dtype float16 stored as float32 (lossless); pass --bf16 to halve the size"
+    return torch.float32, None
+
+
+def tokenizer_record(hf_dir: Path, vocab_size: int) -> tuple[dict, str | None]:
+    """The tokenizer identity stored in the checkpoint (compared with the student's at KD time)."""
+    unknown = {"type": None, "vocab_size": vocab_size, "sha256": None}
+    if not (hf_dir / "tokenizer.json").is_file():
+        return unknown, (f"no tokenizer.json in {hf_dir}: the checkpoint records no tokenizer identity, so a KD run "
+                         "cannot check that teacher and student share a vocabulary")
+    from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_identity
+
+    try:
+        return tokenizer_identity(build_tokenizer("HuggingFaceTokenizer", hf_dir)), None
+    except (ValueError, OSError) as err:
+        return unknown, f"tokenizer.json not recorded ({err})"
+
+
+def check_save_dir(save: Path, overwrite: bool) -> None:
+    if save.exists() and not save.is_dir():
+        raise HFConversionError(f"--save {save} is a file; give a directory")
+    if save.is_dir() and any(save.iterdir()) and not overwrite:
+        raise HFConversionError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
+
+
+def convert(args: argparse.Namespace) -> Path:
+    """Check, build, stream, save; returns the written ``iter_*`` directory."""
+    from megatron_ddk.models import hf_mapping as hm
+
+    started = time.time()
+    hf_dir: Path = args.hf_dir
+    if not hf_dir.is_dir():
+        raise HFConversionError(f"--hf-dir {hf_dir}: no such directory")
+    check_save_dir(args.save, args.overwrite)
+    values = hm.read_hf_config(hf_dir)
+    model_cfg = hm.model_config_from_hf(values, source=hf_dir / "config.json")
+    placements = hm.hf_placements(model_cfg)
+    weights = hm.scan_safetensors(hf_dir)
+    ignored = hm.check_hf_weights(weights, placements, tied=not model_cfg.untie_embeddings_and_output_weights,
+                                  source=hf_dir)
+    dtype, dtype_note = target_dtype(args, values.get("torch_dtype"))
+    tokenizer, tokenizer_note = tokenizer_record(hf_dir, model_cfg.vocab_size)
+
+    final = _write_checkpoint(args.save, model_cfg, weights, placements, dtype, tokenizer, args.overwrite)
+
+    for note in (dtype_note, tokenizer_note):
+        if note:
+            print(f"note: {note}")
+    if ignored:
+        print(f"note: ignored {len(ignored)} tensor(s) the model does not use ({', '.join(ignored[:3])}"
+              f"{' ...' if len(ignored) > 3 else ''})")
+    print(f"converted {values['architectures'][0]} from {hf_dir} ({len(weights.shard_files)} shard(s), "
+          f"{len(placements)} tensors): {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+          f"{model_cfg.num_attention_heads} heads / {model_cfg.query_groups} kv, vocab {model_cfg.vocab_size}, "
+          f"{model_cfg.num_parameters() / 1e6:.2f}M params, {str(dtype).removeprefix('torch.')} -> {final} "
+          f"in {time.time() - started:.1f} s")
+    return final
+
+
+def _write_checkpoint(save: Path, model_cfg, weights, placements, dtype: torch.dtype, tokenizer: dict,
+                      overwrite: bool) -> Path:
+    """Build at TP1/PP1, stream the weights in, save into a sibling staging root, then swap it in."""
+    import torch.distributed as dist
+
+    from megatron_ddk.checkpointing import CheckpointMetadata, iteration_dir, save_checkpoint
+    from megatron_ddk.config import ParallelConfig, PrecisionConfig
+    from megatron_ddk.models import hf_mapping as hm
+    from megatron_ddk.models.gpt import build_gpt_model
+    from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
+
+    owns_world = not dist.is_initialized()
+    initialize(ParallelLayout(world_size=1))
+    staging = save.with_name(save.name + ".converting")
+    try:
+        if dist.get_world_size() != 1:
+            raise HFConversionError("run the converter as a single process (no torchrun): it writes TP1/PP1")
+        set_seed(0)
+        model = build_gpt_model(model_cfg, ParallelConfig(), PrecisionConfig(bf16=dtype == torch.bfloat16),
+                                pre_process=True, post_process=True, initialize_weights=False)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for param in params.values():
+                param.fill_(float("nan"))  # any slice no HF tensor reaches stays NaN and is caught below
+            for rows in hm.vocab_padding_rows(model_cfg, params):
+                rows.zero_()
+            hm.copy_hf_weights(params, weights, placements)
+            unfilled = [name for name, param in params.items() if torch.isnan(param).any()]
+        if unfilled:
+            raise HFConversionError(f"no HF tensor filled megatron parameter(s) {', '.join(unfilled)}; "
+                                    "this is a converter bug, please report it")
+        metadata = CheckpointMetadata(iteration=0, model=model_cfg, tokenizer=tokenizer, tensor_model_parallel_size=1,
+                                      pipeline_model_parallel_size=1, data_parallel_size=1, ddk_mode="hf-import",
+                                      has_optimizer=False)
+        shutil.rmtree(staging, ignore_errors=True)
+        save_checkpoint(staging, metadata, {"model": model.sharded_state_dict()})
+        _publish(staging, save, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if owns_world:
+            destroy()
+    return iteration_dir(save, 0)
+
+
+def _publish(staging: Path, save: Path, overwrite: bool) -> None:
+    """Move the finished checkpoint root into place; an old --save is removed only after the swap."""
+    if save.exists():
+        check_save_dir(save, overwrite)
+        retired = save.with_name(save.name + ".replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(save, retired)
+        os.replace(staging, save)
+        shutil.rmtree(retired)
+    else:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, save)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except HFConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
