@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             message = str(err).replace("\n", "\n  ")
             print(f"pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)
+        else:
+            # every rank found the same problem; give rank 0 time to report it before torchrun
+            # tears the job down on the first exit
+            time.sleep(5)
         return 2
     try:
         trainer.train()

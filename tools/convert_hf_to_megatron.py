@@ -1,6 +1,7 @@
 """Hugging Face LLaMA / Qwen2 / Qwen3 (safetensors) -> a megatron-ddk checkpoint (TP1/PP1, reshards on load).
 
-    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --save ckpt/teacher [--bf16 | --fp32] [--overwrite]
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --save ckpt/teacher [--bf16 | --fp32] \
+        [--vocab-size-from-tokenizer] [--overwrite]
 
 Everything that can be checked from config.json and the safetensors headers (architecture, refused
 options, missing shards, missing/unexpected tensors, shapes) is checked before any weight is read.
@@ -14,6 +15,7 @@ TP/PP: dist_checkpointing reshards when loading.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -35,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     dtype = parser.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="store bfloat16 weights")
     dtype.add_argument("--fp32", action="store_true", help="store float32 weights")
+    parser.add_argument("--vocab-size-from-tokenizer", action="store_true",
+                        help="keep only the embedding/output rows of tokenizer.json's tokens (HF configs often "
+                             "round vocab_size up), so the model pads like a student built from that tokenizer")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     return parser.parse_args(argv)
 
@@ -84,16 +89,31 @@ def convert(args: argparse.Namespace) -> Path:
     check_save_dir(args.save, args.overwrite)
     values = hm.read_hf_config(hf_dir)
     model_cfg = hm.model_config_from_hf(values, source=hf_dir / "config.json")
-    placements = hm.hf_placements(model_cfg)
+    hf_rows = model_cfg.vocab_size
+    tokenizer, tokenizer_note = tokenizer_record(hf_dir, hf_rows)
+    vocab_note = None
+    tokens = tokenizer.get("vocab_size") if tokenizer.get("type") else None
+    if tokens is not None and tokens > hf_rows:
+        raise HFConversionError(f"--hf-dir {hf_dir}: tokenizer.json has {tokens} tokens but config.json vocab_size is "
+                                f"only {hf_rows}; the tokenizer does not belong to this model")
+    if args.vocab_size_from_tokenizer:
+        if tokens is None:
+            raise HFConversionError(f"--vocab-size-from-tokenizer needs a usable tokenizer.json in {hf_dir} "
+                                    f"({tokenizer_note})")
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokens)
+    elif tokens is not None and tokens < hf_rows:
+        vocab_note = (f"config.json vocab_size {hf_rows} > the tokenizer's {tokens} tokens; the checkpoint keeps all "
+                      f"{hf_rows} rows (exact round trip). A student built from this tokenizer pads differently: "
+                      "pass --vocab-size-from-tokenizer to keep only the tokenizer's rows")
+    placements = hm.hf_placements(model_cfg, hf_vocab_size=hf_rows)
     weights = hm.scan_safetensors(hf_dir)
     ignored = hm.check_hf_weights(weights, placements, tied=not model_cfg.untie_embeddings_and_output_weights,
                                   source=hf_dir)
     dtype, dtype_note = target_dtype(args, values.get("torch_dtype"))
-    tokenizer, tokenizer_note = tokenizer_record(hf_dir, model_cfg.vocab_size)
 
     final = _write_checkpoint(args.save, model_cfg, weights, placements, dtype, tokenizer, args.overwrite)
 
-    for note in (dtype_note, tokenizer_note):
+    for note in (dtype_note, tokenizer_note, vocab_note):
         if note:
             print(f"note: {note}")
     if ignored:

@@ -69,6 +69,7 @@ def plot(records: list[dict], output: Path, title: str | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     domains = records[0]["domains"]
     iterations = [r["iteration"] for r in records]
@@ -87,6 +88,9 @@ def plot(records: list[dict], output: Path, title: str | None = None) -> None:
             ratio_ax.plot(iterations, [r["ratio"][i] for r in records], label=name, marker="o", ms=3)
         ratio_ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ratio_ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # "1.5", not "1.5 x 10^0"
+        ratio_ax.yaxis.set_major_formatter(plain)
+        ratio_ax.yaxis.set_minor_formatter(plain)
         ratio_ax.set_ylabel("ppl student / ppl teacher")
         ratio_ax.grid(alpha=0.3, which="both")
     axes[-1][0].set_xlabel("iteration")

@@ -18,6 +18,8 @@ ddk_warn() {
 # The layout must divide the models and the GPUs; fail here, not 10 minutes into a queued job.
 ddk_check_layout() {
   local world=$((NNODES * GPUS_PER_NODE)) problems=()
+  [ $((GPUS_PER_NODE % TP)) -eq 0 ] ||
+    problems+=("TP=$TP does not divide GPUS_PER_NODE=$GPUS_PER_NODE (tensor parallelism stays inside a node)")
   [ $((world % (TP * PP))) -eq 0 ] ||
     problems+=("TP=$TP x PP=$PP does not divide the $world GPUs ($NNODES nodes x $GPUS_PER_NODE)")
   [ $((STUDENT_LAYERS % PP)) -eq 0 ] || problems+=("PP=$PP does not divide the student's $STUDENT_LAYERS layers")

@@ -21,9 +21,13 @@ factor: put it in the loss weight for Hinton's convention). Each rank computes t
 part of every sum, all-reduced over TP, so every rank returns the same per-token value and the
 gradient of the full-vocabulary loss restricted to its own columns.
 
-Memory: the forward walks ``chunk_size`` tokens at a time in fp32 (in-place where it can: at most
-four ``[n, v]`` fp32 buffers live), computes the loss and the gradient of that chunk, and keeps only
-the gradient (in the student logits' dtype). Backward scales it by the upstream per-token gradient.
+Memory: the forward walks ``chunk_size`` tokens at a time in fp32 (in place where it can: at most
+three ``[n, v]`` fp32 buffers live, four for JSD), computes the loss and ``dL/ds`` of that chunk,
+and keeps only that gradient (in the student logits' dtype). Backward scales it in place by the
+upstream per-token gradient times the constant factor (``1/T``, and ``1 - beta`` for JSD).
+
+Logits must be finite (an ``-inf`` column makes ``0 * log 0`` a NaN); exclude vocabulary through
+``vocab_size``, not by masking logits.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 
 
 def _default_tp_group():
-    from megatron.core import parallel_state
-
+    """megatron-core's TP group when model parallelism is initialized with TP > 1, else None (no TP)."""
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # plain-PyTorch use (the benchmark on a bare machine): nothing to reduce over
+        return None
     if not parallel_state.model_parallel_is_initialized():
         return None
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -65,66 +72,81 @@ def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor
         raise ValueError("; ".join(problems))
 
 
-def _log_softmax_pair(s: torch.Tensor, t: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-place log-softmax of both [n, v_local] fp32 chunks over the vocabulary split across ``group``."""
+def _tempered_log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                        group) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(z / T) in fp32 of both [n, v_local] chunks over the vocabulary split across ``group``.
+
+    Results are fresh buffers (never the caller's logits, which later steps overwrite in place).
+    """
     if group is None:
-        return torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
-    n = s.shape[0]
-    if s.shape[-1] == 0:  # this rank holds only padding columns
-        row_max = torch.full((2, n, 1), float("-inf"), dtype=s.dtype, device=s.device)
+        return _local_log_softmax(student, temperature), _local_log_softmax(teacher, temperature)
+    n = student.shape[0]
+    if student.shape[-1] == 0:  # this rank holds only padding columns
+        row_max = torch.full((2, n, 1), float("-inf"), dtype=torch.float32, device=student.device)
     else:
-        row_max = torch.stack([s.max(dim=-1, keepdim=True).values, t.max(dim=-1, keepdim=True).values])
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)  # [2, n, 1]
-    s.sub_(row_max[0])
-    t.sub_(row_max[1])
+        row_max = torch.stack([student.amax(dim=-1, keepdim=True), teacher.amax(dim=-1, keepdim=True)]).float()
+    _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)  # [2, n, 1]; max(z / T) = max(z) / T as T > 0
+    s, t = torch.sub(student, row_max[0]), torch.sub(teacher, row_max[1])  # fp32 by promotion: the copy
+    if temperature != 1.0:
+        s.div_(temperature)
+        t.div_(temperature)
     sum_exp = torch.stack([torch.exp(s).sum(dim=-1, keepdim=True), torch.exp(t).sum(dim=-1, keepdim=True)])
-    dist.all_reduce(sum_exp, group=group)  # [2, n, 1]
-    log_z = sum_exp.log_()
+    log_z = _reduce_tp(sum_exp, group).log_()  # [2, n, 1]
     return s.sub_(log_z[0]), t.sub_(log_z[1])
 
 
-def _weighted_sum_(p: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
-    """sum_j p[:, j] diff[:, j] -> [n]; overwrites ``diff`` with the terms (0 where p == 0: 0 log 0 = 0).
-
-    In place so no extra [n, v] buffer; torch's pairwise sum keeps fp32 error ~1e-6 relative over
-    150k columns (a BLAS dot product loses two more digits).
-    """
-    return diff.masked_fill_(p == 0, 0.0).mul_(p).sum(dim=-1)
+def _local_log_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Fused fp32 log-softmax of one [n, v] chunk (no TP): reads bf16/fp32 logits directly at T = 1."""
+    if temperature != 1.0:
+        x = x.to(torch.float32, copy=True).div_(temperature)
+    return torch.log_softmax(x, dim=-1, dtype=torch.float32)
 
 
-def _sum_tp(x: torch.Tensor, group) -> torch.Tensor:
+def _reduce_tp(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce the per-rank partial ``x`` over the TP group (in place; a no-op without TP)."""
     if group is not None:
-        dist.all_reduce(x, group=group)
+        dist.all_reduce(x, op=op, group=group)
     return x
 
 
-def _chunk_loss_and_grad(s: torch.Tensor, t: torch.Tensor, *, kind: str, beta: float, group,
-                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token loss [n] and dL/ds [n, v_local] for one chunk of tempered fp32 logits (consumed in place)."""
-    log_ps, log_pt = _log_softmax_pair(s, t, group)
-    del s, t
+def _divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, *, kind: str, beta: float, group,
+                grad_out: torch.Tensor | None) -> torch.Tensor:
+    """Per-token loss [n] from the log-probabilities [n, v_local], which it overwrites.
+
+    When ``grad_out`` ([n, v_local], any float dtype) is given, writes dL/ds into it, without the
+    constant factor the backward applies (1/T, and 1 - beta for JSD). Sums use torch's pairwise
+    reduction on in-place elementwise terms: ~1e-6 relative over 150k columns and no extra buffer.
+    """
     if kind == "forward_kl":
         p_t = log_pt.exp()
-        loss = _sum_tp(_weighted_sum_(p_t, log_pt.sub_(log_ps)), group)  # diff: log p_T - log p_S
-        return loss, (log_ps.exp_().sub_(p_t) if need_grad else None)
+        loss = _reduce_tp(torch.sub(log_pt, log_ps, out=log_pt).mul_(p_t).sum(dim=-1), group)
+        if grad_out is not None:
+            torch.sub(log_ps.exp_(), p_t, out=grad_out)  # p_S - p_T
+        return loss
     if kind == "reverse_kl":
-        terms = log_pt.neg_().add_(log_ps)  # log p_S - log p_T, then p_S (log p_S - log p_T)
+        terms = torch.sub(log_ps, log_pt, out=log_pt)  # log p_S - log p_T
         p_s = log_ps.exp_()
-        loss = _sum_tp(_weighted_sum_(p_s, terms), group)
-        return loss, (terms.addcmul_(p_s, loss[:, None], value=-1.0) if need_grad else None)
+        loss = _reduce_tp(terms.mul_(p_s).sum(dim=-1), group)
+        if grad_out is not None:
+            torch.addcmul(terms, p_s, loss[:, None], value=-1.0, out=grad_out)  # p_S (log p_S - log p_T - KL)
+        return loss
     if beta in (0.0, 1.0):  # m equals one of the two distributions: the divergence vanishes
-        return log_ps.new_zeros(log_ps.shape[0]), (torch.zeros_like(log_ps) if need_grad else None)
-    log_m = log_pt + math.log(beta)
-    torch.logaddexp(log_m, log_ps + math.log(1.0 - beta), out=log_m)  # log(beta p_T + (1 - beta) p_S)
+        if grad_out is not None:
+            grad_out.zero_()
+        return log_ps.new_zeros(log_ps.shape[0])
+    # log m = log(beta p_T + (1 - beta) p_S) = log(1 - beta) + logaddexp(log p_T + log(beta / (1 - beta)), log p_S)
+    log_m = torch.add(log_pt, math.log(beta / (1.0 - beta)))
+    torch.logaddexp(log_m, log_ps, out=log_m).add_(math.log(1.0 - beta))
     p_t = log_pt.exp()
-    kl_t = _weighted_sum_(p_t, log_pt.sub_(log_m))
+    kl_t = torch.sub(log_pt, log_m, out=log_pt).mul_(p_t).sum(dim=-1)
     del p_t, log_pt
     p_s = log_ps.exp()
-    terms = log_ps.sub_(log_m)  # log p_S - log m, then p_S (log p_S - log m)
+    terms = torch.sub(log_ps, log_m, out=log_ps)  # log p_S - log m
     del log_m
-    kl = _sum_tp(torch.stack([kl_t, _weighted_sum_(p_s, terms)]), group)  # [2, n]: KL(p_T||m), KL(p_S||m)
-    loss = beta * kl[0] + (1.0 - beta) * kl[1]
-    return loss, (terms.addcmul_(p_s, kl[1][:, None], value=-1.0).mul_(1.0 - beta) if need_grad else None)
+    kl = _reduce_tp(torch.stack([kl_t, terms.mul_(p_s).sum(dim=-1)]), group)  # [2, n]: KL(p_T||m), KL(p_S||m)
+    if grad_out is not None:
+        torch.addcmul(terms, p_s, kl[1][:, None], value=-1.0, out=grad_out)  # p_S (log p_S - log m - KL(p_S||m))
+    return beta * kl[0] + (1.0 - beta) * kl[1]
 
 
 class _ChunkedKDLoss(torch.autograd.Function):
@@ -143,33 +165,29 @@ class _ChunkedKDLoss(torch.autograd.Function):
         step = tokens if chunk_size <= 0 else chunk_size
         for start in range(0, tokens, max(step, 1)):
             stop = min(start + step, tokens)
-            # owned fp32 copies (never views of the caller's logits: the chunk math works in place)
-            s = flat_s[start:stop, :num_valid].to(torch.float32, copy=True)
-            t = flat_t[start:stop, :num_valid].to(torch.float32, copy=True)
-            if temperature != 1.0:
-                s.div_(temperature)
-                t.div_(temperature)
-            chunk_loss, chunk_grad = _chunk_loss_and_grad(s, t, kind=kind, beta=beta, group=group,
-                                                          need_grad=need_grad)
-            del s, t
-            loss[start:stop] = chunk_loss
-            if need_grad:
-                if temperature != 1.0:
-                    chunk_grad.div_(temperature)
-                grad[start:stop, :num_valid] = chunk_grad
-            del chunk_grad
+            # no names kept for the log-probabilities: _divergence frees each buffer when done with it
+            loss[start:stop] = _divergence(
+                *_tempered_log_probs(flat_s[start:stop, :num_valid], flat_t[start:stop, :num_valid], temperature,
+                                     group),
+                kind=kind, beta=beta, group=group,
+                grad_out=grad[start:stop, :num_valid] if need_grad else None)
         ctx.save_for_backward(grad)
         ctx.shape = student.shape
+        ctx.scale = (1.0 - beta if kind == "jsd" else 1.0) / temperature  # dL/dz_S = scale * stored dL/ds
         return loss.reshape(student.shape[:-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
+        if getattr(ctx, "spent", False):
+            raise RuntimeError("vocab_parallel_kd_loss supports one backward pass per forward (its stored "
+                               "gradient is scaled in place); run the forward again instead of retain_graph=True")
+        ctx.spent = True
         (grad,) = ctx.saved_tensors
         if grad is None:
             return (None,) * 9
-        # used once (a second backward trips autograd's saved-tensor version check): scale in place
-        grad.mul_(grad_output.reshape(-1, 1).to(grad.dtype))
+        factor = grad_output.reshape(-1, 1).float() * ctx.scale  # [tokens, 1] fp32: one rounding into grad
+        grad.mul_(factor)  # [tokens, v_local], in place: autograd gets this very buffer, no second copy
         return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
 
 

@@ -145,6 +145,10 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
     )
+    if precision.bf16:
+        # what megatron's Float16Module does: every parameter in bf16 (the torch norms of the local
+        # spec are created in fp32), so the mixed-precision optimizer sees one dtype
+        gpt.bfloat16()
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt

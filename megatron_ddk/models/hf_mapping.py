@@ -53,7 +53,10 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     except ImportError as err:
         raise HFConversionError("reading a Hugging Face config needs transformers: pip install 'megatron-ddk[hf]'") \
             from err
-    values = AutoConfig.for_model(MODEL_TYPES[architecture], **_without_meta(raw)).to_dict()
+    try:
+        values = AutoConfig.for_model(MODEL_TYPES[architecture], **_without_meta(raw)).to_dict()
+    except (ValueError, TypeError, KeyError) as err:
+        raise HFConversionError(f"{path}: transformers cannot read it as {architecture}: {err}") from err
     values["architectures"] = [architecture]
     values["torch_dtype"] = raw.get("torch_dtype") or raw.get("dtype")
     return values
@@ -219,21 +222,31 @@ class Placement:
     hf_shape: tuple[int, ...]
     grouped: tuple[int, ...] | None = None
     index: tuple[slice, ...] = ()
+    keep_rows: int | None = None
+    """Import only the first rows of the HF tensor (a vocabulary trimmed to the tokenizer's size)."""
 
     def select(self, param: torch.Tensor) -> torch.Tensor:
         view = param.view(self.grouped) if self.grouped is not None else param
         return view[self.index] if self.index else view
 
 
-def hf_placements(model: ModelConfig) -> dict[str, Placement]:
-    """Every HF tensor name of ``model``'s HF form, in HF order, with its megatron placement."""
+def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None) -> dict[str, Placement]:
+    """Every HF tensor name of ``model``'s HF form, in HF order, with its megatron placement.
+
+    ``hf_vocab_size`` (import only): the HF embedding has this many rows, of which the first
+    ``model.vocab_size`` are kept.
+    """
     h, f, d, v = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.vocab_size
     ng, nh = model.query_groups, model.num_attention_heads
     r = nh // ng
     q_rows, k_rows, v_rows = slice(0, r * d), slice(r * d, (r + 1) * d), slice((r + 1) * d, (r + 2) * d)
     whole = slice(None)
+    vocab_rows = v if hf_vocab_size is None else hf_vocab_size
+    if vocab_rows < v:
+        raise HFConversionError(f"the HF vocabulary ({vocab_rows} rows) is smaller than the model's ({v})")
+    keep = None if vocab_rows == v else v
     table = {"model.embed_tokens.weight": Placement(megatron_key="embedding.word_embeddings.weight",
-                                                    hf_shape=(v, h), index=(slice(0, v),))}
+                                                    hf_shape=(vocab_rows, h), index=(slice(0, v),), keep_rows=keep)}
     for i in range(model.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = mc + "self_attention.linear_qkv."
@@ -261,7 +274,8 @@ def hf_placements(model: ModelConfig) -> dict[str, Placement]:
         table[hf + "mlp.down_proj.weight"] = Placement(megatron_key=mc + "mlp.linear_fc2.weight", hf_shape=(h, f))
     table["model.norm.weight"] = Placement(megatron_key="decoder.final_layernorm.weight", hf_shape=(h,))
     if model.untie_embeddings_and_output_weights:
-        table["lm_head.weight"] = Placement(megatron_key="output_layer.weight", hf_shape=(v, h), index=(slice(0, v),))
+        table["lm_head.weight"] = Placement(megatron_key="output_layer.weight", hf_shape=(vocab_rows, h),
+                                            index=(slice(0, v),), keep_rows=keep)
     return table
 
 
@@ -359,12 +373,18 @@ def copy_hf_weights(params: dict[str, torch.Tensor], weights: HFWeights, placeme
                 if placement is None:
                     continue  # ignored by check_hf_weights (inv_freq, tied lm_head)
                 target = placement.select(params[placement.megatron_key])
-                target.copy_(handle.get_tensor(key).reshape(target.shape))
+                if placement.keep_rows is None:
+                    source = handle.get_tensor(key)
+                else:
+                    source = handle.get_slice(key)[:placement.keep_rows]  # reads only the kept rows
+                target.copy_(source.reshape(target.shape))
                 copied += 1
     return copied
 
 
 def export_tensor(params: dict[str, torch.Tensor], placement: Placement, dtype: torch.dtype) -> torch.Tensor:
     """The HF tensor for ``placement``: a fresh contiguous copy (safetensors refuses shared storage)."""
+    if placement.keep_rows is not None:
+        raise ValueError("export placements never trim rows; build them without hf_vocab_size")
     view = placement.select(params[placement.megatron_key])
     return view.to(dtype=dtype, copy=True).reshape(placement.hf_shape).contiguous()

@@ -141,9 +141,8 @@ class Trainer:
             return None  # Megatron's behaviour: --load of an empty --save dir starts fresh
         resolved = resolve_checkpoint(load, flag="--load")
         meta = read_metadata(resolved, flag="--load")
-        mine, theirs = self.cfg.model.to_dict(), meta.model.to_dict()
-        differ = [f"{k}: checkpoint {theirs[k]!r} vs flags {mine[k]!r}" for k in mine
-                  if mine[k] != theirs[k] and k not in ("attention_dropout", "hidden_dropout", "init_method_std")]
+        mine, theirs = _architecture(self.cfg.model), _architecture(meta.model)
+        differ = [f"{k}: checkpoint {theirs[k]!r} vs flags {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
         if differ:
             raise CheckpointError(f"--load {load} holds a different model ({'; '.join(differ)}); "
                                   "fix the model flags to match the checkpoint")
@@ -479,3 +478,14 @@ def _check_same_on_all_ranks(values: np.ndarray, what: str) -> None:
     dist.all_gather(gathered, mine)
     if any(not torch.equal(g, mine) for g in gathered):
         raise RuntimeError(f"{what} differ between ranks: {[g.tolist() for g in gathered]}")
+
+
+def _architecture(model) -> dict:
+    """What must agree between a checkpoint and the flags to load it: the shapes, normalised
+    (``--kv-channels`` / ``--num-query-groups`` left to their defaults equal the explicit values),
+    not the regularisation or the init."""
+    values = model.to_dict()
+    for key in ("attention_dropout", "hidden_dropout", "init_method_std", "kv_channels", "num_query_groups"):
+        values.pop(key)
+    values["head_dim"], values["query_groups"] = model.head_dim, model.query_groups
+    return values

@@ -125,3 +125,20 @@ def test_bad_shapes_and_all_problems_at_once():
         vocab_parallel_kd_loss(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="--kd-loss-type.*--kd-temperature"):
         reference_kd_loss(logits(0), logits(1), kind="kl", temperature=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_only_the_student_gradient_is_kept_for_backward(dtype):
+    saved = []
+
+    def pack(x):
+        saved.append((tuple(x.shape), x.dtype))
+        return x
+
+    s, t = logits(0, dtype=dtype).requires_grad_(), logits(1, dtype=dtype)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = vocab_parallel_kd_loss(s, t, kind="jsd", chunk_size=3)
+    assert saved == [((SHAPE[0] * SHAPE[1], SHAPE[2]), dtype)]  # one [tokens, v] gradient in the logits' dtype
+    loss.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):  # it was scaled in place
+        loss.sum().backward()
