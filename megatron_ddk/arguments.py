@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit when the iteration is a multiple of this")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (e.g. SLURM's pre-emption notice), save a checkpoint and exit cleanly")
 
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
@@ -285,6 +287,7 @@ def _to_config(args: argparse.Namespace, vocab_size: int, world_size: int) -> Ru
             clip_grad=args.clip_grad,
             seed=args.seed,
             exit_interval=args.exit_interval,
+            exit_signal_handler=args.exit_signal_handler,
         ),
         checkpoint=CheckpointConfig(
             save=args.save,

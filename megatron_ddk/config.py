@@ -144,6 +144,8 @@ class TrainingConfig:
     seed: int = 1234
     exit_interval: int | None = None
     """Stop (after saving) once the iteration count is a multiple of this; for job-time limits."""
+    exit_signal_handler: bool = False
+    """Save and stop at the end of the iteration in which SIGTERM arrived."""
 
 
 @dataclass(frozen=True, kw_only=True)

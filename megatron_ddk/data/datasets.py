@@ -1,23 +1,34 @@
-"""One megatron-core ``GPTDataset`` per domain (training) plus its held-out validation set.
+"""One megatron-core ``GPTDataset`` per domain for training, plus the domain's held-out validation set.
 
 Each dataset is exactly one epoch of its documents (``num_samples=None``): the DDK mixing sampler
-decides how often each domain is visited and reshuffles a domain when it starts a new epoch. Index
-caches go to ``cache_dir`` (never next to the data, which may be read-only); with torch.distributed
-up, megatron-core's builder lets rank 0 write them while the others wait.
+decides how often each domain is visited and reshuffles a domain when it starts a new epoch. A
+domain with several training prefixes concatenates their one-epoch datasets. Without a ``valid``
+prefix, megatron-core's document-level split holds out the last ``valid_fraction`` of each prefix's
+documents, so training and validation never share a document.
+
+Index caches go to ``cache_dir`` (never next to the data, which may be read-only). With
+torch.distributed up, megatron-core's builder lets global rank 0 write them while the other ranks
+wait at a barrier, then read them: every rank must call ``build_domain_datasets`` with the same registry.
 """
 
 from __future__ import annotations
 
 import bisect
+import warnings
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from megatron_ddk.data.domains import DomainRegistry
+from megatron_ddk.data.domains import Domain, DomainRegistry
+
+_PAD_CLASH_WARNING = "The pad token id in the tokenizer collides"
+"""megatron-core warns when pad == eod and then pads with -1, which is what we want (see tokenizer.py)."""
 
 
 @dataclass(frozen=True)
 class DomainData:
+    """A domain's datasets; items are GPTDataset samples: tokens, labels, loss_mask, position_ids, each [s]."""
+
     name: str
     train: Dataset
     valid: Dataset
@@ -27,10 +38,10 @@ class ConcatSamples(Dataset):
     """Several one-epoch datasets of one domain, back to back."""
 
     def __init__(self, parts: list[Dataset]):
-        self.parts = parts
-        self.ends = []
+        self.parts = list(parts)
+        self.ends: list[int] = []
         total = 0
-        for part in parts:
+        for part in self.parts:
             total += len(part)
             self.ends.append(total)
 
@@ -38,12 +49,22 @@ class ConcatSamples(Dataset):
         return self.ends[-1] if self.ends else 0
 
     def __getitem__(self, index: int):
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} samples")
         part = bisect.bisect_right(self.ends, index)
         start = self.ends[part - 1] if part else 0
         return self.parts[part][index - start]
 
 
-def _gpt_splits(prefix: str, split: str, *, tokenizer, seq_length: int, seed: int, cache_dir: str):
+def split_string(valid_fraction: float) -> str:
+    """megatron's train,valid,test split string; fixed-point, since megatron's parser cannot read ``1e-05``."""
+    return f"{1.0 - valid_fraction:.10f},{valid_fraction:.10f},0"
+
+
+def _build_splits(prefix: str, split: str, *, tokenizer, seq_length: int, seed: int, cache_dir: str) -> list:
+    """[train, valid, test] GPTDatasets (None where a split is empty) of one prefix, one epoch each."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -60,40 +81,73 @@ def _gpt_splits(prefix: str, split: str, *, tokenizer, seq_length: int, seed: in
         path_to_cache=cache_dir,
         mid_level_dataset_surplus=0.0,
     )
-    def built_on_rank() -> bool:
-        return True  # every rank reads its own micro-batches (cheap memory-mapped slices)
+    # Every rank reads its own micro-batches (cheap memory-mapped slices), so every rank builds;
+    # the builder still orders the ranks: rank 0 writes the cache, the others wait and read it.
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PAD_CLASH_WARNING)
+        return builder.build()
 
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], built_on_rank, config)
-    return builder.build()
+
+def _split_document_counts(num_documents: int, valid_fraction: float) -> tuple[int, int]:
+    """(train, valid) documents megatron's split gives: it rounds the book-ends of each split."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_string(valid_fraction)))
+    counts = [0 if b is None else int(round(b[1] * num_documents)) - int(round(b[0] * num_documents))
+              for b in matrix]
+    return counts[0], counts[1]
+
+
+def _check_split(domain: Domain, prefix: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    num_documents = len(IndexedDataset(prefix, mmap=True))
+    train_docs, valid_docs = _split_document_counts(num_documents, domain.valid_fraction)
+    if train_docs == 0 or valid_docs == 0:
+        raise ValueError(
+            f"domain {domain.name!r}: valid_fraction {domain.valid_fraction} of the {num_documents} documents in "
+            f"{prefix} leaves {train_docs} for training and {valid_docs} for validation; add documents, change "
+            "valid_fraction or give a separate 'valid' prefix")
 
 
 def build_domain_datasets(registry: DomainRegistry, *, tokenizer, seq_length: int, seed: int,
                           cache_dir: str) -> list[DomainData]:
-    """Train and validation datasets of every domain, in registry order."""
+    """Train and validation datasets of every domain, in registry order; deterministic in ``seed``.
+
+    Samples hold ``seq_length`` tokens (GPTDataset reads ``seq_length + 1`` and shifts the labels).
+    Raises ValueError naming the domain when a split would be empty.
+    """
+    if seq_length < 1:
+        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
     result = []
     for domain in registry.domains:
-        if domain.valid_prefix is not None:
-            train_parts = [_gpt_splits(p, "100,0,0", tokenizer=tokenizer, seq_length=seq_length, seed=seed,
-                                       cache_dir=cache_dir)[0] for p in domain.train_prefixes]
-            valid = _gpt_splits(domain.valid_prefix, "100,0,0", tokenizer=tokenizer, seq_length=seq_length,
-                                seed=seed, cache_dir=cache_dir)[0]
-        else:
-            # megatron's split is over documents: validation never shares a document with training
-            fraction = domain.valid_fraction
-            split = f"{1.0 - fraction},{fraction},0"
-            train_parts, valid_parts = [], []
+        if domain.valid_prefix is None:
             for prefix in domain.train_prefixes:
-                train, valid, _ = _gpt_splits(prefix, split, tokenizer=tokenizer, seq_length=seq_length, seed=seed,
-                                              cache_dir=cache_dir)
-                train_parts.append(train)
+                _check_split(domain, prefix)
+        common = dict(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=str(cache_dir))
+        train_parts, valid_parts = [], []
+        for prefix in domain.train_prefixes:
+            if domain.valid_prefix is None:
+                train, valid, _ = _build_splits(prefix, split_string(domain.valid_fraction), **common)
                 valid_parts.append(valid)
-            valid = ConcatSamples([v for v in valid_parts if v is not None])
-        train_parts = [t for t in train_parts if t is not None]
-        train = train_parts[0] if len(train_parts) == 1 else ConcatSamples(train_parts)
-        if len(train) == 0 or valid is None or len(valid) == 0:
+            else:
+                train = _build_splits(prefix, "1,0,0", **common)[0]
+            train_parts.append(train)
+        if domain.valid_prefix is not None:
+            valid_parts.append(_build_splits(domain.valid_prefix, "0,1,0", **common)[1])
+        train, valid = _join(train_parts), _join(valid_parts)
+        if len(train) == 0 or len(valid) == 0:
             raise ValueError(
-                f"domain {domain.name!r} has {len(train)} training and {0 if valid is None else len(valid)} validation "
-                f"samples of {seq_length + 1} tokens; add data, lower --seq-length or raise its valid_fraction"
-            )
+                f"domain {domain.name!r} has {len(train)} training and {len(valid)} validation samples of "
+                f"{seq_length} tokens; add data, lower --seq-length or raise its valid_fraction")
         result.append(DomainData(domain.name, train, valid))
     return result
+
+
+def _join(parts: list) -> Dataset:
+    parts = [p for p in parts if p is not None]
+    return parts[0] if len(parts) == 1 else ConcatSamples(parts)

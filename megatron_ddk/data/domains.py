@@ -1,29 +1,34 @@
 """The domain registry: which indexed datasets make up each domain, its validation data, its weight.
 
-A registry file (YAML or JSON) names the domains DDK balances::
+A registry file (YAML, or JSON by its ``.json`` extension) names the domains DDK balances::
 
     domains:
       - name: code
         train: [data/code_a_text_document, data/code_b_text_document]   # one prefix or a list
         valid: data/code_valid_text_document    # optional; else a held-out document split:
-        valid_fraction: 0.02                    # (default 0.01) never overlaps the training documents
+        valid_fraction: 0.02                    # (default 0.01) never shares a document with training
         weight: 1.0                             # initial / static weight, > 0
 
 Relative prefixes resolve against the registry file's directory. Megatron's static
-``--data-path W1 PREFIX1 W2 PREFIX2`` form makes one domain per prefix. ``validate_registry`` reports
-every problem at once, before any model is built.
+``--data-path [W1] PREFIX1 [W2] PREFIX2 ...`` form makes one domain per prefix. Loading reports every
+structural problem of a file at once; ``validate_registry`` then reports every problem with the data
+itself (missing files, weights, splits, token ids) at once, before any model is built.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_VALID_FRACTION = 0.01
+DOCUMENT_SUFFIXES = ("_text_document", "_document")
+"""Stripped from a prefix's file name to name its domain in the ``--data-path`` form."""
+_KEYS = ("name", "train", "valid", "valid_fraction", "weight")
 
 
 class DataConfigError(ValueError):
@@ -34,16 +39,19 @@ class DataConfigError(ValueError):
 class Domain:
     name: str
     train_prefixes: tuple[str, ...]
+    """Indexed-dataset prefixes (``<prefix>.bin/.idx``) whose documents are this domain's training data."""
     valid_prefix: str | None = None
+    """A separate validation dataset; when None, ``valid_fraction`` of the training documents is held out."""
     valid_fraction: float = DEFAULT_VALID_FRACTION
     weight: float = 1.0
+    """Initial (DDK) or fixed (static mixing) sampling weight; normalized over domains."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DomainRegistry:
     domains: tuple[Domain, ...]
     source: str = "--data-path"
-    """Where the registry came from, for error messages."""
+    """Where the registry came from (flag and file), named in every error message."""
 
     @property
     def names(self) -> list[str]:
@@ -51,134 +59,195 @@ class DomainRegistry:
 
     @property
     def initial_weights(self) -> np.ndarray:
+        """Normalized weights, float64 [num_domains]."""
         weights = np.array([d.weight for d in self.domains], dtype=np.float64)
         return weights / weights.sum()
 
 
 def load_domain_registry(path: str | Path) -> DomainRegistry:
-    """Read a YAML/JSON registry; structural problems raise ``DataConfigError`` naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise DataConfigError(f"--domains {path}: no such file")
-    text = path.read_text()
+    """Read a YAML/JSON registry; structural problems raise one ``DataConfigError`` naming the file."""
+    path = Path(path).expanduser()
+    where = f"--domains {path}"
+    if not path.is_file():
+        raise DataConfigError(f"{where}: no such file; give the domain registry (YAML or JSON), see docs/DATA.md")
     try:
+        text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
             raw = json.loads(text)
         else:
             import yaml
 
             raw = yaml.safe_load(text)
-    except Exception as err:  # yaml and json raise unrelated types
-        raise DataConfigError(f"--domains {path}: cannot parse ({err})") from err
+    except Exception as err:  # json, yaml and decoding raise unrelated types
+        message = " ".join(str(err).split())
+        raise DataConfigError(f"{where}: cannot parse ({message})") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("domains"), list) or not raw["domains"]:
-        raise DataConfigError(f"--domains {path}: expected a mapping with a non-empty 'domains:' list")
-    problems, domains = [], []
+        raise DataConfigError(f"{where}: expected a mapping with a non-empty 'domains:' list, see docs/DATA.md")
+    unknown_top = sorted(set(raw) - {"domains"})
+    problems = [f"{where}: unknown top-level keys {unknown_top}; only 'domains' is read"] if unknown_top else []
+    domains = []
     for index, entry in enumerate(raw["domains"]):
-        where = f"--domains {path}: domain #{index + 1}"
-        if not isinstance(entry, dict):
-            problems.append(f"{where}: expected a mapping with name/train/weight")
-            continue
-        unknown = set(entry) - {"name", "train", "valid", "valid_fraction", "weight"}
-        if unknown:
-            problems.append(f"{where}: unknown keys {sorted(unknown)}")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            problems.append(f"{where}: missing 'name'")
-            continue
-        where = f"--domains {path}: domain {name!r}"
-        train = entry.get("train")
-        train = [train] if isinstance(train, str) else train
-        if not train or not all(isinstance(p, str) for p in train):
-            problems.append(f"{where}: 'train' must be a dataset prefix or a list of prefixes")
-            continue
-        weight = entry.get("weight", 1.0)
-        valid_fraction = entry.get("valid_fraction", DEFAULT_VALID_FRACTION)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            problems.append(f"{where}: weight {weight!r} is not a number")
-            continue
-        if not isinstance(valid_fraction, (int, float)) or isinstance(valid_fraction, bool):
-            problems.append(f"{where}: valid_fraction {valid_fraction!r} is not a number")
-            continue
-        valid = entry.get("valid")
-        domains.append(Domain(
-            name=name,
-            train_prefixes=tuple(_resolve(path.parent, p) for p in train),
-            valid_prefix=_resolve(path.parent, valid) if valid else None,
-            valid_fraction=float(valid_fraction),
-            weight=float(weight),
-        ))
+        domain, entry_problems = _parse_domain(entry, where, index, path.parent)
+        problems += entry_problems
+        if domain is not None:
+            domains.append(domain)
     if problems:
         raise DataConfigError("\n".join(problems))
-    return DomainRegistry(tuple(domains), source=f"--domains {path}")
+    return DomainRegistry(domains=tuple(domains), source=where)
 
 
-def registry_from_data_path(tokens: list[str]) -> DomainRegistry:
-    """Megatron's ``--data-path [W1] PREFIX1 [W2] PREFIX2 ...``: one domain per prefix."""
+def _parse_domain(entry, source: str, index: int, base: Path) -> tuple[Domain | None, list[str]]:
+    where = f"{source}: domain #{index + 1}"
+    if not isinstance(entry, dict):
+        return None, [f"{where}: expected a mapping with keys name, train and optionally valid, valid_fraction, weight"]
+    problems = []
+    unknown = sorted(set(entry) - set(_KEYS))
+    if unknown:
+        problems.append(f"{where}: unknown keys {unknown}; allowed: {', '.join(_KEYS)}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f"{where}: 'name' must be a non-empty string")
+    else:
+        where = f"{source}: domain {name!r}"
+    train = entry.get("train")
+    train = [train] if isinstance(train, str) else train
+    if not isinstance(train, list) or not train or not all(isinstance(p, str) and p for p in train):
+        problems.append(f"{where}: 'train' must be a dataset prefix or a non-empty list of prefixes")
+    valid = entry.get("valid")
+    if valid is not None and (not isinstance(valid, str) or not valid):
+        problems.append(f"{where}: 'valid' must be one dataset prefix")
+    if valid is not None and "valid_fraction" in entry:
+        problems.append(f"{where}: give either 'valid' or 'valid_fraction', not both")
+    weight = entry.get("weight", 1.0)
+    valid_fraction = entry.get("valid_fraction", DEFAULT_VALID_FRACTION)
+    for key, value in (("weight", weight), ("valid_fraction", valid_fraction)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.append(f"{where}: {key} {value!r} is not a number")
+    if problems:
+        return None, problems
+    return Domain(
+        name=name,
+        train_prefixes=tuple(_resolve(base, p) for p in train),
+        valid_prefix=_resolve(base, valid) if valid else None,
+        valid_fraction=float(valid_fraction),
+        weight=float(weight),
+    ), []
+
+
+def registry_from_data_path(tokens: list[str] | tuple[str, ...]) -> DomainRegistry:
+    """Megatron's ``--data-path [W1] PREFIX1 [W2] PREFIX2 ...``: one domain per prefix.
+
+    A domain is named after its prefix's file name without ``_text_document``; two prefixes with the same
+    name are an error (rename the files or write a registry).
+    """
+    tokens = [str(t) for t in tokens]
     if not tokens:
         raise DataConfigError("--data-path is empty: give [W1] PREFIX1 [W2 PREFIX2 ...]")
     weighted = _is_number(tokens[0])
     if weighted and len(tokens) % 2:
-        raise DataConfigError(f"--data-path {' '.join(tokens)}: weights and prefixes must alternate (W1 P1 W2 P2 ...)")
-    pairs = ([(float(tokens[i]), tokens[i + 1]) for i in range(0, len(tokens), 2)] if weighted
-             else [(1.0, t) for t in tokens])
-    problems = [f"--data-path: {p!r} where a weight was expected" for w, p in pairs if weighted and _is_number(p)]
+        raise DataConfigError(f"--data-path {' '.join(tokens)}: weights and prefixes must alternate "
+                              "(W1 P1 W2 P2 ...)")
+    if weighted:
+        pairs = [(tokens[i], tokens[i + 1]) for i in range(0, len(tokens), 2)]
+    else:
+        pairs = [("1.0", t) for t in tokens]
+    problems = []
+    for weight, prefix in pairs:
+        if not _is_number(weight):
+            problems.append(f"--data-path: {weight!r} where a weight was expected; either give a weight before "
+                            "every prefix or none at all")
+        if _is_number(prefix):
+            problems.append(f"--data-path: {prefix!r} where a dataset prefix was expected")
+    names: dict[str, list[str]] = {}
+    for _, prefix in pairs:
+        names.setdefault(domain_name_for_prefix(prefix), []).append(prefix)
+    for name, prefixes in names.items():
+        if len(prefixes) > 1:
+            problems.append(f"--data-path: prefixes {', '.join(prefixes)} would all be domain {name!r}; rename the "
+                            "files or describe the domains in a --domains registry")
     if problems:
         raise DataConfigError("\n".join(problems))
-    domains = []
-    for weight, prefix in pairs:
-        name = Path(prefix).name
-        for suffix in ("_text_document", "_document"):
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        domains.append(Domain(name=name, train_prefixes=(prefix,), weight=weight))
-    return DomainRegistry(tuple(domains), source="--data-path")
+    domains = tuple(Domain(name=domain_name_for_prefix(p), train_prefixes=(str(Path(p).expanduser()),),
+                           weight=float(w)) for w, p in pairs)
+    return DomainRegistry(domains=domains, source="--data-path")
+
+
+def domain_name_for_prefix(prefix: str) -> str:
+    name = Path(prefix).name
+    for suffix in DOCUMENT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def validate_registry(registry: DomainRegistry, *, vocab_size: int) -> None:
-    """Check files, weights, names, splits and token ids; raise once with every problem found."""
-    problems = []
+    """Check names, weights, splits, files and token ids; raise ``DataConfigError`` once with every problem."""
     where = registry.source
+    problems = []
     if not registry.domains:
-        problems.append(f"{where}: no domains")
-    seen = set()
+        problems.append(f"{where}: no domains; list at least one")
+    seen: set[str] = set()
+    checked: dict[str, str | None] = {}  # prefix -> its problem (a prefix may serve several domains)
     for domain in registry.domains:
+        at = f"{where}: domain {domain.name!r}"
         if domain.name in seen:
             problems.append(f"{where}: duplicate domain name {domain.name!r}; names must be unique")
         seen.add(domain.name)
         if not math.isfinite(domain.weight) or domain.weight <= 0:
-            problems.append(f"{where}: domain {domain.name!r} has weight {domain.weight}; weights must be > 0")
+            problems.append(f"{at}: weight {domain.weight} must be a finite number > 0")
         if domain.valid_prefix is None and not 0 < domain.valid_fraction < 1:
-            problems.append(f"{where}: domain {domain.name!r} has valid_fraction {domain.valid_fraction}; "
-                            "it must be in (0, 1), or give a 'valid' prefix")
-        prefixes = list(domain.train_prefixes) + ([domain.valid_prefix] if domain.valid_prefix else [])
+            problems.append(f"{at}: valid_fraction {domain.valid_fraction} must be in (0, 1), or give a 'valid' "
+                            "prefix")
+        if domain.valid_prefix is not None and domain.valid_prefix in domain.train_prefixes:
+            problems.append(f"{at}: valid prefix {domain.valid_prefix} is also a training prefix; validation "
+                            "data must be held out (drop 'valid' to split off valid_fraction instead)")
+        prefixes = list(dict.fromkeys(domain.train_prefixes + ((domain.valid_prefix,) if domain.valid_prefix else ())))
         for prefix in prefixes:
-            missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").exists()]
-            if missing:
-                problems.append(f"{where}: domain {domain.name!r}: missing {' and '.join(missing)}; "
-                                "create it with tools/preprocess_data.py")
-                continue
-            max_id = max_token_id(prefix)
-            if max_id >= vocab_size:
-                problems.append(f"{where}: domain {domain.name!r}: {prefix} holds token id {max_id} but the tokenizer "
-                                f"has {vocab_size} tokens; it was preprocessed with another tokenizer")
+            if prefix not in checked:
+                checked[prefix] = _check_dataset(prefix, vocab_size)
+            if checked[prefix]:
+                problems.append(f"{at}: {checked[prefix]}")
     if problems:
         raise DataConfigError("\n".join(problems))
 
 
-def max_token_id(prefix: str, chunk: int = 1 << 24) -> int:
-    """Largest token id in an indexed dataset, read in chunks from the memory-mapped .bin."""
+def _check_dataset(prefix: str, vocab_size: int) -> str | None:
+    missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
+    if missing:
+        return f"missing {' and '.join(missing)}; create it with tools/preprocess_data.py"
+    try:
+        num_documents, max_id = dataset_summary(prefix)
+    except Exception as err:  # a truncated or foreign file fails deep inside numpy/megatron
+        return f"cannot read {prefix}.bin/.idx ({type(err).__name__}: {err}); re-run tools/preprocess_data.py"
+    if num_documents == 0:
+        return f"{prefix} holds no documents; re-run tools/preprocess_data.py on non-empty input"
+    if max_id >= vocab_size:
+        return (f"{prefix} holds token id {max_id} but the tokenizer has {vocab_size} tokens; it was "
+                "preprocessed with another tokenizer (check --tokenizer-model)")
+    return None
+
+
+def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24) -> tuple[int, int]:
+    """(number of sequences, largest token id or -1) of an indexed dataset; reads the .bin in chunks."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix, mmap=True)
-    tokens = np.memmap(f"{prefix}.bin", dtype=dataset.index.dtype, mode="r")
-    if tokens.size == 0:
-        return -1
-    return int(max(tokens[i: i + chunk].max() for i in range(0, tokens.size, chunk)))
+    dtype = np.dtype(dataset.index.dtype)
+    expected = int(dataset.index.sequence_lengths.sum(dtype=np.int64))
+    size = os.path.getsize(f"{prefix}.bin")
+    if size != expected * dtype.itemsize:
+        raise ValueError(f"{prefix}.bin has {size} bytes but its .idx describes {expected} {dtype.name} tokens")
+    if expected == 0:
+        return len(dataset), -1
+    tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
+    max_id = -1
+    for start in range(0, tokens.size, chunk_tokens):
+        max_id = max(max_id, int(tokens[start: start + chunk_tokens].max()))
+    return len(dataset), max_id
 
 
 def _resolve(base: Path, prefix: str) -> str:
-    path = Path(prefix)
+    path = Path(prefix).expanduser()
     return str(path if path.is_absolute() else base / path)
 
 

@@ -97,8 +97,8 @@ def _tempered_log_probs(student: torch.Tensor, teacher: torch.Tensor, temperatur
 
 def _local_log_softmax(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """Fused fp32 log-softmax of one [n, v] chunk (no TP): reads bf16/fp32 logits directly at T = 1."""
-    if temperature != 1.0:
-        x = x.to(torch.float32, copy=True).div_(temperature)
+    if temperature != 1.0:  # z / T in fp32: one pass from fp32 logits, an upcast and a pass from bf16
+        x = x / temperature if x.dtype == torch.float32 else x.float().div_(temperature)
     return torch.log_softmax(x, dim=-1, dtype=torch.float32)
 
 
@@ -186,7 +186,9 @@ class _ChunkedKDLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return (None,) * 9
-        factor = grad_output.reshape(-1, 1).float() * ctx.scale  # [tokens, 1] fp32: one rounding into grad
+        # [tokens, 1] in the gradient's dtype: a mixed-dtype in-place product would make CPU kernels
+        # allocate [tokens, v_local] fp32 temporaries
+        factor = (grad_output.reshape(-1, 1).float() * ctx.scale).to(grad.dtype)
         grad.mul_(factor)  # [tokens, v_local], in place: autograd gets this very buffer, no second copy
         return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
 

@@ -84,6 +84,7 @@ class Trainer:
 
         self.ps = parallel_state
         self.writer = self._tensorboard()
+        self._install_signal_handler()
         self._build_model()
         self._build_optimizer()
         self._build_data()
@@ -303,13 +304,15 @@ class Trainer:
                 window_start, window_iters = time.time(), 0
             if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
                 self._validate()
-            exiting = bool(t.exit_interval and self.iteration % t.exit_interval == 0)
+            signalled = self._signal_received()
+            exiting = bool(t.exit_interval and self.iteration % t.exit_interval == 0) or signalled
             periodic = bool(cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
             if cfg.checkpoint.save and (periodic or exiting):
                 self.save()
                 last_saved = self.iteration
             if exiting and self.iteration < t.train_iters:
-                report.print_rank_0(f"exiting program at iteration {self.iteration} (--exit-interval {t.exit_interval})")
+                why = "SIGTERM received" if signalled else f"--exit-interval {t.exit_interval}"
+                report.print_rank_0(f"exiting program at iteration {self.iteration} ({why})")
                 return None
         if cfg.checkpoint.save and last_saved != self.iteration:
             self.save()
@@ -317,6 +320,26 @@ class Trainer:
         self.controller.finish(final)
         report.print_rank_0(report.result_table(self.controller, final))
         return final
+
+    def _install_signal_handler(self) -> None:
+        import signal
+
+        self._signalled = False
+        if self.cfg.training.exit_signal_handler:
+            def handler(signum, frame):
+                self._signalled = True
+            signal.signal(signal.SIGTERM, handler)
+
+    def _signal_received(self) -> bool:
+        """True on every rank as soon as any rank got SIGTERM (they must stop at the same iteration)."""
+        if not self.cfg.training.exit_signal_handler:
+            return False
+        flag = torch.tensor([1.0 if self._signalled else 0.0])
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     # ============================================================================== logging
     def _report_layout(self) -> dict[str, int]:
