@@ -52,7 +52,11 @@ def run_mode(mode: str, args) -> dict:
         gpt.transformer_engine_available.cache_clear()
         gpt.transformer_engine_available = lambda: False  # force the local spec for this process
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

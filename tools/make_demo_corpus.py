@@ -3,14 +3,20 @@
 Domains (deliberately unlike each other, so a small model's per-domain perplexities differ):
 
 - ``python_code``: function- and class-sized pieces of the standard library's own sources;
-- ``prose``: the English reference documentation bundled with CPython (``pydoc_data.topics``);
-- ``arithmetic``: synthetic worked sums and products ("417 * 23 = 9591");
+- ``prose``: English paragraphs of CPython's bundled reference documentation (``pydoc_data.topics``),
+  then of the standard library's docstrings;
+- ``arithmetic``: synthetic sums, differences and products ("417 * 23 = 9591");
 - ``records``: synthetic JSON records (people, orders, sensor readings).
 
-Also writes ``domains.yaml`` (the registry pretrain_ddk.py reads) pointing at the
-``<domain>_text_document`` datasets tools/preprocess_data.py will create in the same directory.
+No download; the same seed on the same Python version gives the same files. Also writes
+``domains.yaml`` (the registry pretrain_ddk.py reads) pointing at the ``<domain>_text_document``
+datasets tools/preprocess_data.py creates in the same directory:
 
     python tools/make_demo_corpus.py --output-dir data/demo --size-mb 3
+    for d in python_code prose arithmetic records; do
+      python tools/preprocess_data.py --input data/demo/$d.jsonl --output-prefix data/demo/$d \\
+          --tokenizer-type SentencePieceTokenizer --tokenizer-model data/demo/tok.model --append-eod
+    done
 """
 
 from __future__ import annotations
@@ -23,30 +29,38 @@ import random
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import _bootstrap  # noqa: F401
 
 DOMAINS = ("python_code", "prose", "arithmetic", "records")
 
 
-def python_code(rng: random.Random) -> Iterator[str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py"))
+def _stdlib_modules(rng: random.Random) -> Iterator[tuple[str, ast.Module]]:
+    """(source, syntax tree) of the top-level standard-library modules, in a seeded order."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     rng.shuffle(files)
     for path in files:
         try:
             source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, OSError):
+            yield source, ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, OSError, ValueError):
             continue
+
+
+def python_code(rng: random.Random) -> Iterator[str]:
+    for source, tree in _stdlib_modules(rng):
         lines = source.splitlines()
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.end_lineno:
-                piece = "\n".join(lines[node.lineno - 1: node.end_lineno])
+                start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                piece = "\n".join(lines[start - 1: node.end_lineno])
                 if 80 <= len(piece) <= 6000:
                     yield piece
+
+
+def _is_running_english(paragraph: str) -> bool:
+    """Long enough and mostly letters and spaces: not a code listing, table or signature."""
+    return len(paragraph) >= 120 and sum(c.isalpha() or c == " " for c in paragraph) / len(paragraph) > 0.8
 
 
 def prose(rng: random.Random) -> Iterator[str]:
@@ -57,9 +71,17 @@ def prose(rng: random.Random) -> Iterator[str]:
     for text in texts:
         for paragraph in text.split("\n\n"):
             paragraph = " ".join(paragraph.split())
-            # keep running English, not code listings or tables
-            if len(paragraph) >= 120 and sum(c.isalpha() or c == " " for c in paragraph) / len(paragraph) > 0.8:
+            if _is_running_english(paragraph):
                 yield paragraph
+    for _, tree in _stdlib_modules(rng):
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                continue
+            docstring = ast.get_docstring(node) or ""
+            paragraphs = [" ".join(p.split()) for p in docstring.split("\n\n")]
+            text = "\n\n".join(p for p in paragraphs if _is_running_english(p))
+            if text:
+                yield text
 
 
 def arithmetic(rng: random.Random) -> Iterator[str]:
@@ -93,34 +115,49 @@ def records(rng: random.Random) -> Iterator[str]:
         yield "\n".join(rows)
 
 
-GENERATORS = {"python_code": python_code, "prose": prose, "arithmetic": arithmetic, "records": records}
+GENERATORS: dict[str, Callable[[random.Random], Iterator[str]]] = {
+    "python_code": python_code, "prose": prose, "arithmetic": arithmetic, "records": records}
 
 
 def write_domain(path: Path, documents: Iterator[str], budget_bytes: int) -> tuple[int, int]:
-    """Write documents until ``budget_bytes`` (or the source runs out); atomic via a temp file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``{"text": ...}`` lines until ``budget_bytes`` (or the source runs out); atomic via a temp file."""
+    tmp = path.with_name(f".{path.name}.tmp")
     count = size = 0
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for text in documents:
-            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-            handle.write(line)
-            count += 1
-            size += len(line.encode("utf-8"))
-            if size >= budget_bytes:
-                break
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for text in documents:
+                if size >= budget_bytes:
+                    break
+                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                handle.write(line)
+                count += 1
+                size += len(line.encode("utf-8"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return count, size
+
+
+def registry_yaml(names: tuple[str, ...], valid_fraction: float) -> str:
+    lines = ["# Written by tools/make_demo_corpus.py; the datasets come from tools/preprocess_data.py.",
+             "# Format: docs/DATA.md. Relative prefixes resolve against this file's directory.", "domains:"]
+    for name in names:
+        lines += [f"  - name: {name}", f"    train: {name}_text_document",
+                  f"    valid_fraction: {valid_fraction}", "    weight: 1.0"]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--size-mb", type=float, default=3.0, help="total size, split evenly over the domains")
+    parser.add_argument("--size-mb", type=float, default=3.0, help="total size (1 MB = 1e6 bytes), split evenly")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--valid-fraction", type=float, default=0.05)
+    parser.add_argument("--valid-fraction", type=float, default=0.05, help="written into domains.yaml")
     args = parser.parse_args(argv)
     if args.size_mb <= 0:
         parser.error(f"--size-mb must be > 0, got {args.size_mb}")
+    if not 0 < args.valid_fraction < 1:
+        parser.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -130,14 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         rng = random.Random(args.seed * 1000 + index)
         count, size = write_domain(out / f"{name}.jsonl", GENERATORS[name](rng), budget)
         summary.append(f"{name}={count} docs/{size / 1e6:.2f} MB")
-    registry = ["# Written by tools/make_demo_corpus.py; datasets come from tools/preprocess_data.py.", "domains:"]
-    for name in DOMAINS:
-        registry += [f"  - name: {name}", f"    train: {name}_text_document",
-                     f"    valid_fraction: {args.valid_fraction}", "    weight: 1.0"]
-    tmp = out / "domains.yaml.tmp"
-    tmp.write_text("\n".join(registry) + "\n")
+    tmp = out / ".domains.yaml.tmp"
+    tmp.write_text(registry_yaml(DOMAINS, args.valid_fraction), encoding="utf-8")
     os.replace(tmp, out / "domains.yaml")
-    print(f"demo corpus in {out}: {', '.join(summary)} ({time.time() - start:.1f}s)")
+    print(f"demo corpus in {out}: {', '.join(summary)}; registry {out / 'domains.yaml'} ({time.time() - start:.1f}s)")
     return 0
 
 

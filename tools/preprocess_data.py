@@ -27,10 +27,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python tools/preprocess_data.py`: make megatron_ddk importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # run as `python tools/preprocess_data.py`: make megatron_ddk importable
+    sys.path.insert(0, _ROOT)
 
 BAD_KINDS = ("malformed JSON", "missing key", "not a string", "empty document")
 ON_BAD_LINES = ("fail", "skip")
@@ -105,7 +106,10 @@ def expand_inputs(patterns: list[str]) -> list[str]:
         pattern = str(pattern)
         matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))
         matches = [m for m in matches if os.path.isfile(m)]
-        (files.extend(matches) if matches else missing.append(pattern))
+        if matches:
+            files.extend(matches)
+        else:
+            missing.append(pattern)
     if missing:
         raise PreprocessError(f"--input: no such file(s): {', '.join(missing)}")
     return files

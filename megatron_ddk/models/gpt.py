@@ -51,6 +51,13 @@ def check_fp8_supported(precision: PrecisionConfig) -> None:
         )
 
 
+def check_sequence_parallel_supported(parallel: ParallelConfig) -> None:
+    """megatron-core's torch norm (local spec) refuses sequence parallelism deep inside the model."""
+    if parallel.sequence_parallel and not (transformer_engine_available() and torch.cuda.is_available()):
+        raise RuntimeError("--sequence-parallel needs Transformer Engine's norms (GPU with the [gpu] extra); "
+                           "drop --sequence-parallel here")
+
+
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                              *, use_fp8: bool = True, initialize_weights: bool = True):
     """megatron-core ``TransformerConfig`` for ``model`` under the run's parallelism and precision."""

@@ -16,7 +16,7 @@ import contextlib
 import importlib
 import operator
 from collections.abc import Callable, Iterator
-from functools import lru_cache, reduce
+from functools import cache, reduce
 
 import torch
 
@@ -176,7 +176,7 @@ def patch_causal_mask() -> None:
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as tutils
 
-    @lru_cache(maxsize=None)
+    @cache
     def get_default_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, device="cpu"), diagonal=1).bool()
 

@@ -46,7 +46,12 @@ from megatron_ddk.data.tokenizer import tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.ddk.evaluation import DomainEvaluation, evaluate_domains
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
-from megatron_ddk.models.gpt import build_gpt_model, check_fp8_supported, padded_vocab_size
+from megatron_ddk.models.gpt import (
+    build_gpt_model,
+    check_fp8_supported,
+    check_sequence_parallel_supported,
+    padded_vocab_size,
+)
 from megatron_ddk.platform import distributed
 from megatron_ddk.training import report
 from megatron_ddk.training.metrics import mean, reduce_reports
@@ -75,6 +80,7 @@ class Trainer:
                          else registry_from_data_path(list(cfg.data.data_path)))
         validate_registry(self.registry, vocab_size=tokenizer.vocab_size)
         check_fp8_supported(cfg.precision)
+        check_sequence_parallel_supported(cfg.parallel)
         self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher else None
         self.resume_dir = self._check_resume()
 
@@ -151,7 +157,11 @@ class Trainer:
 
     # ============================================================================== building
     def _build_model(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
 
         cfg, ps = self.cfg, self.ps
         pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
-from megatron_ddk.models.gpt import build_transformer_config, check_fp8_supported, padded_vocab_size
+from megatron_ddk.models.gpt import (
+    build_transformer_config,
+    check_fp8_supported,
+    check_sequence_parallel_supported,
+    padded_vocab_size,
+)
 
 
 def test_padded_vocab_size_follows_megatron():
@@ -22,6 +27,8 @@ def test_fp8_without_transformer_engine_is_an_error():
     with pytest.raises(RuntimeError, match="--fp8-format hybrid needs Transformer Engine"):
         check_fp8_supported(PrecisionConfig(bf16=True, fp8_format="hybrid"))
     check_fp8_supported(PrecisionConfig(bf16=True))  # no FP8 asked: fine
+    with pytest.raises(RuntimeError, match="--sequence-parallel needs Transformer Engine"):
+        check_sequence_parallel_supported(ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
 
 
 def test_transformer_config_maps_architecture_and_precision():
