@@ -137,17 +137,23 @@ def save_checkpoint(root: str | os.PathLike, metadata: CheckpointMetadata, shard
     _barrier()
     if rank0:
         _write_json_atomic(staging / METADATA_FILENAME, metadata.to_json())
-        if final.exists():  # re-saving an iteration (e.g. after a resume): replace the old copy
-            retired = final.with_name(final.name + ".old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(final, retired)
-            os.replace(staging, final)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, final)
+        publish_directory(staging, final)  # re-saving an iteration (after a resume) replaces it
         _write_text_atomic(root / TRACKER_FILENAME, f"{metadata.iteration}\n")
     _barrier()
     return final
+
+
+def publish_directory(staging: Path, final: Path) -> None:
+    """Move a finished directory into place; an existing ``final`` is removed only after the swap."""
+    if final.exists():
+        retired = final.with_name(final.name + ".replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(final, retired)
+        os.replace(staging, final)
+        shutil.rmtree(retired)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
 
 
 def load_sharded(path: Path, sharded_state_dict: dict) -> dict:

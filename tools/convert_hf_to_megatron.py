@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
+from megatron_ddk.checkpointing import publish_directory
 from megatron_ddk.models.hf_mapping import HFConversionError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -175,14 +175,7 @@ def _publish(staging: Path, save: Path, overwrite: bool) -> None:
     """Move the finished checkpoint root into place; an old --save is removed only after the swap."""
     if save.exists():
         check_save_dir(save, overwrite)
-        retired = save.with_name(save.name + ".replaced")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(save, retired)
-        os.replace(staging, save)
-        shutil.rmtree(retired)
-    else:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, save)
+    publish_directory(staging, save)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
-from megatron_ddk.checkpointing import CheckpointError
+from megatron_ddk.checkpointing import CheckpointError, publish_directory
 from megatron_ddk.models.hf_mapping import (
     MODEL_TYPES,
     SAFETENSORS_FILE,
@@ -220,13 +219,7 @@ def _stored_dtype(resolved: Path) -> torch.dtype:
 def _publish(staging: Path, output: Path, overwrite: bool) -> None:
     if output.exists():
         check_output_dir(output, overwrite)
-        retired = output.with_name(output.name + ".replaced")
-        shutil.rmtree(retired, ignore_errors=True)
-        os.replace(output, retired)
-        os.replace(staging, output)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, output)
+    publish_directory(staging, output)
 
 
 def _tokenizer_size(tokenizer_dir: Path) -> int | None:

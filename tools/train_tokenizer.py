@@ -2,7 +2,7 @@
 
     python tools/train_tokenizer.py --input 'data/*.jsonl' --output-prefix data/tok --vocab-size 32000
 
-Writes ``<prefix>.model`` and ``<prefix>.vocab`` (trained under a temporary name, then renamed). Ids:
+Writes ``<prefix>.model`` and ``<prefix>.vocab`` (each to a temporary name, then renamed). Ids:
 0 <unk>, 1 <s>, 2 </s> (the end-of-document token preprocessing appends), 3 <pad>. The model is
 lossless for code and data: no Unicode normalization, whitespace kept, byte fallback for unseen
 characters, digits split one by one. Documents stream into SentencePiece (no text copy on disk),
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -120,32 +120,42 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     stats = ReadStats()
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as staging:
-        prefix = os.path.join(staging, "tok")
-        try:
-            _train(sentencepiece, iter_texts(files, args.json_key, args.max_sentences, args.seed, stats), args, prefix)
-        except RuntimeError as err:  # sentencepiece reports bad settings and too-small corpora as RuntimeError
-            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            print(f"train_tokenizer.py: error: {reason}", file=sys.stderr)
-            return 2
-        if stats.documents == 0:
-            print(f"train_tokenizer.py: error: no text under --json-key {args.json_key!r} in {', '.join(files)}",
-                  file=sys.stderr)
-            return 2
-        for ext in (".model", ".vocab"):
-            os.replace(prefix + ext, f"{output}{ext}")
-    size = sentencepiece.SentencePieceProcessor(model_file=f"{output}.model").get_piece_size()
+    try:
+        model = _train(sentencepiece, iter_texts(files, args.json_key, args.max_sentences, args.seed, stats), args)
+    except RuntimeError as err:  # sentencepiece reports bad settings and too-small corpora as RuntimeError
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        print(f"train_tokenizer.py: error: {reason}", file=sys.stderr)
+        return 2
+    if stats.documents == 0:
+        print(f"train_tokenizer.py: error: no text under --json-key {args.json_key!r} in {', '.join(files)}",
+              file=sys.stderr)
+        return 2
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(len(processor)))
+    _write_atomic(Path(f"{output}.model"), model)
+    _write_atomic(Path(f"{output}.vocab"), vocab.encode("utf-8"))
     skipped = f", {stats.skipped} lines without text skipped" if stats.skipped else ""
-    print(f"tokenizer {output}.model: vocab_size={size}, {args.model_type}, {stats.documents} documents from "
-          f"{len(files)} file(s){skipped}, {time.time() - start:.1f}s")
+    print(f"tokenizer {output}.model: vocab_size={len(processor)}, {args.model_type}, {stats.documents} documents "
+          f"from {len(files)} file(s){skipped}, {time.time() - start:.1f}s")
     return 0
 
 
-def _train(sentencepiece, texts: Iterator[str], args: argparse.Namespace, prefix: str) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _train(sentencepiece, texts: Iterator[str], args: argparse.Namespace) -> bytes:
+    """The serialized model; trained in memory, so the bytes hold no temporary path and are reproducible."""
+    model = io.BytesIO()
     sentencepiece.set_random_generator_seed(args.seed)
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=texts,
-        model_prefix=prefix,
+        model_writer=model,
         vocab_size=args.vocab_size,
         model_type=args.model_type,
         character_coverage=args.character_coverage,
@@ -159,6 +169,7 @@ def _train(sentencepiece, texts: Iterator[str], args: argparse.Namespace, prefix
         **SPECIAL_IDS,
         minloglevel=2,
     )
+    return model.getvalue()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ A registry file (YAML, or JSON by its ``.json`` extension) names the domains DDK
         valid_fraction: 0.02                    # (default 0.01) never shares a document with training
         weight: 1.0                             # initial / static weight, > 0
 
-Relative prefixes resolve against the registry file's directory. Megatron's static
+Relative prefixes resolve against the registry file's directory (stored absolute). Megatron's static
 ``--data-path [W1] PREFIX1 [W2] PREFIX2 ...`` form makes one domain per prefix. Loading reports every
 structural problem of a file at once; ``validate_registry`` then reports every problem with the data
 itself (missing files, weights, splits, token ids) at once, before any model is built.
@@ -87,7 +87,7 @@ def load_domain_registry(path: str | Path) -> DomainRegistry:
     problems = [f"{where}: unknown top-level keys {unknown_top}; only 'domains' is read"] if unknown_top else []
     domains = []
     for index, entry in enumerate(raw["domains"]):
-        domain, entry_problems = _parse_domain(entry, where, index, path.parent)
+        domain, entry_problems = _parse_domain(entry, where, index, path.resolve().parent)
         problems += entry_problems
         if domain is not None:
             domains.append(domain)
