@@ -13,6 +13,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     from megatron_ddk.arguments import ArgumentError, parse_run_config
     from megatron_ddk.checkpointing import CheckpointError
+    from megatron_ddk.config import SetupError
     from megatron_ddk.data.domains import DataConfigError
     from megatron_ddk.data.tokenizer import build_tokenizer
 
@@ -23,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_ddk.training.trainer import Trainer
 
         trainer = Trainer(cfg, tokenizer)
-    except (ArgumentError, CheckpointError, DataConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
+    except (ArgumentError, CheckpointError, DataConfigError, SetupError, FileNotFoundError, ValueError) as err:
+        if os.environ.get("MEGATRON_DDK_TRACEBACK"):
+            raise
         if int(os.environ.get("RANK", "0")) == 0:
             message = str(err).replace("\n", "\n  ")
             print(f"pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)

@@ -15,6 +15,7 @@ gradient counts towards the peak of both.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -70,10 +71,20 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _load_kd_loss():
+    """The module from its file: it needs only torch, so the benchmark also runs where megatron-core
+    (which the package's __init__ requires) is not installed, e.g. a bare GPU box."""
+    path = REPO / "megatron_ddk" / "distill" / "kd_loss.py"
+    spec = importlib.util.spec_from_file_location("kd_loss_under_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_child(args: argparse.Namespace) -> dict:
     """One implementation, measured in this (fresh) process."""
-    sys.path.insert(0, str(REPO))
-    from megatron_ddk.distill.kd_loss import reference_kd_loss, vocab_parallel_kd_loss
+    kd_loss = _load_kd_loss()
+    reference_kd_loss, vocab_parallel_kd_loss = kd_loss.reference_kd_loss, kd_loss.vocab_parallel_kd_loss
 
     device = torch.device(args.child_device)
     cuda = device.type == "cuda"

@@ -16,6 +16,12 @@ KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
+
+
+class SetupError(RuntimeError):
+    """The run asks for something this machine or installation cannot do (e.g. FP8 without TE)."""
+
+
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
 

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ if _ROOT not in sys.path:  # run as `python tools/preprocess_data.py`: make mega
 BAD_KINDS = ("malformed JSON", "missing key", "not a string", "empty document")
 ON_BAD_LINES = ("fail", "skip")
 SHOWN_LINE_NUMBERS = 5
-_worker: dict = {}  # per-process tokenizer and settings, set once by _init_worker
+_worker: dict = {}  # per-process encoder and settings, set once by _init_worker
 
 
 class PreprocessError(RuntimeError):
@@ -61,17 +61,32 @@ class Stats:
         return "; ".join(f"{self.bad[k]} {k} (e.g. {', '.join(self.first_bad[k])})" for k in BAD_KINDS if self.bad[k])
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: str, keys: list[str], append_eod: bool) -> None:
-    from megatron_ddk.data.tokenizer import build_tokenizer
+def _init_worker(tokenizer_type: str, tokenizer_file: str, eod: int, keys: list[str], append_eod: bool) -> None:
+    _worker.update(encode=raw_encoder(tokenizer_type, tokenizer_file), eod=eod, keys=keys, append_eod=append_eod)
 
-    _worker.update(tokenizer=build_tokenizer(tokenizer_type, tokenizer_model), keys=keys, append_eod=append_eod)
+
+def raw_encoder(tokenizer_type: str, tokenizer_file: str) -> Callable[[str], list[int]]:
+    """Text -> ids with the tokenizer library alone, the same calls ``megatron_ddk.data.tokenizer`` makes.
+
+    Workers skip importing torch and megatron-core this way (about 350 MB and seconds each); the main
+    process has already checked the tokenizer and resolved its end-of-document id.
+    """
+    if tokenizer_type == "SentencePieceTokenizer":
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=tokenizer_file).encode
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(tokenizer_file)
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return lambda text: tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def _encode(line: bytes) -> tuple[list[np.ndarray] | None, str | None, int]:
     """(token arrays per key, or None; problem kind, "blank" or None; bytes consumed) for one line."""
     if not line.strip():
         return None, "blank", len(line)
-    tokenizer = _worker["tokenizer"]
     try:
         record = json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
@@ -84,11 +99,11 @@ def _encode(line: bytes) -> tuple[list[np.ndarray] | None, str | None, int]:
             return None, "missing key", len(line)
         if not isinstance(record[key], str):
             return None, "not a string", len(line)
-        ids = tokenizer.tokenize(record[key])
+        ids = _worker["encode"](record[key])
         if len(ids) == 0:
             return None, "empty document", len(line)
         if _worker["append_eod"]:
-            ids = [*ids, tokenizer.eod]
+            ids = [*ids, _worker["eod"]]
         arrays.append(np.asarray(ids, dtype=np.int64))
     return arrays, None, len(line)
 
@@ -157,7 +172,7 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_type: str, to
         from tqdm import tqdm
 
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr)
-    init_args = (tokenizer_type, str(tokenizer_model), json_keys, append_eod)
+    init_args = (tokenizer.type_name, str(tokenizer.source), tokenizer.eod, json_keys, append_eod)
     pool = None
     start, done_bytes = time.time(), 0
     try:

@@ -101,14 +101,14 @@ def _parse_domain(entry, source: str, index: int, base: Path) -> tuple[Domain | 
     if not isinstance(entry, dict):
         return None, [f"{where}: expected a mapping with keys name, train and optionally valid, valid_fraction, weight"]
     problems = []
-    unknown = sorted(set(entry) - set(_KEYS))
-    if unknown:
-        problems.append(f"{where}: unknown keys {unknown}; allowed: {', '.join(_KEYS)}")
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
         problems.append(f"{where}: 'name' must be a non-empty string")
     else:
         where = f"{source}: domain {name!r}"
+    unknown = sorted(set(entry) - set(_KEYS))
+    if unknown:
+        problems.append(f"{where}: unknown keys {unknown}; allowed: {', '.join(_KEYS)}")
     train = entry.get("train")
     train = [train] if isinstance(train, str) else train
     if not isinstance(train, list) or not train or not all(isinstance(p, str) and p for p in train):
@@ -215,6 +215,8 @@ def _check_dataset(prefix: str, vocab_size: int) -> str | None:
     missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
     if missing:
         return f"missing {' and '.join(missing)}; create it with tools/preprocess_data.py"
+    if os.path.getsize(f"{prefix}.bin") == 0:  # megatron-core cannot memory-map an empty file
+        return f"{prefix} holds no documents; re-run tools/preprocess_data.py on non-empty input"
     try:
         num_documents, max_id = dataset_summary(prefix)
     except Exception as err:  # a truncated or foreign file fails deep inside numpy/megatron
@@ -247,8 +249,7 @@ def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24) -> tuple[int, int]
 
 
 def _resolve(base: Path, prefix: str) -> str:
-    path = Path(prefix).expanduser()
-    return str(path if path.is_absolute() else base / path)
+    return os.path.normpath(base / Path(prefix).expanduser())  # base is absolute; an absolute prefix wins
 
 
 def _is_number(text: str) -> bool:

@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, SetupError
 
 
 @functools.cache
@@ -37,15 +37,15 @@ def check_fp8_supported(precision: PrecisionConfig) -> None:
     if precision.fp8_format is None:
         return
     if not transformer_engine_available():
-        raise RuntimeError(
+        raise SetupError(
             f"--fp8-format {precision.fp8_format} needs Transformer Engine, which is not importable here; "
             "install the project's [gpu] extra (or use the Docker image) or drop --fp8-format"
         )
     if not torch.cuda.is_available():
-        raise RuntimeError(f"--fp8-format {precision.fp8_format} needs a CUDA GPU; drop --fp8-format on CPU")
+        raise SetupError(f"--fp8-format {precision.fp8_format} needs a CUDA GPU; drop --fp8-format on CPU")
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < (8, 9):
-        raise RuntimeError(
+        raise SetupError(
             f"--fp8-format {precision.fp8_format} needs an FP8-capable GPU (compute capability >= 8.9, e.g. "
             f"H100); this GPU has {major}.{minor}: drop --fp8-format"
         )
@@ -54,7 +54,7 @@ def check_fp8_supported(precision: PrecisionConfig) -> None:
 def check_sequence_parallel_supported(parallel: ParallelConfig) -> None:
     """megatron-core's torch norm (local spec) refuses sequence parallelism deep inside the model."""
     if parallel.sequence_parallel and not (transformer_engine_available() and torch.cuda.is_available()):
-        raise RuntimeError("--sequence-parallel needs Transformer Engine's norms (GPU with the [gpu] extra); "
+        raise SetupError("--sequence-parallel needs Transformer Engine's norms (GPU with the [gpu] extra); "
                            "drop --sequence-parallel here")
 
 

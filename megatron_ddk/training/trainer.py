@@ -65,6 +65,12 @@ from megatron_ddk.training.step import (
     forward_step,
 )
 
+# The distributed optimizer's state in a layout-independent form, so checkpoints reshard to any
+# TP/PP/DP. Its gather to DP rank 0 calls Tensor.cuda(), so CPU runs (tests) use the DP-resharding
+# format instead; non-distributed optimizers ignore this.
+OPTIMIZER_CKPT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable" if torch.cuda.is_available() else "dp_reshardable"}
+
 
 class Trainer:
     def __init__(self, cfg: RunConfig, tokenizer):
@@ -435,7 +441,7 @@ class Trainer:
         model_sd = self.student.sharded_state_dict()
         state = {
             "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd),
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_CKPT_METADATA),
             "rng_state": self._rng_object(rng_state()),
             "iteration": self.iteration,
             "consumed_samples": self.iteration * cfg.training.global_batch_size,
@@ -466,7 +472,9 @@ class Trainer:
         request = {"model": model_sd}
         load_optim = meta.has_optimizer and not cfg.checkpoint.no_load_optim
         if load_optim:
-            request["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True)
+            self._materialize_optimizer_state()
+            request["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                     metadata=OPTIMIZER_CKPT_METADATA)
         same_layout = (meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size, meta.data_parallel_size) == (
             self.layout.tensor_model_parallel_size, self.layout.pipeline_model_parallel_size,
             self.layout.data_parallel_size)
@@ -476,7 +484,8 @@ class Trainer:
         state = load_sharded(path, request)
         self.student.load_state_dict(state["model"], strict=True)
         if load_optim:
-            self.optimizer.load_state_dict(state["optimizer"])
+            with torch.no_grad():  # fp32 + distributed optimizer: main params are views of the live params
+                self.optimizer.load_state_dict(state["optimizer"])
         else:
             self.optimizer.reload_model_params()
         common = load_common(path)
@@ -492,6 +501,16 @@ class Trainer:
             + ("" if same_layout else f" (resharded from TP{meta.tensor_model_parallel_size} "
                                        f"PP{meta.pipeline_model_parallel_size} DP{meta.data_parallel_size})")
         )
+
+    def _materialize_optimizer_state(self) -> None:
+        """The distributed optimizer describes its state from the live torch optimizer, which has
+        none before the first step; with torch's Adam (no TE/apex: CPU) it also needs a ``step``."""
+        if not self.cfg.parallel.use_distributed_optimizer:
+            return
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            opt.init_state_fn(opt.optimizer, opt.config)
+            for state in opt.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
 
     def close(self) -> None:
         if self.writer is not None:

@@ -130,3 +130,14 @@ def test_sigterm_saves_and_exits_cleanly(tiny_corpus, tmp_path):
     assert "exiting program at iteration" in out and "SIGTERM received" in out
     saved = read_tracker(tmp_path / "ckpt")
     assert saved is not None and 2 <= saved < 500
+
+
+def test_distributed_optimizer_with_overlap_matches_and_resumes(tiny_corpus, tmp_path, reference):
+    """DP=2 with --use-distributed-optimizer and both overlap flags: same losses as TP1, exact resume."""
+    _, ref = reference
+    flags = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    args = cpt(tiny_corpus, tmp_path, *flags, "--save", tmp_path / "ckpt", "--load", tmp_path / "ckpt")
+    first = pretrain(2, *args, "--exit-interval", "2")
+    second = pretrain(2, *args)
+    assert sorted(first.metrics) == [1, 2] and sorted(second.metrics) == [3]
+    _close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))

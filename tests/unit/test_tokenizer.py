@@ -108,7 +108,8 @@ def test_huggingface_ids_match_transformers(tmp_path):
 
     raw = train_hf(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "pad_token": {"content": "<pad>"}}))
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "pad_token": {"__type": "AddedToken", "content": "<pad>", "lstrip": False,
+         "normalized": False, "rstrip": False, "single_word": False, "special": True}}))
     tok = build_tokenizer("HuggingFaceTokenizer", tmp_path)
     references = [PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json")),
                   AutoTokenizer.from_pretrained(str(tmp_path))]
