@@ -57,7 +57,7 @@ def test_weights_follow_the_schedule(ddk_reference):
 
 def test_dp2_matches_and_agrees_on_weights(tiny_corpus, tmp_path, teacher, ddk_reference):  # noqa: F811
     _, ref, ref_log = ddk_reference
-    run = pretrain(2, *ddk(tiny_corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt"))
+    run = pretrain(2, *ddk(tiny_corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt", "--lr-decay-iters", "6"))
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
     _close(run.series("lm loss"), ref.series("lm loss")[:4])
     for mine, theirs in zip(log, ref_log[:2]):

@@ -172,3 +172,27 @@ def test_data_path_forms(data):
 def test_data_path_errors(tokens, needle):
     with pytest.raises(DataConfigError, match=needle):
         registry_from_data_path(tokens)
+
+
+def test_demo_corpus_is_deterministic_and_writes_its_registry(tmp_path, capsys):
+    from tools.make_demo_corpus import DOMAINS, main
+
+    assert main(["--output-dir", str(tmp_path / "one"), "--size-mb", "0.08", "--seed", "3"]) == 0
+    assert "demo corpus in" in capsys.readouterr().out
+    main(["--output-dir", str(tmp_path / "two"), "--size-mb", "0.08", "--seed", "3"])
+    main(["--output-dir", str(tmp_path / "three"), "--size-mb", "0.08", "--seed", "4"])
+    assert len(DOMAINS) >= 4
+    for name in DOMAINS:
+        first = (tmp_path / "one" / f"{name}.jsonl").read_bytes()
+        assert first == (tmp_path / "two" / f"{name}.jsonl").read_bytes()
+        texts = [json.loads(line)["text"] for line in first.decode().splitlines()]
+        assert texts and all(isinstance(t, str) and t.strip() for t in texts)
+        assert 0.015e6 <= len(first) <= 0.04e6  # an even share of 0.08 MB, give or take a document
+    assert (tmp_path / "one" / "records.jsonl").read_bytes() != (tmp_path / "three" / "records.jsonl").read_bytes()
+    registry = load_domain_registry(tmp_path / "one" / "domains.yaml")
+    assert registry.names == list(DOMAINS)
+    for domain in registry.domains:
+        assert domain.train_prefixes == (str(tmp_path / "one" / f"{domain.name}_text_document"),)
+        assert (domain.valid_prefix, domain.valid_fraction, domain.weight) == (None, 0.05, 1.0)
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([f"{n}.jsonl" for n in DOMAINS] +
+                                                                          ["domains.yaml"])
