@@ -53,7 +53,7 @@ def python_code(rng: random.Random) -> Iterator[str]:
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and node.end_lineno:
                 start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                piece = "\n".join(lines[start - 1: node.end_lineno])
+                piece = "\n".join(lines[start - 1 : node.end_lineno])
                 if 80 <= len(piece) <= 6000:
                     yield piece
 
@@ -103,24 +103,41 @@ def records(rng: random.Random) -> Iterator[str]:
         rows = []
         for _ in range(rng.randint(2, 6)):
             if kind == "person":
-                row = {"id": rng.randint(1, 99999), "name": rng.choice(first), "city": rng.choice(cities),
-                       "age": rng.randint(18, 90), "active": rng.random() < 0.5}
+                row = {
+                    "id": rng.randint(1, 99999),
+                    "name": rng.choice(first),
+                    "city": rng.choice(cities),
+                    "age": rng.randint(18, 90),
+                    "active": rng.random() < 0.5,
+                }
             elif kind == "order":
-                row = {"order": rng.randint(10000, 99999), "items": rng.randint(1, 9),
-                       "total": round(rng.uniform(1, 500), 2), "currency": rng.choice(["EUR", "USD", "JPY"])}
+                row = {
+                    "order": rng.randint(10000, 99999),
+                    "items": rng.randint(1, 9),
+                    "total": round(rng.uniform(1, 500), 2),
+                    "currency": rng.choice(["EUR", "USD", "JPY"]),
+                }
             else:
-                row = {"sensor": f"s{rng.randint(1, 64):02d}", "t": rng.randint(0, 86399),
-                       "celsius": round(rng.gauss(18, 7), 1), "ok": rng.random() < 0.95}
+                row = {
+                    "sensor": f"s{rng.randint(1, 64):02d}",
+                    "t": rng.randint(0, 86399),
+                    "celsius": round(rng.gauss(18, 7), 1),
+                    "ok": rng.random() < 0.95,
+                }
             rows.append(json.dumps(row, sort_keys=True))
         yield "\n".join(rows)
 
 
 GENERATORS: dict[str, Callable[[random.Random], Iterator[str]]] = {
-    "python_code": python_code, "prose": prose, "arithmetic": arithmetic, "records": records}
+    "python_code": python_code,
+    "prose": prose,
+    "arithmetic": arithmetic,
+    "records": records,
+}
 
 
 def write_domain(path: Path, documents: Iterator[str], budget_bytes: int) -> tuple[int, int]:
-    """Write ``{"text": ...}`` lines until ``budget_bytes`` (or the source runs out); atomic via a temp file."""
+    """Write ``{"text": ...}`` lines until ``budget_bytes`` or the source runs out; atomic (temp file)."""
     tmp = path.with_name(f".{path.name}.tmp")
     count = size = 0
     try:
@@ -139,18 +156,29 @@ def write_domain(path: Path, documents: Iterator[str], budget_bytes: int) -> tup
 
 
 def registry_yaml(names: tuple[str, ...], valid_fraction: float) -> str:
-    lines = ["# Written by tools/make_demo_corpus.py; the datasets come from tools/preprocess_data.py.",
-             "# Format: docs/DATA.md. Relative prefixes resolve against this file's directory.", "domains:"]
+    lines = [
+        "# Written by tools/make_demo_corpus.py; the datasets come from tools/preprocess_data.py.",
+        "# Format: docs/DATA.md. Relative prefixes resolve against this file's directory.",
+        "domains:",
+    ]
     for name in names:
-        lines += [f"  - name: {name}", f"    train: {name}_text_document",
-                  f"    valid_fraction: {valid_fraction}", "    weight: 1.0"]
+        lines += [
+            f"  - name: {name}",
+            f"    train: {name}_text_document",
+            f"    valid_fraction: {valid_fraction}",
+            "    weight: 1.0",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--size-mb", type=float, default=3.0, help="total size (1 MB = 1e6 bytes), split evenly")
+    parser.add_argument(
+        "--size-mb", type=float, default=3.0, help="total size (1 MB = 1e6 bytes), split evenly"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--valid-fraction", type=float, default=0.05, help="written into domains.yaml")
     args = parser.parse_args(argv)
@@ -170,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out / ".domains.yaml.tmp"
     tmp.write_text(registry_yaml(DOMAINS, args.valid_fraction), encoding="utf-8")
     os.replace(tmp, out / "domains.yaml")
-    print(f"demo corpus in {out}: {', '.join(summary)}; registry {out / 'domains.yaml'} ({time.time() - start:.1f}s)")
+    print(
+        f"demo corpus in {out}: {', '.join(summary)}; registry {out / 'domains.yaml'} "
+        f"({time.time() - start:.1f}s)"
+    )
     return 0
 
 

@@ -58,11 +58,17 @@ class Stats:
             shown.append(where)
 
     def bad_summary(self) -> str:
-        return "; ".join(f"{self.bad[k]} {k} (e.g. {', '.join(self.first_bad[k])})" for k in BAD_KINDS if self.bad[k])
+        return "; ".join(
+            f"{self.bad[k]} {k} (e.g. {', '.join(self.first_bad[k])})" for k in BAD_KINDS if self.bad[k]
+        )
 
 
-def _init_worker(tokenizer_type: str, tokenizer_file: str, eod: int, keys: list[str], append_eod: bool) -> None:
-    _worker.update(encode=raw_encoder(tokenizer_type, tokenizer_file), eod=eod, keys=keys, append_eod=append_eod)
+def _init_worker(
+    tokenizer_type: str, tokenizer_file: str, eod: int, keys: list[str], append_eod: bool
+) -> None:
+    _worker.update(
+        encode=raw_encoder(tokenizer_type, tokenizer_file), eod=eod, keys=keys, append_eod=append_eod
+    )
 
 
 def raw_encoder(tokenizer_type: str, tokenizer_file: str) -> Callable[[str], list[int]]:
@@ -130,10 +136,20 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_type: str, tokenizer_model: str,
-               json_keys: list[str] | tuple[str, ...] = ("text",), append_eod: bool = False, workers: int = 1,
-               on_bad_lines: str = "fail", overwrite: bool = False, log_interval: int = 0,
-               progress: bool = True) -> Stats:
+def preprocess(
+    inputs: list[str],
+    output_prefix: str,
+    *,
+    tokenizer_type: str,
+    tokenizer_model: str,
+    json_keys: list[str] | tuple[str, ...] = ("text",),
+    append_eod: bool = False,
+    workers: int = 1,
+    on_bad_lines: str = "fail",
+    overwrite: bool = False,
+    log_interval: int = 0,
+    progress: bool = True,
+) -> Stats:
     """Tokenize JSONL ``inputs`` into one indexed dataset per key; returns the counts.
 
     Raises PreprocessError (nothing written, nothing replaced) on bad input or existing outputs.
@@ -156,7 +172,9 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_type: str, to
     finals = [p for key in json_keys for p in output_paths(output_prefix, key)]
     existing = [str(p) for p in finals if p.exists()]
     if existing and not overwrite:
-        raise PreprocessError(f"--output-prefix {output_prefix}: {existing[0]} exists; pass --overwrite to replace it")
+        raise PreprocessError(
+            f"--output-prefix {output_prefix}: {existing[0]} exists; pass --overwrite to replace it"
+        )
     try:
         tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)  # fail fast, before any worker starts
     except (ValueError, FileNotFoundError) as err:
@@ -193,8 +211,9 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_type: str, to
                     stats.record_bad(problem, f"{path}:{number}")
                     if on_bad_lines == "fail":
                         raise PreprocessError(
-                            f"{path}:{number}: {problem} (--json-keys {' '.join(json_keys)}); fix the input or "
-                            "pass --on-bad-lines skip to drop such lines; nothing was written")
+                            f"{path}:{number}: {problem} (--json-keys {' '.join(json_keys)}); fix the input "
+                            "or pass --on-bad-lines skip to drop such lines; nothing was written"
+                        )
                     continue
                 for builder, ids in zip(builders, arrays):
                     builder.add_document(ids, [len(ids)])
@@ -202,11 +221,17 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_type: str, to
                 stats.tokens += sum(len(a) for a in arrays)
                 if log_interval > 0 and stats.documents % log_interval == 0 and bar is None:
                     elapsed = max(time.time() - start, 1e-9)
-                    print(f"processed {stats.documents} documents ({done_bytes / elapsed / 1e6:.2f} MB/s, "
-                          f"{stats.tokens / elapsed:.0f} tokens/s)", file=sys.stderr, flush=True)
+                    print(
+                        f"processed {stats.documents} documents ({done_bytes / elapsed / 1e6:.2f} MB/s, "
+                        f"{stats.tokens / elapsed:.0f} tokens/s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if stats.documents == 0:
-            raise PreprocessError(f"--input {', '.join(inputs)}: no usable documents "
-                                  f"({stats.bad_summary() or 'the input is empty'}); nothing was written")
+            raise PreprocessError(
+                f"--input {', '.join(inputs)}: no usable documents "
+                f"({stats.bad_summary() or 'the input is empty'}); nothing was written"
+            )
         for i, builder in enumerate(builders):
             builder.finalize(str(staging[2 * i + 1]))
         for tmp, final in zip(staging, finals):  # publish only once every output is complete
@@ -223,23 +248,33 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer_type: str, to
 
 
 def _encoded_lines(path: str, pool) -> Iterator[tuple]:
-    """Encoded lines of one file, in order (binary reads keep the byte count exact and decoding in workers)."""
+    """Encoded lines of one file, in order; read as bytes (exact progress, decoding happens in workers)."""
     with open(path, "rb") as handle:
         yield from (pool.imap(_encode, handle, chunksize=64) if pool is not None else map(_encode, handle))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL file(s) or glob patterns, read in order")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="JSONL file(s) or glob patterns, read in order"
+    )
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.{bin,idx}")
     parser.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset each")
-    parser.add_argument("--tokenizer-type", required=True, choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
-    parser.add_argument("--tokenizer-model", required=True,
-                        help="SentencePiece .model, or tokenizer.json / a Hugging Face model directory")
+    parser.add_argument(
+        "--tokenizer-type", required=True, choices=("SentencePieceTokenizer", "HuggingFaceTokenizer")
+    )
+    parser.add_argument(
+        "--tokenizer-model",
+        required=True,
+        help="SentencePiece .model, or tokenizer.json / a Hugging Face model directory",
+    )
     parser.add_argument("--append-eod", action="store_true", help="end every document with the EOD token")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    parser.add_argument("--log-interval", type=int, default=0,
-                        help="with --no-progress: print throughput every N documents")
+    parser.add_argument(
+        "--log-interval", type=int, default=0, help="with --no-progress: print throughput every N documents"
+    )
     parser.add_argument("--on-bad-lines", choices=ON_BAD_LINES, default="fail")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -250,10 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.time()
     try:
-        stats = preprocess(args.input, args.output_prefix, tokenizer_type=args.tokenizer_type,
-                           tokenizer_model=args.tokenizer_model, json_keys=args.json_keys, append_eod=args.append_eod,
-                           workers=args.workers, on_bad_lines=args.on_bad_lines, overwrite=args.overwrite,
-                           log_interval=args.log_interval, progress=not args.no_progress)
+        stats = preprocess(
+            args.input,
+            args.output_prefix,
+            tokenizer_type=args.tokenizer_type,
+            tokenizer_model=args.tokenizer_model,
+            json_keys=args.json_keys,
+            append_eod=args.append_eod,
+            workers=args.workers,
+            on_bad_lines=args.on_bad_lines,
+            overwrite=args.overwrite,
+            log_interval=args.log_interval,
+            progress=not args.no_progress,
+        )
     except PreprocessError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 2
@@ -261,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     extra = f", skipped: {stats.bad_summary()}" if stats.bad else ""
     extra += f", blank lines: {stats.blank_lines}" if stats.blank_lines else ""
     outputs = ", ".join(str(output_paths(args.output_prefix, k)[0].with_suffix("")) for k in args.json_keys)
-    print(f"{outputs}: documents={stats.documents}, tokens={stats.tokens}, tokens/s={stats.tokens / elapsed:.0f}{extra}")
+    print(
+        f"{outputs}: documents={stats.documents}, tokens={stats.tokens}, "
+        f"tokens/s={stats.tokens / elapsed:.0f}{extra}"
+    )
     return 0
 
 

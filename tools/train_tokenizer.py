@@ -39,7 +39,11 @@ def expand_inputs(patterns: list[str]) -> tuple[list[str], list[str]]:
     """(files, patterns that matched no file); a pattern is a path or a glob."""
     files, missing = [], []
     for pattern in patterns:
-        matches = [pattern] if os.path.isfile(pattern) else sorted(m for m in glob.glob(pattern) if os.path.isfile(m))
+        matches = (
+            [pattern]
+            if os.path.isfile(pattern)
+            else sorted(m for m in glob.glob(pattern) if os.path.isfile(m))
+        )
         if matches:
             files.extend(m for m in matches if m not in files)
         else:
@@ -57,7 +61,9 @@ def split_long(text: str, limit: int = MAX_PIECE_CHARS) -> Iterator[str]:
         yield text
 
 
-def iter_texts(files: list[str], key: str, max_sentences: int | None, seed: int, stats: ReadStats) -> Iterator[str]:
+def iter_texts(
+    files: list[str], key: str, max_sentences: int | None, seed: int, stats: ReadStats
+) -> Iterator[str]:
     """Texts of every file in order; with ``max_sentences``, a reproducible sample of about that many."""
     keep = 1.0
     if max_sentences:
@@ -85,7 +91,9 @@ def iter_texts(files: list[str], key: str, max_sentences: int | None, seed: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", nargs="+", required=True, help="JSONL files or glob patterns")
     parser.add_argument("--json-key", default="text")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
@@ -104,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     files, missing = expand_inputs(args.input)
     problems = [f"--input: no such file(s): {', '.join(missing)}"] if missing else []
     if args.vocab_size < 300:
-        problems.append(f"--vocab-size {args.vocab_size}: must be >= 300 (256 byte-fallback pieces, 4 special "
-                        "tokens and the corpus' characters)")
+        problems.append(
+            f"--vocab-size {args.vocab_size}: must be >= 300 (256 byte-fallback pieces, 4 special "
+            "tokens and the corpus' characters)"
+        )
     if not 0 < args.character_coverage <= 1:
         problems.append(f"--character-coverage {args.character_coverage}: must be in (0, 1]")
     if args.num_threads < 1:
@@ -121,22 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     stats = ReadStats()
     try:
-        model = _train(sentencepiece, iter_texts(files, args.json_key, args.max_sentences, args.seed, stats), args)
+        model = _train(
+            sentencepiece, iter_texts(files, args.json_key, args.max_sentences, args.seed, stats), args
+        )
     except RuntimeError as err:  # sentencepiece reports bad settings and too-small corpora as RuntimeError
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         print(f"train_tokenizer.py: error: {reason}", file=sys.stderr)
         return 2
     if stats.documents == 0:
-        print(f"train_tokenizer.py: error: no text under --json-key {args.json_key!r} in {', '.join(files)}",
-              file=sys.stderr)
+        print(
+            f"train_tokenizer.py: error: no text under --json-key {args.json_key!r} in {', '.join(files)}",
+            file=sys.stderr,
+        )
         return 2
     processor = sentencepiece.SentencePieceProcessor(model_proto=model)
-    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(len(processor)))
+    vocab = "".join(
+        f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(len(processor))
+    )
     _write_atomic(Path(f"{output}.model"), model)
     _write_atomic(Path(f"{output}.vocab"), vocab.encode("utf-8"))
     skipped = f", {stats.skipped} lines without text skipped" if stats.skipped else ""
-    print(f"tokenizer {output}.model: vocab_size={len(processor)}, {args.model_type}, {stats.documents} documents "
-          f"from {len(files)} file(s){skipped}, {time.time() - start:.1f}s")
+    print(
+        f"tokenizer {output}.model: vocab_size={len(processor)}, {args.model_type}, "
+        f"{stats.documents} documents from {len(files)} file(s){skipped}, {time.time() - start:.1f}s"
+    )
     return 0
 
 

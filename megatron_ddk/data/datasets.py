@@ -27,7 +27,7 @@ _PAD_CLASH_WARNING = "The pad token id in the tokenizer collides"
 
 @dataclass(frozen=True)
 class DomainData:
-    """A domain's datasets; items are GPTDataset samples: tokens, labels, loss_mask, position_ids, each [s]."""
+    """A domain's datasets; items are GPTDataset samples: tokens, labels, loss_mask, position_ids [s]."""
 
     name: str
     train: Dataset
@@ -59,7 +59,7 @@ class ConcatSamples(Dataset):
 
 
 def split_string(valid_fraction: float) -> str:
-    """megatron's train,valid,test split string; fixed-point, since megatron's parser cannot read ``1e-05``."""
+    """megatron's "train,valid,test" split string, fixed-point: megatron's parser cannot read ``1e-05``."""
     return f"{1.0 - valid_fraction:.10f},{valid_fraction:.10f},0"
 
 
@@ -97,8 +97,10 @@ def _split_document_counts(num_documents: int, valid_fraction: float) -> tuple[i
     )
 
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split_string(valid_fraction)))
-    counts = [0 if b is None else int(round(b[1] * num_documents)) - int(round(b[0] * num_documents))
-              for b in matrix]
+    counts = [
+        0 if b is None else int(round(b[1] * num_documents)) - int(round(b[0] * num_documents))
+        for b in matrix
+    ]
     return counts[0], counts[1]
 
 
@@ -109,13 +111,15 @@ def _check_split(domain: Domain, prefix: str) -> None:
     train_docs, valid_docs = _split_document_counts(num_documents, domain.valid_fraction)
     if train_docs == 0 or valid_docs == 0:
         raise ValueError(
-            f"domain {domain.name!r}: valid_fraction {domain.valid_fraction} of the {num_documents} documents in "
-            f"{prefix} leaves {train_docs} for training and {valid_docs} for validation; add documents, change "
-            "valid_fraction or give a separate 'valid' prefix")
+            f"domain {domain.name!r}: valid_fraction {domain.valid_fraction} of the {num_documents} "
+            f"documents in {prefix} leaves {train_docs} for training and {valid_docs} for validation; "
+            "add documents, change valid_fraction or give a separate 'valid' prefix"
+        )
 
 
-def build_domain_datasets(registry: DomainRegistry, *, tokenizer, seq_length: int, seed: int,
-                          cache_dir: str) -> list[DomainData]:
+def build_domain_datasets(
+    registry: DomainRegistry, *, tokenizer, seq_length: int, seed: int, cache_dir: str
+) -> list[DomainData]:
     """Train and validation datasets of every domain, in registry order; deterministic in ``seed``.
 
     Samples hold ``seq_length`` tokens (GPTDataset reads ``seq_length + 1`` and shifts the labels).
@@ -143,7 +147,8 @@ def build_domain_datasets(registry: DomainRegistry, *, tokenizer, seq_length: in
         if len(train) == 0 or len(valid) == 0:
             raise ValueError(
                 f"domain {domain.name!r} has {len(train)} training and {len(valid)} validation samples of "
-                f"{seq_length} tokens; add data, lower --seq-length or raise its valid_fraction")
+                f"{seq_length} tokens; add data, lower --seq-length or raise its valid_fraction"
+            )
         result.append(DomainData(domain.name, train, valid))
     return result
 

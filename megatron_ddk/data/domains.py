@@ -69,7 +69,9 @@ def load_domain_registry(path: str | Path) -> DomainRegistry:
     path = Path(path).expanduser()
     where = f"--domains {path}"
     if not path.is_file():
-        raise DataConfigError(f"{where}: no such file; give the domain registry (YAML or JSON), see docs/DATA.md")
+        raise DataConfigError(
+            f"{where}: no such file; give the domain registry (YAML or JSON), see docs/DATA.md"
+        )
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix.lower() == ".json":
@@ -82,9 +84,13 @@ def load_domain_registry(path: str | Path) -> DomainRegistry:
         message = " ".join(str(err).split())
         raise DataConfigError(f"{where}: cannot parse ({message})") from err
     if not isinstance(raw, dict) or not isinstance(raw.get("domains"), list) or not raw["domains"]:
-        raise DataConfigError(f"{where}: expected a mapping with a non-empty 'domains:' list, see docs/DATA.md")
+        raise DataConfigError(
+            f"{where}: expected a mapping with a non-empty 'domains:' list, see docs/DATA.md"
+        )
     unknown_top = sorted(set(raw) - {"domains"})
-    problems = [f"{where}: unknown top-level keys {unknown_top}; only 'domains' is read"] if unknown_top else []
+    problems = (
+        [f"{where}: unknown top-level keys {unknown_top}; only 'domains' is read"] if unknown_top else []
+    )
     domains = []
     for index, entry in enumerate(raw["domains"]):
         domain, entry_problems = _parse_domain(entry, where, index, path.resolve().parent)
@@ -99,7 +105,9 @@ def load_domain_registry(path: str | Path) -> DomainRegistry:
 def _parse_domain(entry, source: str, index: int, base: Path) -> tuple[Domain | None, list[str]]:
     where = f"{source}: domain #{index + 1}"
     if not isinstance(entry, dict):
-        return None, [f"{where}: expected a mapping with keys name, train and optionally valid, valid_fraction, weight"]
+        return None, [
+            f"{where}: expected a mapping with keys name, train and optionally valid, valid_fraction, weight"
+        ]
     problems = []
     name = entry.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -145,8 +153,9 @@ def registry_from_data_path(tokens: list[str] | tuple[str, ...]) -> DomainRegist
         raise DataConfigError("--data-path is empty: give [W1] PREFIX1 [W2 PREFIX2 ...]")
     weighted = _is_number(tokens[0])
     if weighted and len(tokens) % 2:
-        raise DataConfigError(f"--data-path {' '.join(tokens)}: weights and prefixes must alternate "
-                              "(W1 P1 W2 P2 ...)")
+        raise DataConfigError(
+            f"--data-path {' '.join(tokens)}: weights and prefixes must alternate (W1 P1 W2 P2 ...)"
+        )
     if weighted:
         pairs = [(tokens[i], tokens[i + 1]) for i in range(0, len(tokens), 2)]
     else:
@@ -154,8 +163,10 @@ def registry_from_data_path(tokens: list[str] | tuple[str, ...]) -> DomainRegist
     problems = []
     for weight, prefix in pairs:
         if not _is_number(weight):
-            problems.append(f"--data-path: {weight!r} where a weight was expected; either give a weight before "
-                            "every prefix or none at all")
+            problems.append(
+                f"--data-path: {weight!r} where a weight was expected; either give a weight before "
+                "every prefix or none at all"
+            )
         if _is_number(prefix):
             problems.append(f"--data-path: {prefix!r} where a dataset prefix was expected")
     names: dict[str, list[str]] = {}
@@ -163,12 +174,16 @@ def registry_from_data_path(tokens: list[str] | tuple[str, ...]) -> DomainRegist
         names.setdefault(domain_name_for_prefix(prefix), []).append(prefix)
     for name, prefixes in names.items():
         if len(prefixes) > 1:
-            problems.append(f"--data-path: prefixes {', '.join(prefixes)} would all be domain {name!r}; rename the "
-                            "files or describe the domains in a --domains registry")
+            problems.append(
+                f"--data-path: prefixes {', '.join(prefixes)} would all be domain {name!r}; rename the "
+                "files or describe the domains in a --domains registry"
+            )
     if problems:
         raise DataConfigError("\n".join(problems))
-    domains = tuple(Domain(name=domain_name_for_prefix(p), train_prefixes=(str(Path(p).expanduser()),),
-                           weight=float(w)) for w, p in pairs)
+    domains = tuple(
+        Domain(name=domain_name_for_prefix(p), train_prefixes=(str(Path(p).expanduser()),), weight=float(w))
+        for w, p in pairs
+    )
     return DomainRegistry(domains=domains, source="--data-path")
 
 
@@ -181,7 +196,7 @@ def domain_name_for_prefix(prefix: str) -> str:
 
 
 def validate_registry(registry: DomainRegistry, *, vocab_size: int) -> None:
-    """Check names, weights, splits, files and token ids; raise ``DataConfigError`` once with every problem."""
+    """Check names, weights, splits, files and token ids; raise ``DataConfigError`` once with all problems."""
     where = registry.source
     problems = []
     if not registry.domains:
@@ -196,12 +211,17 @@ def validate_registry(registry: DomainRegistry, *, vocab_size: int) -> None:
         if not math.isfinite(domain.weight) or domain.weight <= 0:
             problems.append(f"{at}: weight {domain.weight} must be a finite number > 0")
         if domain.valid_prefix is None and not 0 < domain.valid_fraction < 1:
-            problems.append(f"{at}: valid_fraction {domain.valid_fraction} must be in (0, 1), or give a 'valid' "
-                            "prefix")
+            problems.append(
+                f"{at}: valid_fraction {domain.valid_fraction} must be in (0, 1), or give a 'valid' prefix"
+            )
         if domain.valid_prefix is not None and domain.valid_prefix in domain.train_prefixes:
-            problems.append(f"{at}: valid prefix {domain.valid_prefix} is also a training prefix; validation "
-                            "data must be held out (drop 'valid' to split off valid_fraction instead)")
-        prefixes = list(dict.fromkeys(domain.train_prefixes + ((domain.valid_prefix,) if domain.valid_prefix else ())))
+            problems.append(
+                f"{at}: valid prefix {domain.valid_prefix} is also a training prefix; validation "
+                "data must be held out (drop 'valid' to split off valid_fraction instead)"
+            )
+        prefixes = list(
+            dict.fromkeys(domain.train_prefixes + ((domain.valid_prefix,) if domain.valid_prefix else ()))
+        )
         for prefix in prefixes:
             if prefix not in checked:
                 checked[prefix] = _check_dataset(prefix, vocab_size)
@@ -224,8 +244,10 @@ def _check_dataset(prefix: str, vocab_size: int) -> str | None:
     if num_documents == 0:
         return f"{prefix} holds no documents; re-run tools/preprocess_data.py on non-empty input"
     if max_id >= vocab_size:
-        return (f"{prefix} holds token id {max_id} but the tokenizer has {vocab_size} tokens; it was "
-                "preprocessed with another tokenizer (check --tokenizer-model)")
+        return (
+            f"{prefix} holds token id {max_id} but the tokenizer has {vocab_size} tokens; it was "
+            "preprocessed with another tokenizer (check --tokenizer-model)"
+        )
     return None
 
 
@@ -238,13 +260,15 @@ def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24) -> tuple[int, int]
     expected = int(dataset.index.sequence_lengths.sum(dtype=np.int64))
     size = os.path.getsize(f"{prefix}.bin")
     if size != expected * dtype.itemsize:
-        raise ValueError(f"{prefix}.bin has {size} bytes but its .idx describes {expected} {dtype.name} tokens")
+        raise ValueError(
+            f"{prefix}.bin has {size} bytes but its .idx describes {expected} {dtype.name} tokens"
+        )
     if expected == 0:
         return len(dataset), -1
     tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
     max_id = -1
     for start in range(0, tokens.size, chunk_tokens):
-        max_id = max(max_id, int(tokens[start: start + chunk_tokens].max()))
+        max_id = max(max_id, int(tokens[start : start + chunk_tokens].max()))
     return len(dataset), max_id
 
 

@@ -38,8 +38,14 @@ class Tokenizer(MegatronLegacyTokenizer):
         self.sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
         self._vocab_size, self._eod, self._pad = vocab_size, eod, pad
         self.unique_identifiers = OrderedDict(
-            [("class", type(self).__name__), ("sha256", self.sha256), ("vocab_size", vocab_size),
-             ("eod", eod), ("pad", pad)])
+            [
+                ("class", type(self).__name__),
+                ("sha256", self.sha256),
+                ("vocab_size", vocab_size),
+                ("eod", eod),
+                ("pad", pad),
+            ]
+        )
         self.unique_description = json.dumps(self.unique_identifiers, indent=4)
 
     @property
@@ -80,14 +86,20 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as err:
-            raise ValueError(f"--tokenizer-model {model_file}: not a SentencePiece model ({err}); "
-                             "give the .model file written by tools/train_tokenizer.py") from err
+            raise ValueError(
+                f"--tokenizer-model {model_file}: not a SentencePiece model ({err}); "
+                "give the .model file written by tools/train_tokenizer.py"
+            ) from err
         eod = self._sp.eos_id()
         if eod < 0:
-            raise ValueError(f"--tokenizer-model {model_file}: the SentencePiece model has no end-of-sequence "
-                             "token; retrain it with tools/train_tokenizer.py (which defines one)")
+            raise ValueError(
+                f"--tokenizer-model {model_file}: the SentencePiece model has no end-of-sequence "
+                "token; retrain it with tools/train_tokenizer.py (which defines one)"
+            )
         pad = self._sp.pad_id()
-        super().__init__(model_file, vocab_size=self._sp.get_piece_size(), eod=eod, pad=pad if pad >= 0 else eod)
+        super().__init__(
+            model_file, vocab_size=self._sp.get_piece_size(), eod=eod, pad=pad if pad >= 0 else eod
+        )
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -114,12 +126,16 @@ class HuggingFaceTokenizer(Tokenizer):
 
         tokenizer_json = path / "tokenizer.json" if path.is_dir() else path
         if not tokenizer_json.is_file():
-            raise FileNotFoundError(f"--tokenizer-model {path}: no tokenizer.json there; point it at a Hugging "
-                                    "Face model directory or at its tokenizer.json")
+            raise FileNotFoundError(
+                f"--tokenizer-model {path}: no tokenizer.json there; point it at a Hugging "
+                "Face model directory or at its tokenizer.json"
+            )
         try:
             self._tok = FastTokenizer.from_file(str(tokenizer_json))
         except Exception as err:  # the Rust side raises a bare Exception on malformed files
-            raise ValueError(f"--tokenizer-model {tokenizer_json}: not a Hugging Face tokenizer.json ({err})") from err
+            raise ValueError(
+                f"--tokenizer-model {tokenizer_json}: not a Hugging Face tokenizer.json ({err})"
+            ) from err
         self._tok.no_truncation()
         self._tok.no_padding()
         config = _read_json(tokenizer_json.parent / "tokenizer_config.json")
@@ -128,19 +144,27 @@ class HuggingFaceTokenizer(Tokenizer):
         if eos is not None:
             eod = self._tok.token_to_id(eos)
             if eod is None:
-                raise ValueError(f"--tokenizer-model {path}: eos_token {eos!r} named next to {tokenizer_json.name} is "
-                                 "not in its vocabulary; fix eos_token in tokenizer_config.json")
+                raise ValueError(
+                    f"--tokenizer-model {path}: eos_token {eos!r} named next to {tokenizer_json.name} is "
+                    "not in its vocabulary; fix eos_token in tokenizer_config.json"
+                )
         else:
             found = [i for i in (self._tok.token_to_id(c) for c in EOS_CANDIDATES) if i is not None]
             if not found:
-                raise ValueError(f"--tokenizer-model {path}: no end-of-document token (no eos_token in "
-                                 f"tokenizer_config.json and none of {', '.join(EOS_CANDIDATES)} in the vocabulary); "
-                                 "add eos_token to tokenizer_config.json")
+                raise ValueError(
+                    f"--tokenizer-model {path}: no end-of-document token (no eos_token in "
+                    f"tokenizer_config.json and none of {', '.join(EOS_CANDIDATES)} in the vocabulary); "
+                    "add eos_token to tokenizer_config.json"
+                )
             eod = found[0]
         pad_text = _token_text(config.get("pad_token")) or _token_text(special.get("pad_token"))
         pad = self._tok.token_to_id(pad_text) if pad_text else None
-        super().__init__(tokenizer_json, vocab_size=self._tok.get_vocab_size(with_added_tokens=True), eod=eod,
-                         pad=eod if pad is None else pad)
+        super().__init__(
+            tokenizer_json,
+            vocab_size=self._tok.get_vocab_size(with_added_tokens=True),
+            eod=eod,
+            pad=eod if pad is None else pad,
+        )
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -156,8 +180,9 @@ class HuggingFaceTokenizer(Tokenizer):
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokenizer:
     """``--tokenizer-type`` / ``--tokenizer-model`` -> tokenizer, with one-line errors for bad values."""
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; use one of "
-                         f"{', '.join(TOKENIZER_TYPES)}")
+        raise ValueError(
+            f"--tokenizer-type {tokenizer_type!r} is not supported; use one of {', '.join(TOKENIZER_TYPES)}"
+        )
     if tokenizer_model is None or str(tokenizer_model) == "":
         raise ValueError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}")
     path = Path(tokenizer_model).expanduser()
@@ -172,15 +197,23 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokeniz
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict:
     """What a checkpoint records about its tokenizer (compared between teacher and student)."""
-    return {"type": tokenizer.type_name, "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256,
-            "eod": tokenizer.eod}
+    return {
+        "type": tokenizer.type_name,
+        "vocab_size": tokenizer.vocab_size,
+        "sha256": tokenizer.sha256,
+        "eod": tokenizer.eod,
+    }
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, make_vocab_size_divisible_by: int = 128) -> int:
-    """Megatron's rule: embedding rows are ``vocab_size`` rounded up to a multiple of ``divisible_by * TP``."""
+def padded_vocab_size(
+    vocab_size: int, tensor_model_parallel_size: int, make_vocab_size_divisible_by: int = 128
+) -> int:
+    """Megatron's rule: embedding rows: ``vocab_size`` rounded up to a multiple of ``divisible_by * TP``."""
     if vocab_size < 1 or tensor_model_parallel_size < 1 or make_vocab_size_divisible_by < 1:
-        raise ValueError(f"padded_vocab_size({vocab_size}, {tensor_model_parallel_size}, "
-                         f"{make_vocab_size_divisible_by}): every argument must be >= 1")
+        raise ValueError(
+            f"padded_vocab_size({vocab_size}, {tensor_model_parallel_size}, "
+            f"{make_vocab_size_divisible_by}): every argument must be >= 1"
+        )
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
 

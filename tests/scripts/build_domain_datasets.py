@@ -20,10 +20,17 @@ def main(registry_path: str, tokenizer_dir: str, cache_dir: str, out_path: str) 
 
     initialize(ParallelLayout(world_size=2))
     tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_dir)
-    domains = build_domain_datasets(load_domain_registry(registry_path), tokenizer=tokenizer, seq_length=8, seed=5,
-                                    cache_dir=cache_dir)
-    result = {d.name: {"train": len(d.train), "valid": len(d.valid),
-                       "first": [d.train[i]["tokens"].tolist() for i in range(3)]} for d in domains}
+    domains = build_domain_datasets(
+        load_domain_registry(registry_path), tokenizer=tokenizer, seq_length=8, seed=5, cache_dir=cache_dir
+    )
+    result = {
+        d.name: {
+            "train": len(d.train),
+            "valid": len(d.valid),
+            "first": [d.train[i]["tokens"].tolist() for i in range(3)],
+        }
+        for d in domains
+    }
     results = [None, None]
     dist.all_gather_object(results, result)
     if dist.get_rank() == 0:

@@ -41,10 +41,20 @@ def corpus(tmp_path_factory):
     raw.save(str(root / "tokenizer.json"))
     for name, first, count in (("a", 0, 40), ("b", 100, 10), ("c", 200, 6)):
         src = root / f"{name}.jsonl"
-        src.write_text("".join(json.dumps({"text": " ".join([f"w{4 + k}"] * doc_length(k))}) + "\n"
-                               for k in range(first, first + count)))
-        preprocess([str(src)], str(root / name), tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(root),
-                   append_eod=True, progress=False)
+        src.write_text(
+            "".join(
+                json.dumps({"text": " ".join([f"w{4 + k}"] * doc_length(k))}) + "\n"
+                for k in range(first, first + count)
+            )
+        )
+        preprocess(
+            [str(src)],
+            str(root / name),
+            tokenizer_type="HuggingFaceTokenizer",
+            tokenizer_model=str(root),
+            append_eod=True,
+            progress=False,
+        )
     return root
 
 
@@ -54,7 +64,9 @@ def prefix(corpus, name: str) -> str:
 
 def build(corpus, registry, *, cache, seed=1, seq_length=SEQ):
     tokenizer = build_tokenizer("HuggingFaceTokenizer", corpus)
-    return build_domain_datasets(registry, tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=str(cache))
+    return build_domain_datasets(
+        registry, tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=str(cache)
+    )
 
 
 def num_tokens(path: str) -> int:
@@ -71,7 +83,9 @@ def documents_in(dataset) -> Counter:
 
 
 def test_one_epoch_and_document_level_split(corpus, tmp_path):
-    registry = DomainRegistry(domains=(Domain(name="a", train_prefixes=(prefix(corpus, "a"),), valid_fraction=0.1),))
+    registry = DomainRegistry(
+        domains=(Domain(name="a", train_prefixes=(prefix(corpus, "a"),), valid_fraction=0.1),)
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         [domain] = build(corpus, registry, cache=tmp_path / "cache")
@@ -96,10 +110,16 @@ def test_one_epoch_and_document_level_split(corpus, tmp_path):
 
 
 def test_valid_prefix_and_several_training_prefixes(corpus, tmp_path):
-    registry = DomainRegistry(domains=(
-        Domain(name="ab", train_prefixes=(prefix(corpus, "a"), prefix(corpus, "b")), valid_prefix=prefix(corpus, "c")),
-        Domain(name="b", train_prefixes=(prefix(corpus, "b"),), valid_fraction=0.2),
-    ))
+    registry = DomainRegistry(
+        domains=(
+            Domain(
+                name="ab",
+                train_prefixes=(prefix(corpus, "a"), prefix(corpus, "b")),
+                valid_prefix=prefix(corpus, "c"),
+            ),
+            Domain(name="b", train_prefixes=(prefix(corpus, "b"),), valid_fraction=0.2),
+        )
+    )
     ab, b = build(corpus, registry, cache=tmp_path / "cache")
     tokens_a, tokens_b = (num_tokens(prefix(corpus, name)) for name in ("a", "b"))
     assert isinstance(ab.train, ConcatSamples)
@@ -114,7 +134,9 @@ def test_valid_prefix_and_several_training_prefixes(corpus, tmp_path):
 
 
 def test_deterministic_in_seed_and_cache_stays_out_of_the_data(corpus, tmp_path):
-    registry = DomainRegistry(domains=(Domain(name="a", train_prefixes=(prefix(corpus, "a"),), valid_fraction=0.1),))
+    registry = DomainRegistry(
+        domains=(Domain(name="a", train_prefixes=(prefix(corpus, "a"),), valid_fraction=0.1),)
+    )
     before = sorted(p.name for p in corpus.iterdir())
 
     def samples(seed, cache):
@@ -129,11 +151,19 @@ def test_deterministic_in_seed_and_cache_stays_out_of_the_data(corpus, tmp_path)
 
 
 def test_empty_splits_are_reported(corpus, tmp_path):
-    too_few = DomainRegistry(domains=(Domain(name="c", train_prefixes=(prefix(corpus, "c"),), valid_fraction=0.01),))
-    with pytest.raises(ValueError, match=r"domain 'c': valid_fraction 0.01 of the 6 documents .* 0 for validation"):
+    too_few = DomainRegistry(
+        domains=(Domain(name="c", train_prefixes=(prefix(corpus, "c"),), valid_fraction=0.01),)
+    )
+    with pytest.raises(
+        ValueError, match=r"domain 'c': valid_fraction 0.01 of the 6 documents .* 0 for validation"
+    ):
         build(corpus, too_few, cache=tmp_path / "cache")
-    short = DomainRegistry(domains=(Domain(name="c", train_prefixes=(prefix(corpus, "c"),), valid_fraction=0.5),))
-    with pytest.raises(ValueError, match=r"domain 'c' has \d+ training and 0 validation samples of 64 tokens"):
+    short = DomainRegistry(
+        domains=(Domain(name="c", train_prefixes=(prefix(corpus, "c"),), valid_fraction=0.5),)
+    )
+    with pytest.raises(
+        ValueError, match=r"domain 'c' has \d+ training and 0 validation samples of 64 tokens"
+    ):
         build(corpus, short, cache=tmp_path / "cache", seq_length=64)
 
 
@@ -144,15 +174,21 @@ def test_split_string_is_fixed_point():
 
 def test_two_ranks_share_one_cache(corpus, tmp_path):
     registry = tmp_path / "domains.yaml"
-    registry.write_text(f"domains:\n  - {{name: a, train: {prefix(corpus, 'a')}, valid_fraction: 0.1}}\n"
-                        f"  - {{name: b, train: {prefix(corpus, 'b')}, valid: {prefix(corpus, 'c')}}}\n")
+    registry.write_text(
+        f"domains:\n  - {{name: a, train: {prefix(corpus, 'a')}, valid_fraction: 0.1}}\n"
+        f"  - {{name: b, train: {prefix(corpus, 'b')}, valid: {prefix(corpus, 'c')}}}\n"
+    )
     out = tmp_path / "ranks.json"
-    torchrun("tests/scripts/build_domain_datasets.py", 2, registry, corpus, tmp_path / "shared", out, timeout=300)
+    torchrun(
+        "tests/scripts/build_domain_datasets.py", 2, registry, corpus, tmp_path / "shared", out, timeout=300
+    )
     rank0, rank1 = read_json(out)
     assert rank0 == rank1
     local = build(corpus, load_domain_registry(registry), cache=tmp_path / "local", seed=5)
     for domain in local:
-        assert rank0[domain.name]["train"] == len(domain.train) and rank0[domain.name]["valid"] == len(domain.valid)
+        assert rank0[domain.name]["train"] == len(domain.train) and rank0[domain.name]["valid"] == len(
+            domain.valid
+        )
         assert rank0[domain.name]["first"] == [domain.train[i]["tokens"].tolist() for i in range(3)]
     cached = sorted(p.name.split("-", 1)[1] for p in (tmp_path / "shared").glob("*-description.txt"))
     assert cached == ["GPTDataset-train-description.txt"] * 2 + ["GPTDataset-valid-description.txt"] * 2

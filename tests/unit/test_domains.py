@@ -1,4 +1,4 @@
-"""The domain registry: YAML/JSON files, Megatron's --data-path form, and validation that reports every problem."""
+"""The domain registry: YAML/JSON files, Megatron's --data-path form, validation reporting every problem."""
 
 from __future__ import annotations
 
@@ -43,15 +43,21 @@ def test_yaml_registry(data, monkeypatch):
         "domains:\n"
         "  - {name: code, train: ../code_text_document, weight: 3}\n"
         "  - name: prose\n    train: [../prose_text_document, ../code_text_document]\n"
-        "    valid: ../prose_valid_text_document\n")
+        "    valid: ../prose_valid_text_document\n"
+    )
     monkeypatch.chdir(data / "sub")
     registry = load_domain_registry("domains.yaml")  # relative prefixes: against the file's directory
     assert registry.names == ["code", "prose"]
     np.testing.assert_allclose(registry.initial_weights, [0.75, 0.25])
     assert registry.initial_weights.dtype == np.float64
     code, prose = registry.domains
-    assert code == Domain(name="code", train_prefixes=(str(data / "code_text_document"),), valid_prefix=None,
-                          valid_fraction=0.01, weight=3.0)
+    assert code == Domain(
+        name="code",
+        train_prefixes=(str(data / "code_text_document"),),
+        valid_prefix=None,
+        valid_fraction=0.01,
+        weight=3.0,
+    )
     assert prose.train_prefixes == (str(data / "prose_text_document"), str(data / "code_text_document"))
     assert prose.valid_prefix == str(data / "prose_valid_text_document") and prose.weight == 1.0
     assert registry.source == "--domains domains.yaml"
@@ -59,8 +65,20 @@ def test_yaml_registry(data, monkeypatch):
 
 
 def test_json_registry_by_extension(data):
-    (data / "reg.json").write_text(json.dumps({"domains": [
-        {"name": "code", "train": str(data / "code_text_document"), "valid_fraction": 0.3, "weight": 0.5}]}))
+    (data / "reg.json").write_text(
+        json.dumps(
+            {
+                "domains": [
+                    {
+                        "name": "code",
+                        "train": str(data / "code_text_document"),
+                        "valid_fraction": 0.3,
+                        "weight": 0.5,
+                    }
+                ]
+            }
+        )
+    )
     registry = load_domain_registry(data / "reg.json")
     assert registry.domains[0].valid_fraction == 0.3 and registry.initial_weights.tolist() == [1.0]
     validate_registry(registry, vocab_size=50)
@@ -73,24 +91,31 @@ def test_structural_problems_are_reported_together(tmp_path):
         "  - {train: a}\n"
         "  - {name: b, train: [], weight: heavy}\n"
         "  - {name: c, train: c, valid: v, valid_fraction: 0.1, colour: red}\n"
-        "  - just a string\n")
+        "  - just a string\n"
+    )
     with pytest.raises(DataConfigError) as err:
         load_domain_registry(path)
     lines = str(err.value).splitlines()
     assert all(line.startswith(f"--domains {path}: domain") for line in lines)
     text = str(err.value)
     assert "domain #1: 'name' must be a non-empty string" in text
-    assert "domain 'b': 'train' must be a dataset prefix" in text and "domain 'b': weight 'heavy' is not a number" in text
+    assert (
+        "domain 'b': 'train' must be a dataset prefix" in text
+        and "domain 'b': weight 'heavy' is not a number" in text
+    )
     assert "domain 'c': unknown keys ['colour']" in text and "either 'valid' or 'valid_fraction'" in text
     assert "domain #4: expected a mapping" in text and len(lines) == 6
 
 
-@pytest.mark.parametrize("content,needle", [
-    (None, "no such file"),
-    ("domains: [", "cannot parse"),
-    ("domains: []", "non-empty 'domains:' list"),
-    ("- a\n- b\n", "non-empty 'domains:' list"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (None, "no such file"),
+        ("domains: [", "cannot parse"),
+        ("domains: []", "non-empty 'domains:' list"),
+        ("- a\n- b\n", "non-empty 'domains:' list"),
+    ],
+)
 def test_unreadable_registry_files(tmp_path, content, needle):
     path = tmp_path / "domains.yaml"
     if content is not None:
@@ -102,12 +127,15 @@ def test_unreadable_registry_files(tmp_path, content, needle):
 
 def test_validation_reports_every_problem(data):
     code, prose = str(data / "code_text_document"), str(data / "prose_text_document")
-    registry = DomainRegistry(domains=(
-        Domain(name="code", train_prefixes=(code,), weight=0.0),
-        Domain(name="code", train_prefixes=(str(data / "missing_text_document"),), weight=float("nan")),
-        Domain(name="prose", train_prefixes=(prose,), valid_fraction=1.5),
-        Domain(name="both", train_prefixes=(code,), valid_prefix=code),
-    ), source="--domains reg.yaml")
+    registry = DomainRegistry(
+        domains=(
+            Domain(name="code", train_prefixes=(code,), weight=0.0),
+            Domain(name="code", train_prefixes=(str(data / "missing_text_document"),), weight=float("nan")),
+            Domain(name="prose", train_prefixes=(prose,), valid_fraction=1.5),
+            Domain(name="both", train_prefixes=(code,), valid_prefix=code),
+        ),
+        source="--domains reg.yaml",
+    )
     with pytest.raises(DataConfigError) as err:
         validate_registry(registry, vocab_size=100)
     lines = str(err.value).splitlines()
@@ -162,13 +190,16 @@ def test_data_path_forms(data):
     validate_registry(weighted, vocab_size=400)
 
 
-@pytest.mark.parametrize("tokens,needle", [
-    ([], "--data-path is empty"),
-    (["0.5", "a", "0.5"], "must alternate"),
-    (["0.5", "a", "b", "c"], "'b' where a weight was expected"),
-    (["0.5", "a", "0.5", "0.2"], "'0.2' where a dataset prefix was expected"),
-    (["x/code_text_document", "y/code_text_document"], "would all be domain 'code'"),
-])
+@pytest.mark.parametrize(
+    "tokens,needle",
+    [
+        ([], "--data-path is empty"),
+        (["0.5", "a", "0.5"], "must alternate"),
+        (["0.5", "a", "b", "c"], "'b' where a weight was expected"),
+        (["0.5", "a", "0.5", "0.2"], "'0.2' where a dataset prefix was expected"),
+        (["x/code_text_document", "y/code_text_document"], "would all be domain 'code'"),
+    ],
+)
 def test_data_path_errors(tokens, needle):
     with pytest.raises(DataConfigError, match=needle):
         registry_from_data_path(tokens)
@@ -188,11 +219,14 @@ def test_demo_corpus_is_deterministic_and_writes_its_registry(tmp_path, capsys):
         texts = [json.loads(line)["text"] for line in first.decode().splitlines()]
         assert texts and all(isinstance(t, str) and t.strip() for t in texts)
         assert 0.015e6 <= len(first) <= 0.04e6  # an even share of 0.08 MB, give or take a document
-    assert (tmp_path / "one" / "records.jsonl").read_bytes() != (tmp_path / "three" / "records.jsonl").read_bytes()
+    assert (tmp_path / "one" / "records.jsonl").read_bytes() != (
+        tmp_path / "three" / "records.jsonl"
+    ).read_bytes()
     registry = load_domain_registry(tmp_path / "one" / "domains.yaml")
     assert registry.names == list(DOMAINS)
     for domain in registry.domains:
         assert domain.train_prefixes == (str(tmp_path / "one" / f"{domain.name}_text_document"),)
         assert (domain.valid_prefix, domain.valid_fraction, domain.weight) == (None, 0.05, 1.0)
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted([f"{n}.jsonl" for n in DOMAINS] +
-                                                                          ["domains.yaml"])
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
+        [f"{n}.jsonl" for n in DOMAINS] + ["domains.yaml"]
+    )

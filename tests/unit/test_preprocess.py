@@ -1,4 +1,4 @@
-"""tools/preprocess_data.py: read back by megatron-core token for token, worker-count independent, safe on bad input."""
+"""tools/preprocess_data.py: read back token for token, independent of --workers, safe on bad input."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from megatron_ddk.data.tokenizer import build_tokenizer
 from tests.helpers import python
 from tools.preprocess_data import PreprocessError, main, preprocess
 
-DOCS = ["def f(x):\n    return x + 1", "The quick brown fox jumps over the lazy dog.", "12 + 30 = 42",
-        '{"id": 7, "ok": true}', "ünïcödé text ✓"] * 8
+DOCS = [
+    "def f(x):\n    return x + 1",
+    "The quick brown fox jumps over the lazy dog.",
+    "12 + 30 = 42",
+    '{"id": 7, "ok": true}',
+    "ünïcödé text ✓",
+] * 8
 
 
 def lines(records) -> str:
@@ -24,15 +29,25 @@ def lines(records) -> str:
 def spm(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm")
     (root / "docs.jsonl").write_text(lines({"text": d} for d in DOCS))
-    python("tools/train_tokenizer.py", "--input", root / "docs.jsonl", "--output-prefix", root / "tok",
-           "--vocab-size", "400", "--num-threads", "1")
+    python(
+        "tools/train_tokenizer.py",
+        "--input",
+        root / "docs.jsonl",
+        "--output-prefix",
+        root / "tok",
+        "--vocab-size",
+        "400",
+        "--num-threads",
+        "1",
+    )
     return str(root / "tok.model")
 
 
 def run(spm, src, prefix, **kwargs):
     kwargs.setdefault("progress", False)
-    return preprocess([str(src)], str(prefix), tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm,
-                      **kwargs)
+    return preprocess(
+        [str(src)], str(prefix), tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm, **kwargs
+    )
 
 
 def test_reads_back_token_for_token_and_workers_agree(spm, tmp_path):
@@ -47,8 +62,9 @@ def test_reads_back_token_for_token_and_workers_agree(spm, tmp_path):
     assert [dataset[i].tolist() for i in range(len(dataset))] == expected
     run(spm, src, tmp_path / "two" / "out", append_eod=True, workers=2)
     for ext in (".bin", ".idx"):
-        assert (tmp_path / "one" / f"out_text_document{ext}").read_bytes() == \
-            (tmp_path / "two" / f"out_text_document{ext}").read_bytes()
+        assert (tmp_path / "one" / f"out_text_document{ext}").read_bytes() == (
+            tmp_path / "two" / f"out_text_document{ext}"
+        ).read_bytes()
 
 
 def test_gpt_dataset_builds_on_the_output(spm, tmp_path):
@@ -60,9 +76,18 @@ def test_gpt_dataset_builds_on_the_output(spm, tmp_path):
     run(spm, src, tmp_path / "out", append_eod=True)
     tok = build_tokenizer("SentencePieceTokenizer", spm)
     prefix = str(tmp_path / "out_text_document")
-    config = GPTDatasetConfig(random_seed=1, sequence_length=16, blend=([prefix], None), split="1,0,0",
-                              tokenizer=tok, reset_position_ids=False, reset_attention_mask=False,
-                              eod_mask_loss=False, create_attention_mask=False, path_to_cache=str(tmp_path / "c"))
+    config = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=16,
+        blend=([prefix], None),
+        split="1,0,0",
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=str(tmp_path / "c"),
+    )
     indexed = IndexedDataset(prefix)
     dataset = GPTDataset(indexed, prefix, np.arange(len(indexed), dtype=np.int32), None, Split.train, config)
     total = int(indexed.sequence_lengths.sum())
@@ -87,8 +112,15 @@ def test_several_keys_and_int32_vocabulary(tmp_path):
     raw.save(str(tmp_path / "tokenizer.json"))
     src = tmp_path / "in.jsonl"
     src.write_text(lines([{"q": "w1 w69999", "a": "w5"}, {"q": "w70", "a": "w8 w9 w10"}]))
-    stats = preprocess([str(src)], str(tmp_path / "out"), tokenizer_type="HuggingFaceTokenizer",
-                       tokenizer_model=str(tmp_path), json_keys=["q", "a"], append_eod=True, progress=False)
+    stats = preprocess(
+        [str(src)],
+        str(tmp_path / "out"),
+        tokenizer_type="HuggingFaceTokenizer",
+        tokenizer_model=str(tmp_path),
+        json_keys=["q", "a"],
+        append_eod=True,
+        progress=False,
+    )
     assert (stats.documents, stats.tokens) == (2, 3 + 2 + 2 + 4)
     q, a = IndexedDataset(str(tmp_path / "out_q_document")), IndexedDataset(str(tmp_path / "out_a_document"))
     assert q.index.dtype == np.int32
@@ -97,18 +129,42 @@ def test_several_keys_and_int32_vocabulary(tmp_path):
     assert build_tokenizer("HuggingFaceTokenizer", tmp_path).tokenize("w8 w9 w10") == [10, 11, 12]
 
 
-BAD = [{"text": "hello world"}, "{not json", {"body": "x"}, {"text": ""}, {"text": 5}, "", "[1, 2]",
-       {"text": "again"}]
+BAD = [
+    {"text": "hello world"},
+    "{not json",
+    {"body": "x"},
+    {"text": ""},
+    {"text": 5},
+    "",
+    "[1, 2]",
+    {"text": "again"},
+]
 
 
 def test_bad_lines_fail_by_default_and_write_nothing(spm, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text(lines(BAD))
-    with pytest.raises(PreprocessError, match=r"in.jsonl:2: malformed JSON .*--on-bad-lines skip.*nothing was written"):
+    with pytest.raises(
+        PreprocessError, match=r"in.jsonl:2: malformed JSON .*--on-bad-lines skip.*nothing was written"
+    ):
         run(spm, src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no outputs, no temporary files
-    assert main(["--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
-                 "SentencePieceTokenizer", "--tokenizer-model", spm, "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "--input",
+                str(src),
+                "--output-prefix",
+                str(tmp_path / "out"),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                spm,
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     message = capsys.readouterr().err.strip().splitlines()
     assert len(message) == 1 and message[0].startswith(f"preprocess_data.py: error: {src}:2: malformed JSON")
 
@@ -121,12 +177,30 @@ def test_bad_lines_skipped_and_counted(spm, tmp_path):
     assert dict(stats.bad) == {"malformed JSON": 2, "missing key": 1, "empty document": 1, "not a string": 1}
     assert stats.first_bad["malformed JSON"] == [f"{src}:2", f"{src}:7"]
     assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == 2
-    out = python("tools/preprocess_data.py", "--input", str(tmp_path / "*.jsonl"), "--output-prefix",
-                 tmp_path / "cli", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm,
-                 "--on-bad-lines", "skip", "--no-progress", "--log-interval", "1")
+    out = python(
+        "tools/preprocess_data.py",
+        "--input",
+        str(tmp_path / "*.jsonl"),
+        "--output-prefix",
+        tmp_path / "cli",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        spm,
+        "--on-bad-lines",
+        "skip",
+        "--no-progress",
+        "--log-interval",
+        "1",
+    )
     final = out.stdout.strip().splitlines()[-1]
     assert final.startswith(f"{tmp_path / 'cli_text_document'}: documents=2, tokens=")
-    assert "tokens/s=" in final and "2 malformed JSON" in final and f"{src}:3" in final and "blank lines: 1" in final
+    assert (
+        "tokens/s=" in final
+        and "2 malformed JSON" in final
+        and f"{src}:3" in final
+        and "blank lines: 1" in final
+    )
     assert "processed 2 documents" in out.stderr
 
 
@@ -156,6 +230,11 @@ def test_bad_arguments(spm, tmp_path):
     with pytest.raises(PreprocessError, match="--on-bad-lines 'maybe'.*--workers must be >= 1"):
         run(spm, src, tmp_path / "out", workers=0, on_bad_lines="maybe")
     with pytest.raises(PreprocessError, match="--tokenizer-model .*no such file"):
-        preprocess([str(src)], str(tmp_path / "out"), tokenizer_type="SentencePieceTokenizer",
-                   tokenizer_model=str(tmp_path / "nope.model"), progress=False)
+        preprocess(
+            [str(src)],
+            str(tmp_path / "out"),
+            tokenizer_type="SentencePieceTokenizer",
+            tokenizer_model=str(tmp_path / "nope.model"),
+            progress=False,
+        )
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))

@@ -20,8 +20,14 @@ from megatron_ddk.data.tokenizer import (
 )
 from tests.helpers import python
 
-DOCS = ["def f(x):\n    return x  +  1\n", "The quick brown fox jumps over the lazy dog.", "12 + 30 = 42",
-        '{"id": 7, "ok": true}', "ünïcödé text ✓\ttab", "  indented\n\n\nblank lines  "]
+DOCS = [
+    "def f(x):\n    return x  +  1\n",
+    "The quick brown fox jumps over the lazy dog.",
+    "12 + 30 = 42",
+    '{"id": 7, "ok": true}',
+    "ünïcödé text ✓\ttab",
+    "  indented\n\n\nblank lines  ",
+]
 
 
 def write_jsonl(path, texts):
@@ -33,8 +39,17 @@ def write_jsonl(path, texts):
 def spm(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm")
     corpus = write_jsonl(root / "docs.jsonl", DOCS * 8)
-    out = python("tools/train_tokenizer.py", "--input", corpus, "--output-prefix", root / "tok", "--vocab-size",
-                 "400", "--num-threads", "1")
+    out = python(
+        "tools/train_tokenizer.py",
+        "--input",
+        corpus,
+        "--output-prefix",
+        root / "tok",
+        "--vocab-size",
+        "400",
+        "--num-threads",
+        "1",
+    )
     assert "vocab_size=400" in out.stdout and "48 documents" in out.stdout
     return root / "tok.model"
 
@@ -54,7 +69,12 @@ def test_sentencepiece_ids_and_lossless_round_trip(spm):
 def test_identity_hashes_the_file(spm, tmp_path):
     tok = build_tokenizer("SentencePieceTokenizer", spm)
     digest = hashlib.sha256(spm.read_bytes()).hexdigest()
-    assert tokenizer_identity(tok) == {"type": "SentencePieceTokenizer", "vocab_size": 400, "sha256": digest, "eod": 2}
+    assert tokenizer_identity(tok) == {
+        "type": "SentencePieceTokenizer",
+        "vocab_size": 400,
+        "sha256": digest,
+        "eod": 2,
+    }
     assert isinstance(tok.unique_identifiers, OrderedDict) and tok.unique_identifiers["sha256"] == digest
     # the cache key follows the content, not the location
     moved = tmp_path / "elsewhere.model"
@@ -64,8 +84,19 @@ def test_identity_hashes_the_file(spm, tmp_path):
 
 def test_train_tokenizer_sampling_is_reproducible(tmp_path):
     corpus = write_jsonl(tmp_path / "a.jsonl", [f"{d} {i}" for i in range(30) for d in DOCS])
-    args = ["tools/train_tokenizer.py", "--input", str(tmp_path / "*.jsonl"), "--vocab-size", "320",
-            "--num-threads", "1", "--max-sentences", "60", "--seed", "3"]
+    args = [
+        "tools/train_tokenizer.py",
+        "--input",
+        str(tmp_path / "*.jsonl"),
+        "--vocab-size",
+        "320",
+        "--num-threads",
+        "1",
+        "--max-sentences",
+        "60",
+        "--seed",
+        "3",
+    ]
     first = python(*args, "--output-prefix", tmp_path / "one")
     python(*args, "--output-prefix", tmp_path / "two")
     assert (tmp_path / "one.model").read_bytes() == (tmp_path / "two.model").read_bytes()
@@ -75,13 +106,31 @@ def test_train_tokenizer_sampling_is_reproducible(tmp_path):
 
 
 def test_train_tokenizer_errors(tmp_path):
-    failed = python("tools/train_tokenizer.py", "--input", tmp_path / "nope.jsonl", "--output-prefix",
-                    tmp_path / "t", "--vocab-size", "100", check=False)
+    failed = python(
+        "tools/train_tokenizer.py",
+        "--input",
+        tmp_path / "nope.jsonl",
+        "--output-prefix",
+        tmp_path / "t",
+        "--vocab-size",
+        "100",
+        check=False,
+    )
     assert failed.returncode == 2
     assert "no such file(s)" in failed.stderr and "--vocab-size 100" in failed.stderr
     corpus = write_jsonl(tmp_path / "small.jsonl", ["tiny corpus"])
-    failed = python("tools/train_tokenizer.py", "--input", corpus, "--output-prefix", tmp_path / "t",
-                    "--vocab-size", "5000", "--num-threads", "1", check=False)
+    failed = python(
+        "tools/train_tokenizer.py",
+        "--input",
+        corpus,
+        "--output-prefix",
+        tmp_path / "t",
+        "--vocab-size",
+        "5000",
+        "--num-threads",
+        "1",
+        check=False,
+    )
     assert failed.returncode == 2 and "error:" in failed.stderr and not (tmp_path / "t.model").exists()
 
 
@@ -92,10 +141,18 @@ def train_hf(tmp_path, *, specials=("<unk>", "</s>", "<pad>", "<s>"), template=T
     raw = Tokenizer(models.BPE(unk_token=specials[0]))
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # as Qwen / Llama-3 files
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(DOCS * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials),
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        DOCS * 4,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=list(specials),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     if template:
-        raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+        raw.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))]
+        )
     if truncate:
         raw.enable_truncation(max_length=4)
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -107,12 +164,28 @@ def test_huggingface_ids_match_transformers(tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     raw = train_hf(tmp_path)
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "</s>", "pad_token": {"__type": "AddedToken", "content": "<pad>", "lstrip": False,
-         "normalized": False, "rstrip": False, "single_word": False, "special": True}}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": "</s>",
+                "pad_token": {
+                    "__type": "AddedToken",
+                    "content": "<pad>",
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": True,
+                },
+            }
+        )
+    )
     tok = build_tokenizer("HuggingFaceTokenizer", tmp_path)
-    references = [PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json")),
-                  AutoTokenizer.from_pretrained(str(tmp_path))]
+    references = [
+        PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json")),
+        AutoTokenizer.from_pretrained(str(tmp_path)),
+    ]
     for text in DOCS:
         ids = tok.tokenize(text)
         assert len(ids) > 4  # the truncation saved in the file is not applied, nor the <s> template
@@ -124,7 +197,10 @@ def test_huggingface_ids_match_transformers(tmp_path):
     # a path to the tokenizer.json itself works too and is the same tokenizer
     same = build_tokenizer("HuggingFaceTokenizer", tmp_path / "tokenizer.json")
     assert tokenizer_identity(same) == tokenizer_identity(tok)
-    assert tokenizer_identity(tok)["sha256"] == hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest()
+    assert (
+        tokenizer_identity(tok)["sha256"]
+        == hashlib.sha256((tmp_path / "tokenizer.json").read_bytes()).hexdigest()
+    )
 
 
 def test_huggingface_eod_and_pad_rules(tmp_path):
@@ -144,12 +220,19 @@ def test_huggingface_eod_and_pad_rules(tmp_path):
         build_tokenizer("HuggingFaceTokenizer", tmp_path / "b")
 
 
-@pytest.mark.parametrize("kind,model,needle", [
-    ("GPT2BPETokenizer", "x", "--tokenizer-type 'GPT2BPETokenizer' is not supported"),
-    ("SentencePieceTokenizer", "/nonexistent.model", "--tokenizer-model /nonexistent.model: no such file"),
-    ("SentencePieceTokenizer", "/tmp", "is a directory"),
-    ("HuggingFaceTokenizer", "", "--tokenizer-model is required"),
-])
+@pytest.mark.parametrize(
+    "kind,model,needle",
+    [
+        ("GPT2BPETokenizer", "x", "--tokenizer-type 'GPT2BPETokenizer' is not supported"),
+        (
+            "SentencePieceTokenizer",
+            "/nonexistent.model",
+            "--tokenizer-model /nonexistent.model: no such file",
+        ),
+        ("SentencePieceTokenizer", "/tmp", "is a directory"),
+        ("HuggingFaceTokenizer", "", "--tokenizer-model is required"),
+    ],
+)
 def test_build_tokenizer_errors(kind, model, needle):
     with pytest.raises((ValueError, FileNotFoundError), match=needle):
         build_tokenizer(kind, model)
