@@ -6,7 +6,7 @@ Layout under ``--save`` (Megatron's, so its users find their way around)::
     iter_0000200/                         one dist checkpoint: model (+ optimizer) shards, common.pt,
         ddk_checkpoint.json               and our metadata: model config, tokenizer identity, layout
 
-A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed when every rank has finished; only then
+A checkpoint is written into ``iter_0000200.tmp`` and renamed when every rank has finished; only then
 is the tracker replaced. A crash mid-save leaves the previous checkpoint and tracker untouched.
 Sharded tensors carry global shapes, so loading reshards to the current TP/PP automatically.
 """
@@ -120,7 +120,7 @@ def read_metadata(path: str | os.PathLike, *, flag: str = "--load") -> Checkpoin
 
 
 def save_checkpoint(root: str | os.PathLike, metadata: CheckpointMetadata, sharded_state_dict: dict) -> Path:
-    """Write ``sharded_state_dict`` as ``root/iter_XXXXXXX`` and publish it; every rank calls this."""
+    """Write ``sharded_state_dict`` as ``root/iter_<7-digit iteration>`` and publish it; every rank calls this."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)

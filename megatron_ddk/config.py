@@ -195,7 +195,8 @@ class DistillConfig:
     kd_weight: float = 0.2
     """gamma in Eq. 3: loss = CE + gamma * KD."""
     kd_jsd_beta: float = 0.5
-    kd_chunk_size: int = 1024
+    kd_chunk_size: int | None = None
+    """Tokens per KD-loss chunk; None sizes chunks to ~16M logits of the local vocabulary shard."""
     teacher_bf16: bool | None = None
     """None follows the student's --bf16."""
     teacher_fp8: bool = True

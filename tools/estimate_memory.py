@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields, replace
 import _bootstrap  # noqa: F401  (megatron_ddk importable from a source checkout)
 
 from megatron_ddk.config import ModelConfig
-from megatron_ddk.models.gpt import padded_vocab_size
+from megatron_ddk.data.tokenizer import padded_vocab_size
 
 GIB = 1024**3
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import abstractmethod
 from collections import OrderedDict
 from pathlib import Path
 
@@ -61,18 +62,21 @@ class Tokenizer(MegatronLegacyTokenizer):
         return self._pad
 
     @property
+    @abstractmethod
     def vocab(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Token text -> id."""
 
     @property
     def inv_vocab(self) -> dict[int, str]:
         return {i: token for token, i in self.vocab.items()}
 
+    @abstractmethod
     def tokenize(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of ``text`` without special tokens (the dataset appends the end-of-document id)."""
 
+    @abstractmethod
     def detokenize(self, ids) -> str:
-        raise NotImplementedError
+        """Text of ``ids``."""
 
 
 class SentencePieceTokenizer(Tokenizer):

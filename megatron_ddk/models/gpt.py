@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, SetupError
+from megatron_ddk.data.tokenizer import padded_vocab_size
 
 
 @functools.cache
@@ -24,12 +25,6 @@ def transformer_engine_available() -> bool:
     except (ImportError, RuntimeError):  # a half-installed TE raises RuntimeError
         return False
     return True
-
-
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int, divisible_by: int = 128) -> int:
-    """Megatron's rule: pad the embedding to a multiple of ``divisible_by * TP`` rows."""
-    multiple = divisible_by * tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def check_fp8_supported(precision: PrecisionConfig) -> None:

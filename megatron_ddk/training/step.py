@@ -28,6 +28,8 @@ TEACHER_LM_LOSS = "teacher lm loss"
 # Per-domain report: [ce sums (N) | token counts (N)] of the student, and of the teacher when present.
 DOMAIN_LM_LOSS = "domain lm loss"
 DOMAIN_TEACHER_LM_LOSS = "domain teacher lm loss"
+KD_CHUNK_LOGITS = 1 << 24
+"""Default KD chunk: ~16M fp32 logits (64 MiB) per temporary; see docs/KD_LOSS.md."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +41,7 @@ class LossSettings:
     kd_loss_type: str = "forward_kl"
     kd_temperature: float = 1.0
     kd_jsd_beta: float = 0.5
-    kd_chunk_size: int = 1024
+    kd_chunk_size: int | None = None
     train_on_kd: bool = True
     """False for validation: report CE (and teacher CE) only."""
 
@@ -84,7 +86,7 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
             kind=settings.kd_loss_type,
             temperature=settings.kd_temperature,
             jsd_beta=settings.kd_jsd_beta,
-            chunk_size=settings.kd_chunk_size,
+            chunk_size=settings.kd_chunk_size or max(1, KD_CHUNK_LOGITS // student_logits.shape[-1]),
             vocab_size=settings.vocab_size,
         )  # [b, s]
         kd_sum = (kd * mask).sum()

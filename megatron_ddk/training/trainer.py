@@ -42,7 +42,7 @@ from megatron_ddk.data.datasets import build_domain_datasets
 from megatron_ddk.data.domains import load_domain_registry, registry_from_data_path, validate_registry
 from megatron_ddk.data.loader import MixedDomainBatches
 from megatron_ddk.data.mixing import DomainMixingSchedule
-from megatron_ddk.data.tokenizer import tokenizer_identity
+from megatron_ddk.data.tokenizer import padded_vocab_size, tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.ddk.evaluation import DomainEvaluation, evaluate_domains
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
@@ -50,7 +50,6 @@ from megatron_ddk.models.gpt import (
     build_gpt_model,
     check_fp8_supported,
     check_sequence_parallel_supported,
-    padded_vocab_size,
 )
 from megatron_ddk.platform import distributed
 from megatron_ddk.training import report

@@ -10,16 +10,7 @@ from megatron_ddk.models.gpt import (
     build_transformer_config,
     check_fp8_supported,
     check_sequence_parallel_supported,
-    padded_vocab_size,
 )
-
-
-def test_padded_vocab_size_follows_megatron():
-    assert padded_vocab_size(32000, 1) == 32000
-    assert padded_vocab_size(32000, 2) == 32000
-    assert padded_vocab_size(151646, 1) == 151680
-    assert padded_vocab_size(151646, 8) == 152576
-    assert padded_vocab_size(500, 2, 128) == 512
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ddk.arguments import parse_run_config
-from megatron_ddk.models.gpt import padded_vocab_size
+from megatron_ddk.data.tokenizer import padded_vocab_size
 from tests.helpers import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
