@@ -198,6 +198,10 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
                         f"{args.micro_batch_size} x data-parallel size {dp}")
     if args.train_iters < 1:
         problems.append(f"--train-iters must be >= 1, got {args.train_iters}")
+    decay = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters >= decay:
+        problems.append(f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than the decay length {decay} "
+                        "(--lr-decay-iters, default --train-iters)")
     if args.domains is None and not args.data_path:
         problems.append("no data: give --domains REGISTRY.yaml or --data-path [W1] PREFIX1 [W2 PREFIX2 ...]")
     if args.domains is not None and args.data_path:

@@ -56,6 +56,7 @@ def test_every_problem_is_reported_at_once():
     (["--ddk-mode", "cpt", "--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
     (["--ddk-mode", "cpt", "--save-interval", "3"], "--save-interval needs --save"),
     (["--ddk-mode", "cpt", "--num-query-groups", "3"], "--num-query-groups 3"),
+    (["--ddk-mode", "cpt", "--lr-warmup-iters", "10"], "--lr-warmup-iters 10"),
 ])
 def test_bad_combinations(extra, needle):
     with pytest.raises(ArgumentError, match=needle.replace("(", r"\(")):
