@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.dist.test_distillation import teacher  # noqa: F401  (session fixture)
+from tests.integration.test_distillation import teacher  # noqa: F401  (session fixture)
 from tests.runs import STUDENT, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow

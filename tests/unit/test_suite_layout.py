@@ -1,0 +1,20 @@
+"""Guard for the suite itself: every test directory is collected by `make test`.
+
+pytest silently skips directories named like its default ``norecursedirs`` (``dist``, ``build``, ...);
+the multi-process tests once lived in ``tests/dist`` and never ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers import REPO_ROOT, python
+
+
+def test_every_test_directory_is_collected():
+    proc = python("-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider")
+    collected = {line.split("/")[1] for line in proc.stdout.splitlines() if line.startswith("tests/")}
+    directories = {p.name for p in (REPO_ROOT / "tests").iterdir()
+                   if p.is_dir() and any(p.glob("test_*.py"))}
+    assert directories and directories <= collected, (directories, collected)
+    assert Path(REPO_ROOT / "tests" / "integration").is_dir()
