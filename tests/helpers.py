@@ -25,6 +25,9 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)  # a child picks its own rendezvous; never inherit one
+
     if extra:
         env.update(extra)
     return env

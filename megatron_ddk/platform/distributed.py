@@ -80,17 +80,17 @@ def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10)
 
     apply_cpu_compat()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "nccl"
         else:
             backend = "gloo"
+        # under torchrun the rendezvous comes from the environment; a plain single process gets a
+        # private TCP store (without touching os.environ, which child processes would inherit)
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend=backend,
+            init_method=init_method,
             rank=rank_from_env(),
             world_size=world_size_from_env(),
             timeout=timedelta(minutes=distributed_timeout_minutes),
