@@ -130,45 +130,40 @@ def convert(args: argparse.Namespace) -> Path:
 def _write_checkpoint(save: Path, model_cfg, weights, placements, dtype: torch.dtype, tokenizer: dict,
                       overwrite: bool) -> Path:
     """Build at TP1/PP1, stream the weights in, save into a sibling staging root, then swap it in."""
-    import torch.distributed as dist
-
-    from megatron_ddk.checkpointing import CheckpointMetadata, iteration_dir, save_checkpoint
-    from megatron_ddk.config import ParallelConfig, PrecisionConfig
+    from megatron_ddk.checkpointing import iteration_dir
     from megatron_ddk.models import hf_mapping as hm
-    from megatron_ddk.models.gpt import build_gpt_model
-    from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 
-    owns_world = not dist.is_initialized()
-    initialize(ParallelLayout(world_size=1))
     staging = save.with_name(save.name + ".converting")
     try:
-        if dist.get_world_size() != 1:
-            raise HFConversionError("run the converter as a single process (no torchrun): it writes TP1/PP1")
-        set_seed(0)
-        model = build_gpt_model(model_cfg, ParallelConfig(), PrecisionConfig(bf16=dtype == torch.bfloat16),
-                                pre_process=True, post_process=True, initialize_weights=False)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for param in params.values():
-                param.fill_(float("nan"))  # any slice no HF tensor reaches stays NaN and is caught below
-            for rows in hm.vocab_padding_rows(model_cfg, params):
-                rows.zero_()
-            hm.copy_hf_weights(params, weights, placements)
-            unfilled = [name for name, param in params.items() if torch.isnan(param).any()]
-        if unfilled:
-            raise HFConversionError(f"no HF tensor filled megatron parameter(s) {', '.join(unfilled)}; "
-                                    "this is a converter bug, please report it")
-        metadata = CheckpointMetadata(iteration=0, model=model_cfg, tokenizer=tokenizer, tensor_model_parallel_size=1,
-                                      pipeline_model_parallel_size=1, data_parallel_size=1, ddk_mode="hf-import",
-                                      has_optimizer=False)
-        shutil.rmtree(staging, ignore_errors=True)
-        save_checkpoint(staging, metadata, {"model": model.sharded_state_dict()})
+        with hm.single_process_model(model_cfg, dtype, purpose="it writes TP1/PP1") as model:
+            _fill_and_save(model, model_cfg, weights, placements, tokenizer, staging)
         _publish(staging, save, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if owns_world:
-            destroy()
     return iteration_dir(save, 0)
+
+
+def _fill_and_save(model, model_cfg, weights, placements, tokenizer: dict, staging: Path) -> None:
+    """Copy every HF tensor into ``model`` (NaN-filled first, so a missed slice is caught) and save it."""
+    from megatron_ddk.checkpointing import CheckpointMetadata, save_checkpoint
+    from megatron_ddk.models import hf_mapping as hm
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for param in params.values():
+            param.fill_(float("nan"))  # any slice no HF tensor reaches stays NaN and is caught below
+        for rows in hm.vocab_padding_rows(model_cfg, params):
+            rows.zero_()
+        hm.copy_hf_weights(params, weights, placements)
+        unfilled = [name for name, param in params.items() if torch.isnan(param).any()]
+    if unfilled:
+        raise HFConversionError(f"no HF tensor filled megatron parameter(s) {', '.join(unfilled)}; "
+                                "this is a converter bug, please report it")
+    metadata = CheckpointMetadata(iteration=0, model=model_cfg, tokenizer=tokenizer, tensor_model_parallel_size=1,
+                                  pipeline_model_parallel_size=1, data_parallel_size=1, ddk_mode="hf-import",
+                                  has_optimizer=False)
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(staging, metadata, {"model": model.sharded_state_dict()})
 
 
 def _publish(staging: Path, save: Path, overwrite: bool) -> None:

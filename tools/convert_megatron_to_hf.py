@@ -168,23 +168,12 @@ def convert(args: argparse.Namespace) -> Path:
 
 def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int, staging: Path) -> int:
     """Load at TP1/PP1 and write the HF tensors shard by shard; returns the number of files."""
-    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from megatron_ddk.checkpointing import load_model_state
-    from megatron_ddk.config import ParallelConfig, PrecisionConfig
     from megatron_ddk.models import hf_mapping as hm
-    from megatron_ddk.models.gpt import build_gpt_model
-    from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 
-    owns_world = not dist.is_initialized()
-    initialize(ParallelLayout(world_size=1))
-    try:
-        if dist.get_world_size() != 1:
-            raise HFConversionError("run the converter as a single process (no torchrun): it gathers to TP1/PP1")
-        set_seed(0)
-        model = build_gpt_model(model_cfg, ParallelConfig(), PrecisionConfig(bf16=dtype == torch.bfloat16),
-                                pre_process=True, post_process=True, initialize_weights=False)
+    with hm.single_process_model(model_cfg, dtype, purpose="it gathers to TP1/PP1") as model:
         load_model_state(resolved, model, flag="--load")
         params = dict(model.named_parameters())
         placements = hm.hf_placements(model_cfg)
@@ -201,9 +190,6 @@ def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             (staging / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    finally:
-        if owns_world:
-            destroy()
     return len(shards)
 
 
