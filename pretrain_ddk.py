@@ -11,16 +11,14 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ddk.arguments import ArgumentError, parse_run_config
+    from megatron_ddk.arguments import ArgumentError, parse_run
     from megatron_ddk.checkpointing import CheckpointError
     from megatron_ddk.config import SetupError
     from megatron_ddk.data.domains import DataConfigError
-    from megatron_ddk.data.tokenizer import build_tokenizer
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = parse_run_config(argv, vocab_size=None, world_size=world_size)
-        tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        cfg, tokenizer = parse_run(argv, world_size=world_size)
         from megatron_ddk.training.trainer import Trainer
 
         trainer = Trainer(cfg, tokenizer)

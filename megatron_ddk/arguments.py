@@ -1,15 +1,16 @@
 """Megatron-LM-compatible command line -> typed ``RunConfig``.
 
 Flag names and meanings follow Megatron-LM's ``arguments.py`` for everything it also has; the
-distillation and DDK flags are ours. ``parse_run_config`` collects every problem it finds and
-raises once (``ArgumentError``) so a user fixes the command line in one go; it never mutates what
-it was given. The model's vocabulary size comes from the tokenizer, not from a flag.
+distillation and DDK flags are ours. ``parse_run`` / ``parse_run_config`` collect every problem they
+find and raise once (``ArgumentError``) so a user fixes the command line in one go; they never mutate
+what they were given. The model's vocabulary size comes from the tokenizer, not from a flag.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from megatron_ddk.config import (
     DDK_MODES,
@@ -29,6 +30,9 @@ from megatron_ddk.config import (
     RunConfig,
     TrainingConfig,
 )
+
+if TYPE_CHECKING:
+    from megatron_ddk.data.tokenizer import Tokenizer
 
 
 class ArgumentError(ValueError):
@@ -159,18 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_run_config(argv: Sequence[str] | None, *, vocab_size: int | None = None,
-                     world_size: int = 1) -> RunConfig:
-    """Parse and validate; ``vocab_size`` is the tokenizer's (None: read it from --tokenizer-model)."""
+def parse_run(argv: Sequence[str] | None, *, world_size: int = 1) -> tuple[RunConfig, Tokenizer]:
+    """Parse and validate the flags, then load ``--tokenizer-model`` once: the model's vocabulary is its size."""
+    from megatron_ddk.data.tokenizer import build_tokenizer
+
+    args = _parse_and_check(argv, world_size)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    return _to_config(args, tokenizer.vocab_size, world_size), tokenizer
+
+
+def parse_run_config(argv: Sequence[str] | None, *, vocab_size: int, world_size: int = 1) -> RunConfig:
+    """Parse and validate with a known tokenizer vocabulary size (no tokenizer file is read)."""
+    return _to_config(_parse_and_check(argv, world_size), vocab_size, world_size)
+
+
+def _parse_and_check(argv: Sequence[str] | None, world_size: int) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     problems = _check(args, world_size)
     if problems:
         raise ArgumentError("\n".join(problems))
-    if vocab_size is None:
-        from megatron_ddk.data.tokenizer import build_tokenizer
-
-        vocab_size = build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
-    return _to_config(args, vocab_size, world_size)
+    return args
 
 
 def _check(args: argparse.Namespace, world_size: int) -> list[str]:

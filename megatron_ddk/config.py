@@ -229,3 +229,10 @@ class RunConfig:
     data: DataConfig
     distill: DistillConfig = field(default_factory=DistillConfig)
     ddk: DDKConfig = field(default_factory=DDKConfig)
+
+    @property
+    def teacher_precision(self) -> PrecisionConfig:
+        """The student's precision with ``--teacher-bf16`` applied (None follows ``--bf16``)."""
+        if self.distill.teacher_bf16 is None:
+            return self.precision
+        return dataclasses.replace(self.precision, bf16=self.distill.teacher_bf16)

@@ -8,7 +8,7 @@ Timeline (window j = iterations [jK, (j+1)K), laid out by ``DomainMixingSchedule
   window j's weights before any of its samples is read.
 
 Everything the controller knows lives in ``state_dict`` (JSON-able) so a resumed run continues
-with the same teacher numbers and factor.
+with the same teacher numbers and factor (the current weights).
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ class DDKController:
         self.ce_student_last: np.ndarray | None = None
         self.weights: np.ndarray = factor.first_weights(mixing if dynamic else "static", self.static_weights,
                                                         len(self.domain_names))
-        self.factor: np.ndarray | None = None
-        """r_t of Eq. 2 (None until the first evaluation)."""
+        """The current window's mixture; in ``ddk`` mode after ``start`` it is r_t, the factor Eq. 2 smooths."""
 
     # -------------------------------------------------------------------------------- decisions
     def is_update_iteration(self, iteration: int, train_iters: int) -> bool:
@@ -58,7 +57,6 @@ class DDKController:
             self.weights = factor.next_weights(self.mixing, r_prev=None, ce_student=evaluation.ce_student,
                                                ce_teacher=self.ce_teacher, alpha=self.alpha,
                                                static_weights=self.static_weights)
-            self.factor = self.weights
         self._log(iteration, window=0, ce_student=evaluation.ce_student)
         return self.weights
 
@@ -67,10 +65,10 @@ class DDKController:
         if self.ce_teacher is None:
             raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
         self.ce_student_last = evaluation.ce_student
-        self.weights = factor.next_weights(self.mixing, r_prev=self.factor, ce_student=evaluation.ce_student,
+        # start() left Eq. 1's r_0 in self.weights (update only runs in dynamic mode, after start)
+        self.weights = factor.next_weights(self.mixing, r_prev=self.weights, ce_student=evaluation.ce_student,
                                            ce_teacher=self.ce_teacher, alpha=self.alpha,
                                            static_weights=self.static_weights)
-        self.factor = self.weights
         self._log(iteration, window=iteration // self.interval, ce_student=evaluation.ce_student)
         return self.weights
 
@@ -123,7 +121,6 @@ class DDKController:
             "ce_student_initial": _list(self.ce_student_initial),
             "ce_student_last": _list(self.ce_student_last),
             "weights": _list(self.weights),
-            "factor": _list(self.factor),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -134,7 +131,6 @@ class DDKController:
         self.ce_student_initial = _array(state["ce_student_initial"])
         self.ce_student_last = _array(state["ce_student_last"])
         self.weights = _array(state["weights"])
-        self.factor = _array(state["factor"])
 
 
 def _list(values) -> list[float] | None:

@@ -27,6 +27,11 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def uses_transformer_engine() -> bool:
+    """Whether models get Transformer Engine's layer spec and fusions: TE importable and a CUDA GPU."""
+    return transformer_engine_available() and torch.cuda.is_available()
+
+
 def check_fp8_supported(precision: PrecisionConfig) -> None:
     """megatron-core silently ignores FP8 without Transformer Engine: refuse it instead."""
     if precision.fp8_format is None:
@@ -48,7 +53,7 @@ def check_fp8_supported(precision: PrecisionConfig) -> None:
 
 def check_sequence_parallel_supported(parallel: ParallelConfig) -> None:
     """megatron-core's torch norm (local spec) refuses sequence parallelism deep inside the model."""
-    if parallel.sequence_parallel and not (transformer_engine_available() and torch.cuda.is_available()):
+    if parallel.sequence_parallel and not uses_transformer_engine():
         raise SetupError("--sequence-parallel needs Transformer Engine's norms (GPU with the [gpu] extra); "
                            "drop --sequence-parallel here")
 
@@ -96,9 +101,9 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, preci
         perform_initialization=initialize_weights,
         calculate_per_token_loss=True,
         attention_softmax_in_fp32=True,
-        bias_activation_fusion=on_gpu and model.swiglu and transformer_engine_available(),
+        bias_activation_fusion=model.swiglu and uses_transformer_engine(),
         masked_softmax_fusion=False,
-        bias_dropout_fusion=on_gpu and transformer_engine_available(),
+        bias_dropout_fusion=uses_transformer_engine(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         **fp8,
@@ -112,7 +117,7 @@ def layer_spec(model: ModelConfig):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if transformer_engine_available() and torch.cuda.is_available():
+    if uses_transformer_engine():
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
     return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
 

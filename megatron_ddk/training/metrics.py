@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_ddk.platform import distributed
+
 
 def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int]) -> dict[str, torch.Tensor]:
     """Sum ``reports`` over micro-batches and ranks. ``layout`` maps each key to its vector length.
@@ -19,7 +21,7 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int
     Keys absent from the reports (e.g. no teacher) come back as zeros, so every rank runs the same
     collectives.
     """
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = distributed.device()
     keys = sorted(layout)
     flat = torch.zeros(sum(layout.values()), dtype=torch.float64, device=device)
     offset = 0

@@ -20,6 +20,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_ddk.distill.kd_loss import vocab_parallel_kd_loss
+from megatron_ddk.platform import distributed
 
 # Scalar report keys: each report value is a 2-vector [sum over tokens, number of tokens].
 LM_LOSS = "lm loss"
@@ -47,9 +48,8 @@ class LossSettings:
 
 
 def move_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if torch.cuda.is_available():
-        return {key: value.cuda(non_blocking=True) for key, value in batch.items()}
-    return batch
+    target = distributed.device()
+    return {key: value.to(target, non_blocking=True) for key, value in batch.items()}
 
 
 def forward_step(data_iterator, model, *, settings: LossSettings):

@@ -37,7 +37,7 @@ from megatron_ddk.checkpointing import (
     save_checkpoint,
     set_rng_state,
 )
-from megatron_ddk.config import PrecisionConfig, RunConfig
+from megatron_ddk.config import RunConfig
 from megatron_ddk.data.datasets import build_domain_datasets
 from megatron_ddk.data.domains import load_domain_registry, registry_from_data_path, validate_registry
 from megatron_ddk.data.loader import MixedDomainBatches
@@ -136,8 +136,7 @@ class Trainer:
             problems.append(f"teacher logits have {t_rows} (padded) vocabulary columns at TP={tp} but the student's have "
                             f"{s_rows}; the student's vocabulary ({cfg.model.vocab_size}) must pad like the teacher's "
                             f"({meta.model.vocab_size}): adjust --make-vocab-size-divisible-by")
-        teacher_bf16 = cfg.precision.bf16 if cfg.distill.teacher_bf16 is None else cfg.distill.teacher_bf16
-        if pp > 1 and teacher_bf16 != cfg.precision.bf16:
+        if pp > 1 and cfg.teacher_precision.bf16 != cfg.precision.bf16:
             problems.append("--teacher-bf16 must match --bf16 with pipeline parallelism (one p2p dtype for both models)")
         if problems:
             raise CheckpointError("; ".join(problems))
@@ -173,9 +172,7 @@ class Trainer:
         student = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, pre_process=pre, post_process=post)
         teacher = None
         if self.teacher_metadata is not None:
-            bf16 = cfg.precision.bf16 if cfg.distill.teacher_bf16 is None else cfg.distill.teacher_bf16
-            precision = PrecisionConfig(**{**cfg.precision.__dict__, "bf16": bf16})
-            teacher = build_gpt_model(self.teacher_metadata.model, cfg.parallel, precision, pre_process=pre,
+            teacher = build_gpt_model(self.teacher_metadata.model, cfg.parallel, cfg.teacher_precision, pre_process=pre,
                                       post_process=post, use_fp8=cfg.distill.teacher_fp8, initialize_weights=False)
             load_model_state(cfg.distill.teacher_load, teacher, flag="--teacher-load")
         self.student = student
@@ -349,9 +346,7 @@ class Trainer:
         """True on every rank as soon as any rank got SIGTERM (they must stop at the same iteration)."""
         if not self.cfg.training.exit_signal_handler:
             return False
-        flag = torch.tensor([1.0 if self._signalled else 0.0])
-        if torch.cuda.is_available():
-            flag = flag.cuda()
+        flag = torch.tensor([1.0 if self._signalled else 0.0], device=distributed.device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -522,9 +517,7 @@ def _check_same_on_all_ranks(values: np.ndarray, what: str) -> None:
     """Every rank must lay out the same sample stream: fail loudly if the weights ever diverge."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    mine = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    if torch.cuda.is_available():
-        mine = mine.cuda()
+    mine = torch.as_tensor(np.asarray(values, dtype=np.float64), device=distributed.device())
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     if any(not torch.equal(g, mine) for g in gathered):

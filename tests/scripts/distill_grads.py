@@ -9,15 +9,14 @@ import torch
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
-    from megatron_ddk.arguments import parse_run_config
+    from megatron_ddk.arguments import parse_run
     from megatron_ddk.checkpointing import load_model_state
-    from megatron_ddk.data.tokenizer import build_tokenizer
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform.distributed import destroy
     from megatron_ddk.training.trainer import Trainer
 
-    cfg = parse_run_config(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    trainer = Trainer(cfg, build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model))
+    cfg, tokenizer = parse_run(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    trainer = Trainer(cfg, tokenizer)
     teacher = trainer.unwrapped.teacher
     before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
     student_before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
