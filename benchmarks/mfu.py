@@ -35,11 +35,8 @@ TEACHER = dict(num_layers=32, hidden_size=3072, num_attention_heads=24, num_quer
 
 
 def forward_flops_per_token(cfg, seq: int, vocab: int) -> float:
-    h, heads, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-    kv = cfg.query_groups * d
-    per_layer = h * (heads * d + 2 * kv) + heads * d * h + h * cfg.ffn_hidden_size * (3 if cfg.swiglu else 2)
-    attention = 2 * seq * heads * d  # QK^T and AV, per token
-    return 2 * cfg.num_layers * per_layer + 2 * cfg.num_layers * attention + 2 * h * vocab
+    attention = 2 * seq * cfg.num_attention_heads * cfg.head_dim  # QK^T and AV, per token
+    return 2 * cfg.num_layers * (cfg.layer_matmul_parameters() + attention) + 2 * cfg.hidden_size * vocab
 
 
 def run_mode(mode: str, args) -> dict:

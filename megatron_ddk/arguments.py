@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kd-weight", type=float, default=0.2, help="gamma: loss = CE + gamma * KD")
     g.add_argument("--kd-jsd-beta", type=float, default=0.5)
     g.add_argument("--kd-chunk-size", type=int, default=None,
-                   help="tokens per chunk of the KD loss (default: 16M / vocabulary shard, e.g. 128 for Qwen at TP=1)")
+                   help="tokens per chunk of the KD loss (default: 16M / vocabulary shard, e.g. 110 for Qwen at TP=1)")
 
     g = parser.add_argument_group("DDK domain mixing (Eq. 1-2)")
     g.add_argument("--ddk-interval", type=int, default=1000, help="K: iterations between weight updates")

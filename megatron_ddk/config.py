@@ -95,19 +95,38 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {unknown}: the checkpoint was written by a newer version")
         return cls(**values)
 
+    def layer_matmul_parameters(self) -> int:
+        """Weights of one layer's GEMMs (QKV, output projection, MLP): what a token's FLOPs are counted
+        from and what tensor parallelism splits."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        q, kv = self.num_attention_heads * self.head_dim, 2 * self.query_groups * self.head_dim
+        return h * (q + kv) + q * h + h * f * (3 if self.swiglu else 2)
+
+    def layer_parameters(self, tp: int = 1) -> int:
+        """Parameters of one transformer layer on one of ``tp`` tensor-parallel ranks: matrices and
+        column-parallel biases are split, norms and row-parallel biases are replicated."""
+        h, d, f = self.hidden_size, self.head_dim, self.ffn_hidden_size
+        q, kv = self.num_attention_heads * d, 2 * self.query_groups * d
+        norm = 2 if self.normalization == "LayerNorm" else 1  # weight (+ bias)
+        sharded = self.layer_matmul_parameters()
+        replicated = 2 * norm * h
+        if self.add_qkv_bias or self.add_bias_linear:
+            sharded += q + kv
+        if self.add_bias_linear:
+            sharded += 2 * f if self.swiglu else f  # fc1
+            replicated += 2 * h  # linear_proj, linear_fc2
+        if self.qk_layernorm:
+            replicated += 2 * norm * d
+        return sharded // tp + replicated
+
     def num_parameters(self) -> int:
         """Parameter count (unpadded vocabulary), the way model cards count it."""
-        h, v = self.hidden_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = 2 * self.query_groups * self.head_dim
-        attn = h * (q + kv) + q * h + (q + kv if self.add_qkv_bias else 0)
-        mlp = h * self.ffn_hidden_size * (3 if self.swiglu else 2)
-        norms = 2 * h + (2 * self.head_dim if self.qk_layernorm else 0)
-        per_layer = attn + mlp + norms
-        embeddings = v * h * (2 if self.untie_embeddings_and_output_weights else 1)
+        h = self.hidden_size
+        embeddings = self.vocab_size * h * (2 if self.untie_embeddings_and_output_weights else 1)
         if self.position_embedding_type == "learned_absolute":
             embeddings += self.max_position_embeddings * h
-        return self.num_layers * per_layer + embeddings + h
+        final_norm = (2 if self.normalization == "LayerNorm" else 1) * h
+        return self.num_layers * self.layer_parameters() + embeddings + final_norm
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,6 +39,7 @@ import _bootstrap  # noqa: F401  (megatron_ddk importable from a source checkout
 
 from megatron_ddk.config import ModelConfig
 from megatron_ddk.data.tokenizer import padded_vocab_size
+from megatron_ddk.distill.kd_loss import default_chunk_size
 
 GIB = 1024**3
 
@@ -85,14 +86,15 @@ class Layout:
     bf16: bool = True
     flash_attention: bool = True
     """TE fused / flash attention keeps no [s, s] score matrix; False models the unfused local path."""
-    kd_chunk_size: int = 1024
+    kd_chunk_size: int | None = None
+    """Tokens per KD-loss chunk; None: pretrain_ddk.py's default (``kd_loss.default_chunk_size``)."""
     make_vocab_size_divisible_by: int = 128
     overhead_gib: float = 4.0
 
     def problems(self, models: Sequence[ModelConfig]) -> list[str]:
         out = []
         for name in ("tp", "pp", "dp", "micro_batch_size", "seq_length", "kd_chunk_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if out:
             return out
@@ -142,29 +144,12 @@ class Estimate:
 # ----------------------------------------------------------------------------------- parameters
 
 
-def layer_parameters(model: ModelConfig, tp: int = 1) -> int:
-    """Parameters of one transformer layer held by one TP rank (norms are replicated)."""
-    h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
-    q, kv = model.num_attention_heads * d, 2 * model.query_groups * d
-    fc1_out = 2 * f if model.swiglu else f
-    sharded = h * (q + kv) + q * h + h * fc1_out + f * h
-    if model.add_qkv_bias or model.add_bias_linear:
-        sharded += q + kv
-    replicated = (4 * h if model.normalization == "LayerNorm" else 2 * h)
-    if model.add_bias_linear:
-        sharded += fc1_out
-        replicated += 2 * h  # row-parallel biases (linear_proj, linear_fc2)
-    if model.qk_layernorm:
-        replicated += 2 * d
-    return sharded // tp + replicated
-
-
 def stage_parameters(model: ModelConfig, *, tp: int, pp: int, stage: int,
                      make_vocab_size_divisible_by: int = 128) -> int:
     """Parameters one GPU of pipeline ``stage`` holds (embedding rows padded the way Megatron pads)."""
     h = model.hidden_size
     vocab = padded_vocab_size(model.vocab_size, tp, make_vocab_size_divisible_by)
-    total = (model.num_layers // pp) * layer_parameters(model, tp)
+    total = (model.num_layers // pp) * model.layer_parameters(tp)
     first, last = stage == 0, stage == pp - 1
     if first:
         total += vocab * h // tp
@@ -203,6 +188,11 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, *, element_bytes:
     return total
 
 
+def kd_chunk_tokens(layout: Layout, vocab_columns: int) -> int:
+    """The KD loss's tokens per chunk, defaulting the way pretrain_ddk.py does."""
+    return layout.kd_chunk_size or default_chunk_size(vocab_columns)
+
+
 def logits_bytes(vocab_columns: int, layout: Layout, *, with_teacher: bool, element_bytes: int) -> float:
     """Last stage, one micro-batch: logits, the loss's saved tensors and its transients."""
     n = layout.seq_length * layout.micro_batch_size * vocab_columns  # elements of one [s, b, V/TP] tensor
@@ -212,7 +202,7 @@ def logits_bytes(vocab_columns: int, layout: Layout, *, with_teacher: bool, elem
     chunk_workspace = 0.0
     if with_teacher:
         per_element += 2 + element_bytes  # teacher logits (bf16), the KD gradient stored by the chunked loss
-        chunk_workspace = 4 * min(layout.kd_chunk_size, layout.seq_length * layout.micro_batch_size) \
+        chunk_workspace = 4 * min(kd_chunk_tokens(layout, vocab_columns), layout.seq_length * layout.micro_batch_size) \
             * vocab_columns * 4  # four fp32 [chunk, V/TP] buffers
     return n * per_element + chunk_workspace
 
@@ -258,7 +248,7 @@ def estimate_stage(teacher: ModelConfig | None, student: ModelConfig, layout: La
         columns = rows // t
         parts.append(Component("logits and KD loss",
                                logits_bytes(columns, layout, with_teacher=teacher is not None, element_bytes=elem),
-                               f"[s, b, {columns}] per TP rank, KD chunk {layout.kd_chunk_size}"))
+                               f"[s, b, {columns}] per TP rank, KD chunk {kd_chunk_tokens(layout, columns)}"))
     parts.append(Component("allowance", layout.overhead_gib * GIB, "CUDA context, NCCL, fragmentation"))
     return Estimate(stage, tuple(parts))
 
@@ -386,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp32", action="store_true", help="fp32 student (default bf16 with fp32 master weights)")
     parser.add_argument("--unfused-attention", action="store_true",
                         help="keep [s, s] attention probabilities (CPU / no Transformer Engine)")
-    parser.add_argument("--kd-chunk-size", type=int, default=1024)
+    parser.add_argument("--kd-chunk-size", type=int, default=None,
+                        help="as pretrain_ddk.py's flag (default: 16M logits / vocabulary shard)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--overhead-gib", type=float, default=4.0,
                         help="CUDA context, NCCL buffers and allocator fragmentation")

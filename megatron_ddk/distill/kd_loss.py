@@ -39,6 +39,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
+KD_CHUNK_LOGITS = 1 << 24
+"""Default chunk: ~16M fp32 logits (64 MiB) per temporary buffer; see docs/KD_LOSS.md."""
+
+
+def default_chunk_size(vocab_columns: int) -> int:
+    """Tokens per chunk when none is given (``--kd-chunk-size``): ``KD_CHUNK_LOGITS`` logits of the
+    local vocabulary shard, e.g. 110 tokens for Qwen's 151936 columns at TP=1, 220 at TP=2."""
+    return max(1, KD_CHUNK_LOGITS // max(vocab_columns, 1))
 
 
 def _default_tp_group():

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_ddk.distill.kd_loss import vocab_parallel_kd_loss
+from megatron_ddk.distill.kd_loss import default_chunk_size, vocab_parallel_kd_loss
 from megatron_ddk.platform import distributed
 
 # Scalar report keys: each report value is a 2-vector [sum over tokens, number of tokens].
@@ -29,8 +29,6 @@ TEACHER_LM_LOSS = "teacher lm loss"
 # Per-domain report: [ce sums (N) | token counts (N)] of the student, and of the teacher when present.
 DOMAIN_LM_LOSS = "domain lm loss"
 DOMAIN_TEACHER_LM_LOSS = "domain teacher lm loss"
-KD_CHUNK_LOGITS = 1 << 24
-"""Default KD chunk: ~16M fp32 logits (64 MiB) per temporary; see docs/KD_LOSS.md."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +84,7 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
             kind=settings.kd_loss_type,
             temperature=settings.kd_temperature,
             jsd_beta=settings.kd_jsd_beta,
-            chunk_size=settings.kd_chunk_size or max(1, KD_CHUNK_LOGITS // student_logits.shape[-1]),
+            chunk_size=settings.kd_chunk_size or default_chunk_size(student_logits.shape[-1]),
             vocab_size=settings.vocab_size,
         )  # [b, s]
         kd_sum = (kd * mask).sum()

@@ -38,9 +38,9 @@ def test_layer_parameters_of_a_small_model_by_hand():
     model = ModelConfig(num_layers=2, hidden_size=8, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=12,
                         vocab_size=100, max_position_embeddings=16, add_qkv_bias=True)
     # head dim 4: q 8, k+v 2*1*4 = 8 -> qkv 8*16 + bias 16, proj 8*8, fc1 8*24, fc2 12*8, two RMSNorms 2*8
-    assert em.layer_parameters(model) == 8 * 16 + 16 + 64 + 8 * 24 + 96 + 16
+    assert model.layer_parameters() == 8 * 16 + 16 + 64 + 8 * 24 + 96 + 16
     # TP=2 splits every matrix and the qkv bias; the norms stay whole.
-    assert em.layer_parameters(model, tp=2) == (8 * 16 + 16 + 64 + 8 * 24 + 96) // 2 + 16
+    assert model.layer_parameters(tp=2) == (8 * 16 + 16 + 64 + 8 * 24 + 96) // 2 + 16
 
 
 def test_activation_bytes_by_hand():
@@ -79,7 +79,8 @@ def test_distributed_optimizer_divides_only_the_optimizer_state_by_dp():
 
 
 def test_tensor_parallelism_halves_weights_and_logits():
-    one, two = _qwen(em.Layout(tp=1)), _qwen(em.Layout(tp=2))
+    # a fixed KD chunk in tokens (the default fixes logits per chunk, so its workspace does not shrink)
+    one, two = _qwen(em.Layout(tp=1, kd_chunk_size=1024)), _qwen(em.Layout(tp=2, kd_chunk_size=1024))
     for name in ("teacher weights", "student weights", "student grads", "logits and KD loss"):
         assert two.by_name(name) == pytest.approx(one.by_name(name) / 2, rel=0.002)  # norms are replicated
     # Without sequence parallelism the norms' [s, b, h] tensors stay whole on every TP rank.
