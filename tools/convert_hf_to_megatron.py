@@ -24,7 +24,6 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
-from megatron_ddk.checkpointing import publish_directory
 from megatron_ddk.models.hf_mapping import HFConversionError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -71,13 +70,6 @@ def tokenizer_record(hf_dir: Path, vocab_size: int) -> tuple[dict, str | None]:
         return unknown, f"tokenizer.json not recorded ({err})"
 
 
-def check_save_dir(save: Path, overwrite: bool) -> None:
-    if save.exists() and not save.is_dir():
-        raise HFConversionError(f"--save {save} is a file; give a directory")
-    if save.is_dir() and any(save.iterdir()) and not overwrite:
-        raise HFConversionError(f"--save {save} exists and is not empty; pass --overwrite to replace it")
-
-
 def convert(args: argparse.Namespace) -> Path:
     """Check, build, stream, save; returns the written ``iter_*`` directory."""
     from megatron_ddk.models import hf_mapping as hm
@@ -86,7 +78,7 @@ def convert(args: argparse.Namespace) -> Path:
     hf_dir: Path = args.hf_dir
     if not hf_dir.is_dir():
         raise HFConversionError(f"--hf-dir {hf_dir}: no such directory")
-    check_save_dir(args.save, args.overwrite)
+    hm.check_output_directory(args.save, args.overwrite, flag="--save")
     values = hm.read_hf_config(hf_dir)
     model_cfg = hm.model_config_from_hf(values, source=hf_dir / "config.json")
     hf_rows = model_cfg.vocab_size
@@ -137,7 +129,7 @@ def _write_checkpoint(save: Path, model_cfg, weights, placements, dtype: torch.d
     try:
         with hm.single_process_model(model_cfg, dtype, purpose="it writes TP1/PP1") as model:
             _fill_and_save(model, model_cfg, weights, placements, tokenizer, staging)
-        _publish(staging, save, overwrite)
+        hm.publish_output(staging, save, overwrite, flag="--save")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return iteration_dir(save, 0)
@@ -164,13 +156,6 @@ def _fill_and_save(model, model_cfg, weights, placements, tokenizer: dict, stagi
                                   has_optimizer=False)
     shutil.rmtree(staging, ignore_errors=True)
     save_checkpoint(staging, metadata, {"model": model.sharded_state_dict()})
-
-
-def _publish(staging: Path, save: Path, overwrite: bool) -> None:
-    """Move the finished checkpoint root into place; an old --save is removed only after the swap."""
-    if save.exists():
-        check_save_dir(save, overwrite)
-    publish_directory(staging, save)
 
 
 def main(argv: list[str] | None = None) -> int:

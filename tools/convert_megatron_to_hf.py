@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import shutil
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
-from megatron_ddk.checkpointing import CheckpointError, publish_directory
+from megatron_ddk.checkpointing import CheckpointError
 from megatron_ddk.models.hf_mapping import (
     MODEL_TYPES,
     SAFETENSORS_FILE,
@@ -58,13 +59,6 @@ def parse_size(text: str) -> int:
     if not match or int(match.group(1)) <= 0:
         raise HFConversionError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB, 500MB or 1000000")
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").upper()]
-
-
-def check_output_dir(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise HFConversionError(f"--output-dir {output} is a file; give a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise HFConversionError(f"--output-dir {output} exists and is not empty; pass --overwrite to replace it")
 
 
 def tokenizer_files(tokenizer_dir: Path | None, recorded: dict, vocab_rows: int) -> list[Path]:
@@ -136,7 +130,7 @@ def convert(args: argparse.Namespace) -> Path:
 
     started = time.time()
     max_bytes = parse_size(args.max_shard_size)
-    check_output_dir(args.output_dir, args.overwrite)
+    hm.check_output_directory(args.output_dir, args.overwrite, flag="--output-dir")
     resolved = resolve_checkpoint(args.load, flag="--load")
     metadata = read_metadata(resolved, flag="--load")
     model_cfg = metadata.model
@@ -157,7 +151,7 @@ def convert(args: argparse.Namespace) -> Path:
         hf_config.save_pretrained(str(staging))
         for source in copies:
             shutil.copy2(source, staging / source.name)
-        _publish(staging, args.output_dir, args.overwrite)
+        hm.publish_output(staging, args.output_dir, args.overwrite, flag="--output-dir")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {resolved} (iteration {metadata.iteration}) as {architecture}: {model_cfg.num_layers} layers, "
@@ -177,7 +171,7 @@ def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int
         load_model_state(resolved, model, flag="--load")
         params = dict(model.named_parameters())
         placements = hm.hf_placements(model_cfg)
-        sizes = {name: _numel(p.hf_shape) * dtype.itemsize for name, p in placements.items()}
+        sizes = {name: math.prod(p.hf_shape) * dtype.itemsize for name, p in placements.items()}
         shards = plan_shards(sizes, max_bytes)
         names = [SAFETENSORS_FILE] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -202,12 +196,6 @@ def _stored_dtype(resolved: Path) -> torch.dtype:
     return torch.bfloat16 if stored == torch.bfloat16 else torch.float32
 
 
-def _publish(staging: Path, output: Path, overwrite: bool) -> None:
-    if output.exists():
-        check_output_dir(output, overwrite)
-    publish_directory(staging, output)
-
-
 def _tokenizer_size(tokenizer_dir: Path) -> int | None:
     if (tokenizer_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -218,13 +206,6 @@ def _tokenizer_size(tokenizer_dir: Path) -> int | None:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ only replaced at all with ``--overwrite``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import multiprocessing
 import os
@@ -31,7 +30,9 @@ import numpy as np
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # run as `python tools/preprocess_data.py`: make megatron_ddk importable
-    sys.path.insert(0, _ROOT)
+    sys.path.insert(0, _ROOT)  # (not `import _bootstrap`: the tests import this file as tools.preprocess_data)
+
+from megatron_ddk.data.input_files import expand_input_files  # noqa: E402
 
 BAD_KINDS = ("malformed JSON", "missing key", "not a string", "empty document")
 ON_BAD_LINES = ("fail", "skip")
@@ -120,22 +121,6 @@ def output_paths(prefix: str, key: str) -> tuple[Path, Path]:
     return Path(base + ".bin"), Path(base + ".idx")
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files as given, or the sorted matches of a glob pattern; error if any pattern finds nothing."""
-    files, missing = [], []
-    for pattern in patterns:
-        pattern = str(pattern)
-        matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))
-        matches = [m for m in matches if os.path.isfile(m)]
-        if matches:
-            files.extend(matches)
-        else:
-            missing.append(pattern)
-    if missing:
-        raise PreprocessError(f"--input: no such file(s): {', '.join(missing)}")
-    return files
-
-
 def preprocess(
     inputs: list[str],
     output_prefix: str,
@@ -168,7 +153,9 @@ def preprocess(
         problems.append(f"--json-keys {' '.join(json_keys)}: give one or more distinct keys")
     if problems:
         raise PreprocessError("; ".join(problems))
-    inputs = expand_inputs(inputs)
+    inputs, missing = expand_input_files(inputs)
+    if missing:
+        raise PreprocessError(f"--input: no such file(s): {', '.join(missing)}")
     finals = [p for key in json_keys for p in output_paths(output_prefix, key)]
     existing = [str(p) for p in finals if p.exists()]
     if existing and not overwrite:

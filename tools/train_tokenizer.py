@@ -13,7 +13,6 @@ documents reproducibly (``--seed``).
 from __future__ import annotations
 
 import argparse
-import glob
 import io
 import json
 import os
@@ -24,6 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import _bootstrap  # noqa: F401
+
+from megatron_ddk.data.input_files import expand_input_files
+
 MAX_PIECE_CHARS = 8192
 """Longest text handed to SentencePiece at once; longer documents are cut at line breaks."""
 SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
@@ -33,22 +36,6 @@ SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 class ReadStats:
     documents: int = 0
     skipped: int = 0
-
-
-def expand_inputs(patterns: list[str]) -> tuple[list[str], list[str]]:
-    """(files, patterns that matched no file); a pattern is a path or a glob."""
-    files, missing = [], []
-    for pattern in patterns:
-        matches = (
-            [pattern]
-            if os.path.isfile(pattern)
-            else sorted(m for m in glob.glob(pattern) if os.path.isfile(m))
-        )
-        if matches:
-            files.extend(m for m in matches if m not in files)
-        else:
-            missing.append(pattern)
-    return files, missing
 
 
 def split_long(text: str, limit: int = MAX_PIECE_CHARS) -> Iterator[str]:
@@ -109,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    files, missing = expand_inputs(args.input)
+    files, missing = expand_input_files(args.input)
     problems = [f"--input: no such file(s): {', '.join(missing)}"] if missing else []
     if args.vocab_size < 300:
         problems.append(

@@ -415,3 +415,19 @@ def single_process_model(model_cfg: ModelConfig, dtype: torch.dtype, *, purpose:
     finally:
         if owns_world:
             destroy()
+
+
+def check_output_directory(path: Path, overwrite: bool, *, flag: str) -> None:
+    """A converter's output must be a new or empty directory, or ``--overwrite`` must be given."""
+    if path.exists() and not path.is_dir():
+        raise HFConversionError(f"{flag} {path} is a file; give a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise HFConversionError(f"{flag} {path} exists and is not empty; pass --overwrite to replace it")
+
+
+def publish_output(staging: Path, output: Path, overwrite: bool, *, flag: str) -> None:
+    """Move a finished conversion into place; an old ``output`` is removed only after the swap."""
+    from megatron_ddk.checkpointing import publish_directory
+
+    check_output_directory(output, overwrite, flag=flag)  # checked again: it may have appeared meanwhile
+    publish_directory(staging, output)
