@@ -64,5 +64,11 @@ def python(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
     return proc
 
 
+def train_sentencepiece(corpus: str | Path, prefix: str | Path, *, vocab_size: int) -> subprocess.CompletedProcess:
+    """``tools/train_tokenizer.py`` on one JSONL file, one thread (reproducible); writes ``prefix.model``."""
+    return python("tools/train_tokenizer.py", "--input", corpus, "--output-prefix", prefix,
+                  "--vocab-size", str(vocab_size), "--num-threads", "1")
+
+
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())

@@ -15,6 +15,9 @@ TEACHER = ["--num-layers", "4", "--hidden-size", "96", "--num-attention-heads", 
            "--ffn-hidden-size", "192", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
            "--seq-length", "32"]
 
+SERIES_RTOL = 2e-5
+"""Layouts (TP/PP/DP, resumed or not) must reproduce a reference run's losses to this relative tolerance."""
+
 _LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|(.*)")
 _VALUE = re.compile(r"\s*([a-z][a-z /]*?): ([-+0-9.Ee]+|nan)\s*$")
 
@@ -59,3 +62,10 @@ def parse_metrics(stdout: str) -> dict[int, dict[str, float]]:
 def pretrain(nproc: int, *args: str, check: bool = True, timeout: int = 600) -> RunResult:
     proc = torchrun(REPO_ROOT / "pretrain_ddk.py", nproc, *map(str, args), check=check, timeout=timeout)
     return RunResult(proc.stdout, proc.stderr, proc.returncode, parse_metrics(proc.stdout))
+
+
+def assert_series_close(a: list[float], b: list[float], rtol: float = SERIES_RTOL) -> None:
+    """Two non-empty loss series of equal length agree value by value to ``rtol``."""
+    assert len(a) == len(b) and a, (a, b)
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rtol * abs(y), (a, b)

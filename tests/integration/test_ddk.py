@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 from tests.integration.test_distillation import teacher  # noqa: F401  (session fixture)
-from tests.runs import STUDENT, data_args, pretrain, train_args
+from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
-RTOL = 2e-5
 
 
 def ddk(corpus, tmp, teacher_dir, iters, *extra):
@@ -29,11 +28,6 @@ def ddk_reference(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
     tmp = tmp_path_factory.mktemp("ddk_ref")
     run = pretrain(1, *ddk(tiny_corpus, tmp, teacher, 6, "--save", tmp / "ckpt"))
     return tmp, run, read_log(tmp / "ckpt" / "ddk_log.jsonl")
-
-
-def _close(a, b):
-    assert len(a) == len(b) and a, (a, b)
-    np.testing.assert_allclose(a, b, rtol=RTOL)
 
 
 def test_weights_follow_the_schedule(ddk_reference):
@@ -59,7 +53,7 @@ def test_dp2_matches_and_agrees_on_weights(tiny_corpus, tmp_path, teacher, ddk_r
     _, ref, ref_log = ddk_reference
     run = pretrain(2, *ddk(tiny_corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt", "--lr-decay-iters", "6"))
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
-    _close(run.series("lm loss"), ref.series("lm loss")[:4])
+    assert_series_close(run.series("lm loss"), ref.series("lm loss")[:4])
     for mine, theirs in zip(log, ref_log[:2]):
         np.testing.assert_allclose(mine["weights"], theirs["weights"], rtol=1e-6)
 
@@ -72,8 +66,8 @@ def test_resume_reproduces_uninterrupted_run(tiny_corpus, tmp_path, teacher, ddk
     second = pretrain(1, *args)
     assert sorted(first.metrics) == list(range(1, exit_at + 1))
     assert sorted(second.metrics) == list(range(exit_at + 1, 7))
-    _close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
-    _close(first.series("kd loss") + second.series("kd loss"), ref.series("kd loss"))
+    assert_series_close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
+    assert_series_close(first.series("kd loss") + second.series("kd loss"), ref.series("kd loss"))
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
     assert [r["iteration"] for r in log] == [0, 2, 4]
     for mine, theirs in zip(log, ref_log):

@@ -8,10 +8,9 @@ import shutil
 import pytest
 
 from tests.helpers import SCRIPTS, read_json, torchrun
-from tests.runs import STUDENT, TEACHER, data_args, pretrain, train_args
+from tests.runs import STUDENT, TEACHER, assert_series_close, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
-RTOL = 2e-5
 
 
 @pytest.fixture(scope="session")
@@ -35,12 +34,6 @@ def kd_reference(tiny_corpus, tmp_path_factory, teacher):
     return tmp, run
 
 
-def _close(a, b):
-    assert len(a) == len(b) and a, (a, b)
-    for x, y in zip(a, b):
-        assert abs(x - y) <= RTOL * abs(y), (a, b)
-
-
 def test_kd_run_reports_losses_and_kl_falls(kd_reference):
     _, run = kd_reference
     kd_losses = run.series("kd loss")
@@ -54,8 +47,8 @@ def test_kd_run_reports_losses_and_kl_falls(kd_reference):
 def test_kd_tp2_matches_tp1(tiny_corpus, tmp_path, teacher, kd_reference):
     _, ref = kd_reference
     run = pretrain(2, *kd(tiny_corpus, tmp_path, teacher, 3, "--tensor-model-parallel-size", "2"))
-    _close(run.series("lm loss"), ref.series("lm loss")[:3])
-    _close(run.series("kd loss"), ref.series("kd loss")[:3])
+    assert_series_close(run.series("lm loss"), ref.series("lm loss")[:3])
+    assert_series_close(run.series("kd loss"), ref.series("kd loss")[:3])
 
 
 @pytest.mark.parametrize("nproc,layout", [
@@ -70,9 +63,9 @@ def test_kd_pipeline_layouts_match_tp1(tiny_corpus, tmp_path, teacher, kd_refere
     shutil.copytree(tmp / "ckpt" / "iter_0000001", ckpt / "iter_0000001")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
     run = pretrain(nproc, *kd(tiny_corpus, tmp_path, teacher, 3, "--load", ckpt, *layout))
-    _close(run.series("lm loss"), ref.series("lm loss")[1:3])
-    _close(run.series("kd loss"), ref.series("kd loss")[1:3])
-    _close(run.series("teacher lm loss"), ref.series("teacher lm loss")[1:3])
+    assert_series_close(run.series("lm loss"), ref.series("lm loss")[1:3])
+    assert_series_close(run.series("kd loss"), ref.series("kd loss")[1:3])
+    assert_series_close(run.series("teacher lm loss"), ref.series("teacher lm loss")[1:3])
 
 
 def test_gradients_reach_only_the_student(tiny_corpus, tmp_path, teacher):

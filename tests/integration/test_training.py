@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from megatron_ddk.checkpointing import TRACKER_FILENAME, read_metadata
-from tests.runs import STUDENT, data_args, pretrain, train_args
+from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
-RTOL = 2e-5
 
 
 def cpt(corpus, tmp, *extra):
@@ -22,12 +21,6 @@ def reference(tiny_corpus, tmp_path_factory):
     run = pretrain(1, *cpt(tiny_corpus, tmp, "--save", tmp / "ckpt", "--save-interval", "1",
                            "--eval-interval", "2", "--eval-iters", "2", "--tensorboard-dir", tmp / "tb"))
     return tmp, run
-
-
-def _close(a, b):
-    assert len(a) == len(b) and a, (a, b)
-    for x, y in zip(a, b):
-        assert abs(x - y) <= RTOL * abs(y), (a, b)
 
 
 def test_loss_decreases_and_checkpoint_is_published(reference):
@@ -53,7 +46,7 @@ def test_loss_decreases_and_checkpoint_is_published(reference):
 def test_tp2_and_dp2_match_tp1_from_scratch(tiny_corpus, tmp_path, reference, nproc, layout):
     _, ref = reference
     run = pretrain(nproc, *cpt(tiny_corpus, tmp_path, *layout))
-    _close(run.series("lm loss"), ref.series("lm loss"))
+    assert_series_close(run.series("lm loss"), ref.series("lm loss"))
 
 
 @pytest.mark.parametrize("nproc,layout", [
@@ -73,7 +66,7 @@ def test_resume_from_tp1_checkpoint_reshards(tiny_corpus, tmp_path, reference, n
     (ckpt / "latest_checkpointed_iteration.txt").write_text("1\n")
     run = pretrain(nproc, *cpt(tiny_corpus, tmp_path, "--load", ckpt, *layout))
     assert sorted(run.metrics) == [2, 3]
-    _close(run.series("lm loss"), ref.series("lm loss")[1:])
+    assert_series_close(run.series("lm loss"), ref.series("lm loss")[1:])
     if layout:
         assert "resharded from TP1 PP1 DP1" in run.stdout
 
@@ -85,7 +78,7 @@ def test_exit_and_resume_equals_uninterrupted(tiny_corpus, tmp_path, reference):
     assert sorted(first.metrics) == [1, 2]
     second = pretrain(1, *args)
     assert sorted(second.metrics) == [3]
-    _close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
+    assert_series_close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tiny_corpus, tmp_path, reference):
@@ -100,7 +93,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tiny_corpus, tmp_path, referen
     (ckpt / "iter_0000002.tmp").mkdir()
     (ckpt / "iter_0000002.tmp" / "__0_0.distcp").write_bytes(b"half written")
     run = pretrain(1, *cpt(tiny_corpus, tmp_path, "--load", ckpt, "--save", ckpt, "--save-interval", "2"))
-    _close(run.series("lm loss"), ref.series("lm loss")[1:])
+    assert_series_close(run.series("lm loss"), ref.series("lm loss")[1:])
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
     assert not (ckpt / "iter_0000002.tmp").exists()
 
@@ -140,4 +133,4 @@ def test_distributed_optimizer_with_overlap_matches_and_resumes(tiny_corpus, tmp
     first = pretrain(2, *args, "--exit-interval", "2")
     second = pretrain(2, *args)
     assert sorted(first.metrics) == [1, 2] and sorted(second.metrics) == [3]
-    _close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
+    assert_series_close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))

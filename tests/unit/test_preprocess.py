@@ -9,7 +9,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ddk.data.tokenizer import build_tokenizer
-from tests.helpers import python
+from tests.helpers import python, train_sentencepiece
 from tools.preprocess_data import PreprocessError, main, preprocess
 
 DOCS = [
@@ -29,17 +29,7 @@ def lines(records) -> str:
 def spm(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm")
     (root / "docs.jsonl").write_text(lines({"text": d} for d in DOCS))
-    python(
-        "tools/train_tokenizer.py",
-        "--input",
-        root / "docs.jsonl",
-        "--output-prefix",
-        root / "tok",
-        "--vocab-size",
-        "400",
-        "--num-threads",
-        "1",
-    )
+    train_sentencepiece(root / "docs.jsonl", root / "tok", vocab_size=400)
     return str(root / "tok.model")
 
 

@@ -18,7 +18,7 @@ from megatron_ddk.data.tokenizer import (
     padded_vocab_size,
     tokenizer_identity,
 )
-from tests.helpers import python
+from tests.helpers import python, train_sentencepiece
 
 DOCS = [
     "def f(x):\n    return x  +  1\n",
@@ -39,17 +39,7 @@ def write_jsonl(path, texts):
 def spm(tmp_path_factory):
     root = tmp_path_factory.mktemp("spm")
     corpus = write_jsonl(root / "docs.jsonl", DOCS * 8)
-    out = python(
-        "tools/train_tokenizer.py",
-        "--input",
-        corpus,
-        "--output-prefix",
-        root / "tok",
-        "--vocab-size",
-        "400",
-        "--num-threads",
-        "1",
-    )
+    out = train_sentencepiece(corpus, root / "tok", vocab_size=400)
     assert "vocab_size=400" in out.stdout and "48 documents" in out.stdout
     return root / "tok.model"
 
