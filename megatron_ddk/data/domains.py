@@ -195,8 +195,12 @@ def domain_name_for_prefix(prefix: str) -> str:
     return name
 
 
-def validate_registry(registry: DomainRegistry, *, vocab_size: int) -> None:
-    """Check names, weights, splits, files and token ids; raise ``DataConfigError`` once with all problems."""
+def validate_registry(registry: DomainRegistry, *, vocab_size: int, scan_token_ids: bool = True) -> None:
+    """Check names, weights, splits, files and token ids; raise ``DataConfigError`` once with all problems.
+
+    ``scan_token_ids=False`` skips the one check that reads every token (the largest id against the
+    vocabulary): a multi-process job lets one rank read the data instead of all of them.
+    """
     where = registry.source
     problems = []
     if not registry.domains:
@@ -224,26 +228,27 @@ def validate_registry(registry: DomainRegistry, *, vocab_size: int) -> None:
         )
         for prefix in prefixes:
             if prefix not in checked:
-                checked[prefix] = _check_dataset(prefix, vocab_size)
+                checked[prefix] = _check_dataset(prefix, vocab_size if scan_token_ids else None)
             if checked[prefix]:
                 problems.append(f"{at}: {checked[prefix]}")
     if problems:
         raise DataConfigError("\n".join(problems))
 
 
-def _check_dataset(prefix: str, vocab_size: int) -> str | None:
+def _check_dataset(prefix: str, vocab_size: int | None) -> str | None:
+    """The problem with one indexed dataset, or None; ``vocab_size`` None: do not read the tokens."""
     missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not Path(f"{prefix}{ext}").is_file()]
     if missing:
         return f"missing {' and '.join(missing)}; create it with tools/preprocess_data.py"
     if os.path.getsize(f"{prefix}.bin") == 0:  # megatron-core cannot memory-map an empty file
         return f"{prefix} holds no documents; re-run tools/preprocess_data.py on non-empty input"
     try:
-        num_documents, max_id = dataset_summary(prefix)
+        num_documents, max_id = dataset_summary(prefix, scan_tokens=vocab_size is not None)
     except Exception as err:  # a truncated or foreign file fails deep inside numpy/megatron
         return f"cannot read {prefix}.bin/.idx ({type(err).__name__}: {err}); re-run tools/preprocess_data.py"
     if num_documents == 0:
         return f"{prefix} holds no documents; re-run tools/preprocess_data.py on non-empty input"
-    if max_id >= vocab_size:
+    if vocab_size is not None and max_id >= vocab_size:
         return (
             f"{prefix} holds token id {max_id} but the tokenizer has {vocab_size} tokens; it was "
             "preprocessed with another tokenizer (check --tokenizer-model)"
@@ -251,8 +256,9 @@ def _check_dataset(prefix: str, vocab_size: int) -> str | None:
     return None
 
 
-def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24) -> tuple[int, int]:
-    """(number of sequences, largest token id or -1) of an indexed dataset; reads the .bin in chunks."""
+def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24, *, scan_tokens: bool = True) -> tuple[int, int]:
+    """(number of sequences, largest token id or -1) of an indexed dataset; reads the .bin in chunks
+    (``scan_tokens=False``: checks only that .bin and .idx agree in size, and returns -1)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix, mmap=True)
@@ -263,7 +269,7 @@ def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24) -> tuple[int, int]
         raise ValueError(
             f"{prefix}.bin has {size} bytes but its .idx describes {expected} {dtype.name} tokens"
         )
-    if expected == 0:
+    if expected == 0 or not scan_tokens:
         return len(dataset), -1
     tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
     max_id = -1

@@ -83,7 +83,10 @@ class Trainer:
         # ---- cheap checks first: nothing expensive has happened if any of these fails
         self.registry = (load_domain_registry(cfg.data.domains) if cfg.data.domains
                          else registry_from_data_path(list(cfg.data.data_path)))
-        validate_registry(self.registry, vocab_size=tokenizer.vocab_size)
+        # every rank checks the files; global rank 0 alone reads all tokens for the vocabulary check
+        # (if it fails, torchrun stops the other ranks)
+        validate_registry(self.registry, vocab_size=tokenizer.vocab_size,
+                          scan_token_ids=distributed.rank_from_env() == 0)
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
         self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher else None

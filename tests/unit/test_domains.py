@@ -169,6 +169,18 @@ def test_damaged_and_empty_datasets(data):
     assert "domain 'cut': cannot read" in message and "describes 4 uint16 tokens" in message
 
 
+def test_ranks_other_than_0_check_files_but_do_not_read_the_tokens(data):
+    prose = str(data / "prose_text_document")
+    registry = registry_from_data_path([prose, str(data / "missing_text_document")])
+    with pytest.raises(DataConfigError) as err:
+        validate_registry(registry, vocab_size=100, scan_token_ids=False)
+    message = str(err.value)
+    assert "missing_text_document.bin" in message and "holds token id" not in message
+    with pytest.raises(DataConfigError, match="holds token id 399"):
+        validate_registry(registry, vocab_size=100)
+    assert dataset_summary(prose, scan_tokens=False)[1] == -1
+
+
 def test_max_token_id_is_read_in_chunks(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 70000, size=int(n)).tolist() for n in rng.integers(1, 40, size=50)]
