@@ -56,7 +56,6 @@ from megatron_ddk.training import report
 from megatron_ddk.training.metrics import mean, reduce_reports
 from megatron_ddk.training.step import (
     DOMAIN_LM_LOSS,
-    DOMAIN_TEACHER_LM_LOSS,
     KD_LOSS,
     LM_LOSS,
     TEACHER_LM_LOSS,
@@ -283,7 +282,11 @@ class Trainer:
             self._log_ddk(0, "initial")
         num_microbatches = t.global_batch_size // (t.micro_batch_size * self.layout.data_parallel_size)
         layout = self._report_layout()
-        window = {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
+
+        def empty_window() -> dict[str, torch.Tensor]:
+            return {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
+
+        window = empty_window()
         window_start, window_iters, last_saved = time.time(), 0, None
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -315,7 +318,7 @@ class Trainer:
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
                 elapsed = time.time() - window_start
                 self._log_iteration(window, window_iters, elapsed, grad_norm)
-                window = {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
+                window = empty_window()
                 window_start, window_iters = time.time(), 0
             if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
                 self._validate()
@@ -356,14 +359,14 @@ class Trainer:
 
     # ============================================================================== logging
     def _report_layout(self) -> dict[str, int]:
-        n = len(self.registry.domains)
-        return {LM_LOSS: 2, KD_LOSS: 2, TEACHER_LM_LOSS: 2, DOMAIN_LM_LOSS: 2 * n, DOMAIN_TEACHER_LM_LOSS: 2 * n}
+        """The training reports that are logged (the teacher's per-domain CE is for DDK's evaluation only)."""
+        return {LM_LOSS: 2, KD_LOSS: 2, TEACHER_LM_LOSS: 2, DOMAIN_LM_LOSS: 2 * len(self.registry.domains)}
 
     def _log_iteration(self, window: dict[str, torch.Tensor], iters: int, elapsed: float, grad_norm) -> None:
         t = self.cfg.training
         has_teacher = self.unwrapped.teacher is not None
         lr = self.optimizer.param_groups[0]["lr"]
-        tokens = iters * t.global_batch_size * self.cfg.data.seq_length
+        tokens_per_second = iters * t.global_batch_size * self.cfg.data.seq_length / max(elapsed, 1e-9)
         values = {"lm loss": mean(window[LM_LOSS])}
         if has_teacher and self.loss_settings.kd_weight > 0:
             values["kd loss"] = mean(window[KD_LOSS])
@@ -373,7 +376,7 @@ class Trainer:
             f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {self.iteration:8d}/{t.train_iters:8d} |"
             f" consumed samples: {self.iteration * t.global_batch_size:12d} |"
             f" elapsed time per iteration (ms): {1000 * elapsed / max(iters, 1):.1f} |"
-            f" tokens/s: {tokens / max(elapsed, 1e-9):.0f} | learning rate: {lr:.6E} |"
+            f" tokens/s: {tokens_per_second:.0f} | learning rate: {lr:.6E} |"
             f" global batch size: {t.global_batch_size:5d} |"
             + "".join(f" {k}: {v:.6E} |" for k, v in values.items())
             + f" grad norm: {float(grad_norm) if grad_norm is not None else float('nan'):.3f} |"
@@ -385,7 +388,7 @@ class Trainer:
             self.writer.add_scalar("learning-rate", lr, self.iteration)
             if grad_norm is not None:
                 self.writer.add_scalar("grad-norm", float(grad_norm), self.iteration)
-            self.writer.add_scalar("tokens-per-second", tokens / max(elapsed, 1e-9), self.iteration)
+            self.writer.add_scalar("tokens-per-second", tokens_per_second, self.iteration)
             n = len(self.registry.domains)
             domain = window[DOMAIN_LM_LOSS]
             for i, name in enumerate(self.registry.names):
