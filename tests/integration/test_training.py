@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from megatron_ddk.checkpointing import TRACKER_FILENAME, read_metadata
+from tests.helpers import train_sentencepiece
 from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
@@ -134,3 +137,14 @@ def test_distributed_optimizer_with_overlap_matches_and_resumes(tiny_corpus, tmp
     second = pretrain(2, *args)
     assert sorted(first.metrics) == [1, 2] and sorted(second.metrics) == [3]
     assert_series_close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
+
+
+def test_data_from_another_tokenizer_stops_every_rank(tiny_corpus, tmp_path):
+    """Rank 0 alone scans the tokens; its one-line error must still end the 2-rank job (no hang)."""
+    names = json.loads(tiny_corpus["names"])
+    train_sentencepiece(tiny_corpus["registry"].parent / f"{names[0]}.jsonl", tmp_path / "small", vocab_size=400)
+    args = cpt(tiny_corpus, tmp_path)
+    args[args.index("--tokenizer-model") + 1] = str(tmp_path / "small.model")
+    run = pretrain(2, *args, check=False, timeout=120)
+    assert run.returncode != 0 and "iteration" not in run.stdout
+    assert "holds token id" in run.stderr and "but the tokenizer has 400 tokens" in run.stderr
