@@ -9,6 +9,7 @@ what they were given. The model's vocabulary size comes from the tokenizer, not 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -245,105 +246,30 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
     return problems
 
 
+def _from_flags(cls, args: argparse.Namespace, *, prefix: str = "", **overrides):
+    """``cls`` with each field taken from the flag of the same name (``--lr`` -> ``lr``; ``prefix``
+    for grouped flags: ``--ddk-alpha`` -> ``DDKConfig.alpha``), except the fields in ``overrides``."""
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if f.name not in overrides}
+    return cls(**values, **overrides)
+
+
 def _to_config(args: argparse.Namespace, vocab_size: int, world_size: int) -> RunConfig:
     dp = world_size // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
-    model = ModelConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
-        kv_channels=args.kv_channels,
-        vocab_size=vocab_size,
-        max_position_embeddings=args.max_position_embeddings or args.seq_length,
-        normalization=args.normalization,
-        norm_epsilon=args.norm_epsilon,
-        swiglu=args.swiglu,
-        position_embedding_type=args.position_embedding_type,
-        rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent,
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        add_bias_linear=not args.disable_bias_linear,
-        add_qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm,
-        init_method_std=args.init_method_std,
-        attention_dropout=args.attention_dropout,
-        hidden_dropout=args.hidden_dropout,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-    )
     return RunConfig(
-        model=model,
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            sequence_parallel=args.sequence_parallel,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_grad_reduce=args.overlap_grad_reduce,
-            overlap_param_gather=args.overlap_param_gather,
+        model=_from_flags(
+            ModelConfig, args,
+            ffn_hidden_size=args.ffn_hidden_size or 4 * args.hidden_size,
+            vocab_size=vocab_size,
+            max_position_embeddings=args.max_position_embeddings or args.seq_length,
+            add_bias_linear=not args.disable_bias_linear,
         ),
-        precision=PrecisionConfig(
-            bf16=args.bf16,
-            fp8_format=args.fp8_format,
-            fp8_recipe=args.fp8_recipe,
-            fp8_amax_history_len=args.fp8_amax_history_len,
-            fp8_amax_compute_algo=args.fp8_amax_compute_algo,
-        ),
-        training=TrainingConfig(
-            micro_batch_size=args.micro_batch_size,
-            global_batch_size=args.global_batch_size or args.micro_batch_size * dp,
-            train_iters=args.train_iters,
-            lr=args.lr,
-            min_lr=args.min_lr,
-            lr_warmup_iters=args.lr_warmup_iters,
-            lr_decay_style=args.lr_decay_style,
-            lr_decay_iters=args.lr_decay_iters,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            seed=args.seed,
-            exit_interval=args.exit_interval,
-            exit_signal_handler=args.exit_signal_handler,
-        ),
-        checkpoint=CheckpointConfig(
-            save=args.save,
-            load=args.load,
-            save_interval=args.save_interval,
-            no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng,
-            finetune=args.finetune,
-        ),
-        logging=LoggingConfig(
-            log_interval=args.log_interval,
-            eval_interval=args.eval_interval,
-            eval_iters=args.eval_iters,
-            tensorboard_dir=args.tensorboard_dir,
-        ),
-        data=DataConfig(
-            tokenizer_type=args.tokenizer_type,
-            tokenizer_model=args.tokenizer_model,
-            domains=args.domains,
-            data_path=tuple(args.data_path or ()),
-            data_cache_path=args.data_cache_path,
-            seq_length=args.seq_length,
-        ),
-        distill=DistillConfig(
-            mode=args.ddk_mode,
-            teacher_load=args.teacher_load,
-            kd_loss_type=args.kd_loss_type,
-            kd_temperature=args.kd_temperature,
-            kd_weight=args.kd_weight,
-            kd_jsd_beta=args.kd_jsd_beta,
-            kd_chunk_size=args.kd_chunk_size,
-            teacher_bf16=args.teacher_bf16,
-            teacher_fp8=args.teacher_fp8,
-        ),
-        ddk=DDKConfig(
-            interval=args.ddk_interval,
-            alpha=args.ddk_alpha,
-            val_samples=args.ddk_val_samples,
-            mixing=args.ddk_mixing,
-            log_file=args.ddk_log_file,
-        ),
+        parallel=_from_flags(ParallelConfig, args),
+        precision=_from_flags(PrecisionConfig, args),
+        training=_from_flags(TrainingConfig, args,
+                             global_batch_size=args.global_batch_size or args.micro_batch_size * dp),
+        checkpoint=_from_flags(CheckpointConfig, args),
+        logging=_from_flags(LoggingConfig, args),
+        data=_from_flags(DataConfig, args, data_path=tuple(args.data_path or ())),
+        distill=_from_flags(DistillConfig, args, mode=args.ddk_mode),
+        ddk=_from_flags(DDKConfig, args, prefix="ddk_"),
     )
