@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_ddk.checkpointing import CheckpointError
     from megatron_ddk.config import SetupError
     from megatron_ddk.data.domains import DataConfigError
+    from megatron_ddk.errors import UserError
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_ddk.training.trainer import Trainer
 
         trainer = Trainer(cfg, tokenizer)
-    except (ArgumentError, CheckpointError, DataConfigError, SetupError, FileNotFoundError, ValueError) as err:
+    except (UserError, ArgumentError, CheckpointError, DataConfigError, SetupError, FileNotFoundError, ValueError) as err:
         if os.environ.get("MEGATRON_DDK_TRACEBACK"):
             raise
         if int(os.environ.get("RANK", "0")) == 0:

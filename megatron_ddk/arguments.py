@@ -31,12 +31,13 @@ from megatron_ddk.config import (
     RunConfig,
     TrainingConfig,
 )
+from megatron_ddk.errors import ConfigError
 
 if TYPE_CHECKING:
     from megatron_ddk.data.tokenizer import Tokenizer
 
 
-class ArgumentError(ValueError):
+class ArgumentError(ConfigError, ValueError):
     """The command line is inconsistent; the message lists every problem, one per line."""
 
 

@@ -26,14 +26,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.config import ModelConfig
+from megatron_ddk.errors import CheckpointError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "ddk_checkpoint.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit the run."""
 
 
 @dataclass(frozen=True, kw_only=True)

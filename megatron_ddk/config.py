@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_ddk.errors import ConfigError
+
 DDK_MODES = ("cpt", "kd", "ddk")
 KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
@@ -18,7 +20,7 @@ FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
 
 
-class SetupError(RuntimeError):
+class SetupError(ConfigError, RuntimeError):
     """The run asks for something this machine or installation cannot do (e.g. FP8 without TE)."""
 
 

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_ddk.errors import DataError
+
 DEFAULT_VALID_FRACTION = 0.01
 DOCUMENT_SUFFIXES = ("_text_document", "_document")
 """Stripped from a prefix's file name to name its domain in the ``--data-path`` form."""
 _KEYS = ("name", "train", "valid", "valid_fraction", "weight")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(DataError, ValueError):
     """The data configuration is unusable; one line per problem."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from megatron_ddk.config import ModelConfig
+from megatron_ddk.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -32,7 +33,7 @@ IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv
 """Buffers some older exports store; RoPE is recomputed from rope_theta, so they carry no weights."""
 
 
-class HFConversionError(ValueError):
+class HFConversionError(UserError, ValueError):
     """The HF checkpoint (or our checkpoint, on export) cannot be converted; the message says why."""
 
 
