@@ -7,32 +7,29 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_ddk.arguments import ArgumentError, parse_run
-    from megatron_ddk.checkpointing import CheckpointError
-    from megatron_ddk.config import SetupError
-    from megatron_ddk.data.domains import DataConfigError
     from megatron_ddk.errors import UserError
+    from megatron_ddk.platform.startup import prepare_process
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg, tokenizer = parse_run(argv, world_size=world_size)
+        prepare_process()
+        from megatron_ddk.arguments import parse_run
         from megatron_ddk.training.trainer import Trainer
 
+        cfg, tokenizer = parse_run(argv, world_size=world_size)
         trainer = Trainer(cfg, tokenizer)
-    except (UserError, ArgumentError, CheckpointError, DataConfigError, SetupError, FileNotFoundError, ValueError) as err:
+    except UserError as err:
         if os.environ.get("MEGATRON_DDK_TRACEBACK"):
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            message = str(err).replace("\n", "\n  ")
-            print(f"pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)
-        else:
-            # every rank found the same problem; give rank 0 time to report it before torchrun
-            # tears the job down on the first exit
-            time.sleep(5)
+        # every rank reports what it found (torchrun stops the job at the first exit, so no rank
+        # can count on another to print); the rank prefix tells the copies apart
+        rank = int(os.environ.get("RANK", "0"))
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        message = str(err).replace("\n", "\n  ")
+        print(f"{prefix}pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)
         return 2
     try:
         trainer.train()

@@ -58,6 +58,7 @@ def run_mode(mode: str, args) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.distill.model import DistillationModel
     from megatron_ddk.models.gpt import build_gpt_model, check_fp8_supported, transformer_engine_available
     from megatron_ddk.platform.distributed import ParallelLayout, initialize, set_seed
@@ -65,15 +66,18 @@ def run_mode(mode: str, args) -> dict:
 
     if use_te and not transformer_engine_available():
         return {"mode": mode, "skipped": "Transformer Engine is not importable"}
-    initialize(ParallelLayout(world_size=1))
-    set_seed(1234)
+    pg = initialize(ParallelLayout(world_size=1))
+    set_seed(1234, pg)
     precision = PrecisionConfig(bf16=True, fp8_format="hybrid" if mode == "fp8" else None, fp8_recipe="delayed",
                                 fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
     check_fp8_supported(precision)
     common = dict(vocab_size=args.vocab, max_position_embeddings=args.seq_length, untie_embeddings_and_output_weights=True)
     s_cfg, t_cfg = ModelConfig(**STUDENT, **common), ModelConfig(**TEACHER, **common)
-    student = build_gpt_model(s_cfg, ParallelConfig(), precision, pre_process=True, post_process=True)
-    teacher = build_gpt_model(t_cfg, ParallelConfig(), precision, pre_process=True, post_process=True)
+    rows = padded_vocab_size(args.vocab, 1, s_cfg.make_vocab_size_divisible_by)
+    student = build_gpt_model(s_cfg, ParallelConfig(), precision, padded_vocab_size=rows, pg=pg, pre_process=True,
+                              post_process=True)
+    teacher = build_gpt_model(t_cfg, ParallelConfig(), precision, padded_vocab_size=rows, pg=pg, pre_process=True,
+                              post_process=True)
     wrapper = DistillationModel(student, teacher, pre_process=True, post_process=True)
     ddp = DistributedDataParallel(student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), wrapper)
     student.config.finalize_model_grads_func = finalize_model_grads
@@ -99,7 +103,7 @@ def run_mode(mode: str, args) -> dict:
         start = time.perf_counter()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        reports = fb(forward_step_func=partial(forward_step, settings=settings), data_iterator=data, model=[ddp],
+        reports = fb(forward_step_func=partial(forward_step, settings=settings, pg=pg), data_iterator=data, model=[ddp],
                      num_microbatches=args.num_microbatches, seq_length=args.seq_length,
                      micro_batch_size=args.micro_batch_size, forward_only=False)
         optimizer.step()

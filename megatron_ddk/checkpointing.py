@@ -32,7 +32,11 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "ddk_checkpoint.json"
 FORMAT_VERSION = 1
 
-
+# The distributed optimizer's state in a layout-independent form, so checkpoints reshard to any
+# TP/PP/DP. Its gather to DP rank 0 calls Tensor.cuda(), so CPU runs (tests) use the DP-resharding
+# format instead; non-distributed optimizers ignore this.
+OPTIMIZER_CKPT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable" if torch.cuda.is_available() else "dp_reshardable"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +178,99 @@ def load_model_state(path: str | os.PathLike, model: torch.nn.Module, *, flag: s
     state = load_sharded(resolved, {"model": model.sharded_state_dict()})
     model.load_state_dict(state["model"], strict=True)
     return metadata
+
+
+# ------------------------------------------------------------------------------------ training state
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingParts:
+    """The live objects whose state a training checkpoint holds (the Trainer owns them)."""
+
+    student: Any
+    """The student's GPTModel stage (not the DDP wrapper: its sharded keys are the model's)."""
+    optimizer: Any
+    scheduler: Any
+    """megatron-core's OptimizerParamScheduler."""
+    schedule: Any
+    """data.mixing.DomainMixingSchedule: the one owner of every window's domain weights."""
+    controller: Any
+    """ddk.controller.DDKController: the teacher's CE and the student's first/last CE."""
+
+
+def save_training_checkpoint(root: str | os.PathLike, parts: TrainingParts, metadata: CheckpointMetadata, *,
+                             global_batch_size: int, pg) -> Path:
+    """Assemble the sharded state of ``parts`` at ``metadata.iteration`` and write it (every rank calls this)."""
+    model_sd = parts.student.sharded_state_dict()
+    state = {
+        "model": model_sd,
+        "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_CKPT_METADATA),
+        "rng_state": _rng_object(rng_state(), pg),
+        "iteration": metadata.iteration,
+        "consumed_samples": metadata.iteration * global_batch_size,
+        "opt_param_scheduler": parts.scheduler.state_dict(),
+        "mixing": parts.schedule.state_dict(),
+        "ddk": parts.controller.state_dict(),
+    }
+    return save_checkpoint(root, metadata, state)
+
+
+def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer: bool, load_rng: bool,
+                             use_distributed_optimizer: bool, pg) -> int:
+    """Restore ``parts`` from the checkpoint at ``path``; returns its iteration.
+
+    ``load_rng`` only when the layout is the one the checkpoint was written with (RNG states are
+    per rank). The mixture weights have one owner, the sampler; checkpoints of earlier versions
+    also stored them in the controller's state, and those must agree with the sampler's.
+    """
+    model_sd = parts.student.sharded_state_dict()
+    request: dict[str, Any] = {"model": model_sd}
+    if load_optimizer:
+        if use_distributed_optimizer:
+            _materialize_optimizer_state(parts.optimizer)
+        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                  metadata=OPTIMIZER_CKPT_METADATA)
+    if load_rng:
+        request["rng_state"] = _rng_object(None, pg)
+    state = load_sharded(path, request)
+    parts.student.load_state_dict(state["model"], strict=True)
+    if load_optimizer:
+        with torch.no_grad():  # fp32 + distributed optimizer: main params are views of the live params
+            parts.optimizer.load_state_dict(state["optimizer"])
+    else:
+        parts.optimizer.reload_model_params()
+    common = load_common(path)
+    iteration = int(common["iteration"])
+    parts.scheduler.load_state_dict(common["opt_param_scheduler"])
+    parts.schedule.load_state_dict(common["mixing"])
+    parts.controller.load_state_dict(common["ddk"])
+    legacy = common["ddk"].get("weights")
+    if legacy is not None:
+        latest = parts.schedule.weight_history[-1]  # the last fixed window's (later ones inherit them)
+        if not np.array_equal(np.asarray(legacy, dtype=np.float64), np.asarray(latest, dtype=np.float64)):
+            raise CheckpointError(f"{path}: the DDK controller's weights {legacy} disagree with the sampler's "
+                                  f"latest {latest}; the checkpoint is inconsistent, resume from an earlier one")
+    if load_rng:
+        set_rng_state(state["rng_state"])
+    return iteration
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """The distributed optimizer describes its state from the live torch optimizer, which has none
+    before the first step; with torch's Adam (no TE/apex: CPU) it also needs a ``step``."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for state in opt.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+def _rng_object(state, pg):
+    """This rank's RNG state as a ShardedObject keyed by its (PP, TP, DP) coordinates in ``pg``."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    groups = (pg.pp, pg.tp, pg.dp)
+    return ShardedObject("rng_state", state, tuple(dist.get_world_size(g) for g in groups),
+                         tuple(dist.get_rank(g) for g in groups), replica_id=0)
 
 
 # ---------------------------------------------------------------------------------------------- RNG

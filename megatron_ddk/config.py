@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_ddk.errors import ConfigError
+from megatron_ddk.errors import CheckpointError, ConfigError
 
 DDK_MODES = ("cpt", "kd", "ddk")
 KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
@@ -76,7 +76,7 @@ class ModelConfig:
             problems.append(f"--position-embedding-type must be rope or learned_absolute, got "
                             f"{self.position_embedding_type!r}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -94,7 +94,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}: the checkpoint was written by a newer version")
+            raise CheckpointError(f"unknown model config keys {unknown}: the checkpoint was written by a newer version")
         return cls(**values)
 
     def layer_matmul_parameters(self) -> int:

@@ -24,7 +24,9 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
+from megatron_ddk.errors import UserError
 from megatron_ddk.models.hf_mapping import HFConversionError
+from megatron_ddk.platform.startup import prepare_process
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -72,13 +74,14 @@ def tokenizer_record(hf_dir: Path, vocab_size: int) -> tuple[dict, str | None]:
 
 def convert(args: argparse.Namespace) -> Path:
     """Check, build, stream, save; returns the written ``iter_*`` directory."""
+    from megatron_ddk.convert import workspace
     from megatron_ddk.models import hf_mapping as hm
 
     started = time.time()
     hf_dir: Path = args.hf_dir
     if not hf_dir.is_dir():
         raise HFConversionError(f"--hf-dir {hf_dir}: no such directory")
-    hm.check_output_directory(args.save, args.overwrite, flag="--save")
+    workspace.check_output_directory(args.save, args.overwrite, flag="--save")
     values = hm.read_hf_config(hf_dir)
     model_cfg = hm.model_config_from_hf(values, source=hf_dir / "config.json")
     hf_rows = model_cfg.vocab_size
@@ -123,13 +126,13 @@ def _write_checkpoint(save: Path, model_cfg, weights, placements, dtype: torch.d
                       overwrite: bool) -> Path:
     """Build at TP1/PP1, stream the weights in, save into a sibling staging root, then swap it in."""
     from megatron_ddk.checkpointing import iteration_dir
-    from megatron_ddk.models import hf_mapping as hm
+    from megatron_ddk.convert import workspace
 
     staging = save.with_name(save.name + ".converting")
     try:
-        with hm.single_process_model(model_cfg, dtype, purpose="it writes TP1/PP1") as model:
+        with workspace.single_process_model(model_cfg, dtype, purpose="it writes TP1/PP1") as model:
             _fill_and_save(model, model_cfg, weights, placements, tokenizer, staging)
-        hm.publish_output(staging, save, overwrite, flag="--save")
+        workspace.publish_output(staging, save, overwrite, flag="--save")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return iteration_dir(save, 0)
@@ -161,8 +164,9 @@ def _fill_and_save(model, model_cfg, weights, placements, tokenizer: dict, stagi
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        prepare_process()
         convert(args)
-    except HFConversionError as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

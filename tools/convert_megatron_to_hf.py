@@ -26,7 +26,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import torch
 
-from megatron_ddk.checkpointing import CheckpointError
+from megatron_ddk.errors import UserError
 from megatron_ddk.models.hf_mapping import (
     MODEL_TYPES,
     SAFETENSORS_FILE,
@@ -34,6 +34,7 @@ from megatron_ddk.models.hf_mapping import (
     SUPPORTED_ARCHITECTURES,
     HFConversionError,
 )
+from megatron_ddk.platform.startup import prepare_process
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -126,11 +127,12 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 def convert(args: argparse.Namespace) -> Path:
     from megatron_ddk.checkpointing import read_metadata, resolve_checkpoint
+    from megatron_ddk.convert import workspace
     from megatron_ddk.models import hf_mapping as hm
 
     started = time.time()
     max_bytes = parse_size(args.max_shard_size)
-    hm.check_output_directory(args.output_dir, args.overwrite, flag="--output-dir")
+    workspace.check_output_directory(args.output_dir, args.overwrite, flag="--output-dir")
     resolved = resolve_checkpoint(args.load, flag="--load")
     metadata = read_metadata(resolved, flag="--load")
     model_cfg = metadata.model
@@ -151,7 +153,7 @@ def convert(args: argparse.Namespace) -> Path:
         hf_config.save_pretrained(str(staging))
         for source in copies:
             shutil.copy2(source, staging / source.name)
-        hm.publish_output(staging, args.output_dir, args.overwrite, flag="--output-dir")
+        workspace.publish_output(staging, args.output_dir, args.overwrite, flag="--output-dir")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"exported {resolved} (iteration {metadata.iteration}) as {architecture}: {model_cfg.num_layers} layers, "
@@ -165,9 +167,10 @@ def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int
     from safetensors.torch import save_file
 
     from megatron_ddk.checkpointing import load_model_state
+    from megatron_ddk.convert import workspace
     from megatron_ddk.models import hf_mapping as hm
 
-    with hm.single_process_model(model_cfg, dtype, purpose="it gathers to TP1/PP1") as model:
+    with workspace.single_process_model(model_cfg, dtype, purpose="it gathers to TP1/PP1") as model:
         load_model_state(resolved, model, flag="--load")
         params = dict(model.named_parameters())
         placements = hm.hf_placements(model_cfg)
@@ -211,8 +214,9 @@ def _read_json(path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        prepare_process()
         convert(args)
-    except (HFConversionError, CheckpointError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -40,6 +40,7 @@ import _bootstrap  # noqa: F401  (megatron_ddk importable from a source checkout
 from megatron_ddk.config import ModelConfig
 from megatron_ddk.data.tokenizer import padded_vocab_size
 from megatron_ddk.distill.kd_loss import default_chunk_size
+from megatron_ddk.errors import ConfigError, UserError
 
 GIB = 1024**3
 
@@ -66,7 +67,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-class EstimateError(ValueError):
+class EstimateError(ConfigError):
     """The layout or the model shapes do not make a valid run; the message names the flag."""
 
 
@@ -415,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                gpu_memory_gib=args.gpu_memory_gib))
         else:
             print(format_estimate(estimate(teacher, student, layout), layout, gpu_memory_gib=args.gpu_memory_gib))
-    except (EstimateError, ValueError) as err:
+    except UserError as err:
         parser.exit(2, f"estimate_memory.py: error: {err}\n")
     return 0
 

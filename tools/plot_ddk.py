@@ -17,10 +17,12 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 
+from megatron_ddk.errors import DataError, UserError
+
 REQUIRED = ("iteration", "domains", "weights", "ratio")
 
 
-class LogError(ValueError):
+class LogError(DataError):
     pass
 
 
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         records = read_log(Path(args.log))
-    except LogError as err:
+    except UserError as err:
         print(f"plot_ddk.py: error: {err}", file=sys.stderr)
         return 2
     plot(records, Path(args.output), args.title)

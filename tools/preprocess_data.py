@@ -33,6 +33,7 @@ if _ROOT not in sys.path:  # run as `python tools/preprocess_data.py`: make mega
     sys.path.insert(0, _ROOT)  # (not `import _bootstrap`: the tests import this file as tools.preprocess_data)
 
 from megatron_ddk.data.input_files import expand_input_files  # noqa: E402
+from megatron_ddk.errors import DataError, UserError  # noqa: E402
 
 BAD_KINDS = ("malformed JSON", "missing key", "not a string", "empty document")
 ON_BAD_LINES = ("fail", "skip")
@@ -40,7 +41,7 @@ SHOWN_LINE_NUMBERS = 5
 _worker: dict = {}  # per-process encoder and settings, set once by _init_worker
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(DataError, RuntimeError):
     """A one-line, user-facing reason the run stopped (nothing was written)."""
 
 
@@ -285,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             log_interval=args.log_interval,
             progress=not args.no_progress,
         )
-    except PreprocessError as err:
+    except UserError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 2
     elapsed = max(time.time() - start, 1e-9)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from megatron_ddk.data.domains import Domain, DomainRegistry
+from megatron_ddk.errors import DataError
 
 _PAD_CLASH_WARNING = "The pad token id in the tokenizer collides"
 """megatron-core warns when pad == eod and then pads with -1, which is what we want (see tokenizer.py)."""
@@ -110,7 +111,7 @@ def _check_split(domain: Domain, prefix: str) -> None:
     num_documents = len(IndexedDataset(prefix, mmap=True))
     train_docs, valid_docs = _split_document_counts(num_documents, domain.valid_fraction)
     if train_docs == 0 or valid_docs == 0:
-        raise ValueError(
+        raise DataError(
             f"domain {domain.name!r}: valid_fraction {domain.valid_fraction} of the {num_documents} "
             f"documents in {prefix} leaves {train_docs} for training and {valid_docs} for validation; "
             "add documents, change valid_fraction or give a separate 'valid' prefix"
@@ -126,7 +127,7 @@ def build_domain_datasets(
     Raises ValueError naming the domain when a split would be empty.
     """
     if seq_length < 1:
-        raise ValueError(f"--seq-length must be >= 1, got {seq_length}")
+        raise DataError(f"--seq-length must be >= 1, got {seq_length}")
     result = []
     for domain in registry.domains:
         if domain.valid_prefix is None:
@@ -145,7 +146,7 @@ def build_domain_datasets(
             valid_parts.append(_build_splits(domain.valid_prefix, "0,1,0", **common)[1])
         train, valid = _join(train_parts), _join(valid_parts)
         if len(train) == 0 or len(valid) == 0:
-            raise ValueError(
+            raise DataError(
                 f"domain {domain.name!r} has {len(train)} training and {len(valid)} validation samples of "
                 f"{seq_length} tokens; add data, lower --seq-length or raise its valid_fraction"
             )

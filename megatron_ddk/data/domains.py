@@ -268,7 +268,7 @@ def dataset_summary(prefix: str, chunk_tokens: int = 1 << 24, *, scan_tokens: bo
     expected = int(dataset.index.sequence_lengths.sum(dtype=np.int64))
     size = os.path.getsize(f"{prefix}.bin")
     if size != expected * dtype.itemsize:
-        raise ValueError(
+        raise DataError(
             f"{prefix}.bin has {size} bytes but its .idx describes {expected} {dtype.name} tokens"
         )
     if expected == 0 or not scan_tokens:

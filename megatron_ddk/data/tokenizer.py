@@ -19,6 +19,8 @@ from pathlib import Path
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
+from megatron_ddk.errors import DataError, MissingFileError
+
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>")
 """End-of-document tokens looked up, in this order, when a Hugging Face directory names no eos_token."""
@@ -90,13 +92,13 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as err:
-            raise ValueError(
+            raise DataError(
                 f"--tokenizer-model {model_file}: not a SentencePiece model ({err}); "
                 "give the .model file written by tools/train_tokenizer.py"
             ) from err
         eod = self._sp.eos_id()
         if eod < 0:
-            raise ValueError(
+            raise DataError(
                 f"--tokenizer-model {model_file}: the SentencePiece model has no end-of-sequence "
                 "token; retrain it with tools/train_tokenizer.py (which defines one)"
             )
@@ -130,14 +132,14 @@ class HuggingFaceTokenizer(Tokenizer):
 
         tokenizer_json = path / "tokenizer.json" if path.is_dir() else path
         if not tokenizer_json.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"--tokenizer-model {path}: no tokenizer.json there; point it at a Hugging "
                 "Face model directory or at its tokenizer.json"
             )
         try:
             self._tok = FastTokenizer.from_file(str(tokenizer_json))
         except Exception as err:  # the Rust side raises a bare Exception on malformed files
-            raise ValueError(
+            raise DataError(
                 f"--tokenizer-model {tokenizer_json}: not a Hugging Face tokenizer.json ({err})"
             ) from err
         self._tok.no_truncation()
@@ -148,14 +150,14 @@ class HuggingFaceTokenizer(Tokenizer):
         if eos is not None:
             eod = self._tok.token_to_id(eos)
             if eod is None:
-                raise ValueError(
+                raise DataError(
                     f"--tokenizer-model {path}: eos_token {eos!r} named next to {tokenizer_json.name} is "
                     "not in its vocabulary; fix eos_token in tokenizer_config.json"
                 )
         else:
             found = [i for i in (self._tok.token_to_id(c) for c in EOS_CANDIDATES) if i is not None]
             if not found:
-                raise ValueError(
+                raise DataError(
                     f"--tokenizer-model {path}: no end-of-document token (no eos_token in "
                     f"tokenizer_config.json and none of {', '.join(EOS_CANDIDATES)} in the vocabulary); "
                     "add eos_token to tokenizer_config.json"
@@ -184,17 +186,17 @@ class HuggingFaceTokenizer(Tokenizer):
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokenizer:
     """``--tokenizer-type`` / ``--tokenizer-model`` -> tokenizer, with one-line errors for bad values."""
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(
+        raise DataError(
             f"--tokenizer-type {tokenizer_type!r} is not supported; use one of {', '.join(TOKENIZER_TYPES)}"
         )
     if tokenizer_model is None or str(tokenizer_model) == "":
-        raise ValueError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}")
+        raise DataError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}")
     path = Path(tokenizer_model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--tokenizer-model {path}: no such file or directory")
+        raise MissingFileError(f"--tokenizer-model {path}: no such file or directory")
     if tokenizer_type == "SentencePieceTokenizer":
         if path.is_dir():
-            raise ValueError(f"--tokenizer-model {path} is a directory; give the SentencePiece .model file")
+            raise DataError(f"--tokenizer-model {path} is a directory; give the SentencePiece .model file")
         return SentencePieceTokenizer(path)
     return HuggingFaceTokenizer(path)
 
@@ -214,7 +216,7 @@ def padded_vocab_size(
 ) -> int:
     """Megatron's rule: embedding rows: ``vocab_size`` rounded up to a multiple of ``divisible_by * TP``."""
     if vocab_size < 1 or tensor_model_parallel_size < 1 or make_vocab_size_divisible_by < 1:
-        raise ValueError(
+        raise DataError(
             f"padded_vocab_size({vocab_size}, {tensor_model_parallel_size}, "
             f"{make_vocab_size_divisible_by}): every argument must be >= 1"
         )
@@ -228,7 +230,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"--tokenizer-model: {path} is not valid JSON ({err}); fix or remove it") from err
+        raise DataError(f"--tokenizer-model: {path} is not valid JSON ({err}); fix or remove it") from err
     return data if isinstance(data, dict) else {}
 
 

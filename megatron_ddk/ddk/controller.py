@@ -7,8 +7,12 @@ Timeline (window j = iterations [jK, (j+1)K), laid out by ``DomainMixingSchedule
 - after iteration jK (j >= 1): evaluate the student, apply Eq. 2 (or the ablation's rule) and fix
   window j's weights before any of its samples is read.
 
-Everything the controller knows lives in ``state_dict`` (JSON-able) so a resumed run continues
-with the same teacher numbers and factor (the current weights).
+The controller works on plain arrays (per-domain mean CE from the caller's evaluation) and holds
+K (``interval``): the window of an iteration is ``window_of(iteration)``. It does not keep the
+mixture: the sampler (``data.mixing.DomainMixingSchedule``) is the one owner of every window's
+weights and checkpoints them; ``update`` receives r_t (the weights of the window that just ended)
+and returns r_{t+1}. What it does keep (the teacher's CE, the student's first and last CE) lives in
+``state_dict`` (JSON-able) so a resumed run continues with the same teacher numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from megatron_ddk.ddk import factor
-from megatron_ddk.ddk.evaluation import DomainEvaluation
+from megatron_ddk.errors import CheckpointError
 
 
 class DDKController:
@@ -39,44 +43,49 @@ class DDKController:
         self.ce_teacher: np.ndarray | None = None
         self.ce_student_initial: np.ndarray | None = None
         self.ce_student_last: np.ndarray | None = None
-        self.weights: np.ndarray = factor.first_weights(mixing if dynamic else "static", self.static_weights,
-                                                        len(self.domain_names))
-        """The current window's mixture; in ``ddk`` mode after ``start`` it is r_t, the factor Eq. 2 smooths."""
+        self.last_record: dict[str, Any] | None = None
 
     # -------------------------------------------------------------------------------- decisions
+    def initial_weights(self) -> np.ndarray:
+        """Window 0's mixture before any evaluation: the registry's (static / ddk) or equal weights."""
+        return factor.first_weights(self.mixing if self.dynamic else "static", self.static_weights,
+                                    len(self.domain_names))
+
+    def window_of(self, iteration: int) -> int:
+        """The window iteration ``iteration`` belongs to: window j is iterations [jK, (j+1)K)."""
+        return iteration // self.interval
+
     def is_update_iteration(self, iteration: int, train_iters: int) -> bool:
         """Update after iteration jK, when window j will actually be trained on."""
         return self.dynamic and iteration > 0 and iteration % self.interval == 0 and iteration < train_iters
 
-    def start(self, evaluation: DomainEvaluation, iteration: int = 0) -> np.ndarray:
+    def start(self, ce_student: np.ndarray, ce_teacher: np.ndarray | None, *, iteration: int = 0) -> np.ndarray:
         """First evaluation of a fresh run: cache the teacher, compute window 0's weights (Eq. 1)."""
-        self.ce_teacher = evaluation.ce_teacher
-        self.ce_student_initial = evaluation.ce_student
-        self.ce_student_last = evaluation.ce_student
+        self.ce_teacher = ce_teacher
+        self.ce_student_initial = ce_student
+        self.ce_student_last = ce_student
+        weights = self.initial_weights()
         if self.dynamic and self.ce_teacher is not None:
-            self.weights = factor.next_weights(self.mixing, r_prev=None, ce_student=evaluation.ce_student,
-                                               ce_teacher=self.ce_teacher, alpha=self.alpha,
-                                               static_weights=self.static_weights)
-        self._log(iteration, window=0, ce_student=evaluation.ce_student)
-        return self.weights
+            weights = factor.next_weights(self.mixing, r_prev=None, ce_student=ce_student, ce_teacher=self.ce_teacher,
+                                          alpha=self.alpha, static_weights=self.static_weights)
+        self._log(iteration, window=0, ce_student=ce_student, weights=weights)
+        return weights
 
-    def update(self, evaluation: DomainEvaluation, iteration: int) -> np.ndarray:
-        """Eq. 2 at the start of window ``iteration // K``."""
+    def update(self, r_prev: np.ndarray, ce_student: np.ndarray, *, iteration: int) -> np.ndarray:
+        """Eq. 2 at the start of window ``window_of(iteration)``: r_prev (r_t) -> r_{t+1}."""
         if self.ce_teacher is None:
             raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
-        self.ce_student_last = evaluation.ce_student
-        # start() left Eq. 1's r_0 in self.weights (update only runs in dynamic mode, after start)
-        self.weights = factor.next_weights(self.mixing, r_prev=self.weights, ce_student=evaluation.ce_student,
-                                           ce_teacher=self.ce_teacher, alpha=self.alpha,
-                                           static_weights=self.static_weights)
-        self._log(iteration, window=iteration // self.interval, ce_student=evaluation.ce_student)
-        return self.weights
+        self.ce_student_last = ce_student
+        weights = factor.next_weights(self.mixing, r_prev=r_prev, ce_student=ce_student, ce_teacher=self.ce_teacher,
+                                      alpha=self.alpha, static_weights=self.static_weights)
+        self._log(iteration, window=self.window_of(iteration), ce_student=ce_student, weights=weights)
+        return weights
 
-    def finish(self, evaluation: DomainEvaluation) -> None:
-        self.ce_student_last = evaluation.ce_student
+    def finish(self, ce_student: np.ndarray) -> None:
+        self.ce_student_last = ce_student
 
     # ------------------------------------------------------------------------------- reporting
-    def record(self, iteration: int, window: int, ce_student: np.ndarray) -> dict[str, Any]:
+    def record(self, iteration: int, window: int, ce_student: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
         ce_teacher = self.ce_teacher
         ratio = None if ce_teacher is None else factor.perplexity_ratio(ce_student, ce_teacher)
         return {
@@ -89,11 +98,11 @@ class DDKController:
             "ppl_student": _list(np.exp(ce_student)),
             "ppl_teacher": _list(None if ce_teacher is None else np.exp(ce_teacher)),
             "ratio": _list(ratio),
-            "weights": _list(self.weights),
+            "weights": _list(weights),
         }
 
-    def _log(self, iteration: int, *, window: int, ce_student: np.ndarray) -> None:
-        self.last_record = self.record(iteration, window, ce_student)
+    def _log(self, iteration: int, *, window: int, ce_student: np.ndarray, weights: np.ndarray) -> None:
+        self.last_record = self.record(iteration, window, ce_student, weights)
         if self.log_file is None:
             return
         Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -120,17 +129,17 @@ class DDKController:
             "ce_teacher": _list(self.ce_teacher),
             "ce_student_initial": _list(self.ce_student_initial),
             "ce_student_last": _list(self.ce_student_last),
-            "weights": _list(self.weights),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from ``state_dict``; checkpoints of earlier versions also hold "weights", which the
+        caller checks against the sampler's (``checkpointing.restore_training_state``)."""
         if state["domains"] != self.domain_names:
-            raise ValueError(f"the checkpoint was trained on domains {state['domains']} but this run has "
+            raise CheckpointError(f"the checkpoint was trained on domains {state['domains']} but this run has "
                              f"{self.domain_names}; use the same --domains registry to resume")
         self.ce_teacher = _array(state["ce_teacher"])
         self.ce_student_initial = _array(state["ce_student_initial"])
         self.ce_student_last = _array(state["ce_student_last"])
-        self.weights = _array(state["weights"])
 
 
 def _list(values) -> list[float] | None:

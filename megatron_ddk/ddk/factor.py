@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from megatron_ddk.config import MIXING_MODES
+from megatron_ddk.errors import ConfigError, DataError
 
 __all__ = [
     "MAX_LOG_RATIO", "MAX_RATIO", "MIN_WEIGHT", "MIXING_MODES", "apply_floor", "first_weights",
@@ -55,7 +56,7 @@ def _ce_pair(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> tuple[
 
 def _check_alpha(alpha: float) -> None:
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"--ddk-alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"--ddk-alpha must be in [0, 1], got {alpha}")
 
 
 def perplexity_ratio(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> np.ndarray:
@@ -113,7 +114,7 @@ def smoothed_update(r_prev: Sequence[float], ce_student: Sequence[float], ce_tea
 
 def _check_mode(mode: str) -> None:
     if mode not in MIXING_MODES:
-        raise ValueError(f"--ddk-mixing {mode!r} is not one of {', '.join(MIXING_MODES)}")
+        raise ConfigError(f"--ddk-mixing {mode!r} is not one of {', '.join(MIXING_MODES)}")
 
 
 def first_weights(mode: str, static_weights: Sequence[float], num_domains: int) -> np.ndarray:
@@ -129,7 +130,7 @@ def first_weights(mode: str, static_weights: Sequence[float], num_domains: int) 
         return np.full(num_domains, 1.0 / num_domains)
     weights = _vector(static_weights, "static weights")
     if weights.size != num_domains or np.any(weights <= 0):
-        raise ValueError(f"static weights {weights.tolist()} must be {num_domains} positive numbers "
+        raise DataError(f"static weights {weights.tolist()} must be {num_domains} positive numbers "
                          "(one per domain of the registry)")
     return weights / weights.sum()
 

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_ddk.errors import ConfigError
+
 KD_KINDS = ("forward_kl", "reverse_kl", "jsd")
 KD_CHUNK_LOGITS = 1 << 24
 """Default chunk: ~16M fp32 logits (64 MiB) per temporary buffer; see docs/KD_LOSS.md."""
@@ -47,19 +49,6 @@ def default_chunk_size(vocab_columns: int) -> int:
     """Tokens per chunk when none is given (``--kd-chunk-size``): ``KD_CHUNK_LOGITS`` logits of the
     local vocabulary shard, e.g. 110 tokens for Qwen's 151936 columns at TP=1, 220 at TP=2."""
     return max(1, KD_CHUNK_LOGITS // max(vocab_columns, 1))
-
-
-def _default_tp_group():
-    """megatron-core's TP group when model parallelism is initialized with TP > 1, else None (no TP)."""
-    try:
-        from megatron.core import parallel_state
-    except ImportError:  # plain-PyTorch use (the benchmark on a bare machine): nothing to reduce over
-        return None
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_tensor_model_parallel_group()
 
 
 def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -77,7 +66,7 @@ def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor
         problems.append(f"logits must be floating point [..., vocab] tensors, got {student.dtype} "
                         f"{tuple(student.shape)} and {teacher.dtype} {tuple(teacher.shape)}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise ConfigError("; ".join(problems))
 
 
 def _tempered_log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -216,12 +205,13 @@ def vocab_parallel_kd_loss(
 
     ``student_logits`` / ``teacher_logits``: ``[..., v_local]`` shards of the padded vocabulary (any
     float dtype); ``chunk_size``: tokens per chunk (<= 0: one chunk); ``vocab_size``: the true
-    vocabulary (padding columns get no mass); ``tp_group``: defaults to megatron-core's
-    tensor-parallel group when one is initialized. Only the student gets a gradient. The loss mask
+    vocabulary (padding columns get no mass); ``tp_group``: the tensor-parallel group the vocabulary
+    is split over (the caller's ``pg.tp``; None: the logits hold the whole vocabulary). Only the
+    student gets a gradient. The loss mask
     is the caller's business.
     """
     _check(kind, temperature, jsd_beta, student_logits, teacher_logits)
-    group = tp_group if tp_group is not None else _default_tp_group()
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     local = student_logits.shape[-1]
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     if vocab_size is not None and not 1 <= vocab_size <= local * world:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, SetupError
-from megatron_ddk.data.tokenizer import padded_vocab_size
+from megatron_ddk.errors import ConfigError
 
 
 @functools.cache
@@ -123,17 +123,20 @@ def layer_spec(model: ModelConfig):
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
-                    pre_process: bool, post_process: bool, use_fp8: bool = True,
+                    padded_vocab_size: int, pg, pre_process: bool, post_process: bool, use_fp8: bool = True,
                     initialize_weights: bool = True):
     """One pipeline stage of a ``GPTModel`` (the stage given by ``pre_process``/``post_process``).
 
+    ``padded_vocab_size``: embedding/output rows, the tokenizer's vocabulary padded for TP
+    (``data.tokenizer.padded_vocab_size``); ``pg``: the ProcessGroupCollection the model's
+    collectives run over (``platform.distributed.initialize`` returns it).
     ``initialize_weights=False`` skips the random init (seconds per billion parameters) when the
     weights are about to be loaded anyway.
     """
     from megatron.core.models.gpt import GPTModel
 
     if model.num_layers % parallel.pipeline_model_parallel_size:
-        raise ValueError(
+        raise ConfigError(
             f"a model with {model.num_layers} layers cannot be split over --pipeline-model-parallel-size "
             f"{parallel.pipeline_model_parallel_size}; choose a PP size that divides the layer count"
         )
@@ -142,8 +145,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),
-        vocab_size=padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size,
-                                     model.make_vocab_size_divisible_by),
+        vocab_size=padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -151,6 +153,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
         position_embedding_type=model.position_embedding_type,
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
+        pg_collection=pg,
     )
     if precision.bf16:
         # what megatron's Float16Module does: every parameter in bf16 (the torch norms of the local

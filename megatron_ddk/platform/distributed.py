@@ -2,7 +2,10 @@
 
 One validated topology object (``ParallelLayout``) says how the world splits into TP x PP x DP;
 ``initialize`` starts torch.distributed (nccl on GPU, gloo on CPU), builds megatron-core's
-parallel state and seeds every generator the way Megatron does (a PP-rank offset, TP-specific
+parallel state once and returns its groups as one ``ProcessGroupCollection`` (``pg``). Everything
+that runs a collective receives ``pg`` (or the one group it needs) as an argument, so each call
+site shows which group it runs over; nothing below start-up calls ``parallel_state`` getters.
+``set_seed`` seeds every generator the way Megatron does (a PP-rank offset, TP-specific
 model-parallel streams).
 """
 
@@ -17,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ddk.errors import ConfigError
+
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelLayout:
@@ -29,9 +34,9 @@ class ParallelLayout:
     def __post_init__(self) -> None:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
         if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
         if self.world_size % model_parallel != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
                 f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
                 f"({self.pipeline_model_parallel_size}); change the sizes or the number of processes"
@@ -69,12 +74,14 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10) -> None:
-    """Start torch.distributed and megatron-core's parallel state for ``layout``.
+def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10):
+    """Start torch.distributed and megatron-core's parallel state for ``layout``; return its groups.
 
-    Works without torchrun too (a single process): the rendezvous then uses a local TCP store.
+    The returned ``ProcessGroupCollection`` is the only way the rest of the code reaches a process
+    group. Works without torchrun too (a single process): the rendezvous then uses a local TCP store.
     """
     from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     from megatron_ddk.platform.cpu_compat import apply_cpu_compat
 
@@ -102,24 +109,35 @@ def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10)
             tensor_model_parallel_size=layout.tensor_model_parallel_size,
             pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
         )
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
-def set_seed(seed: int) -> None:
+def is_pp_first_stage(pg) -> bool:
+    """Whether this rank holds the first pipeline stage (``pg``: a ProcessGroupCollection)."""
+    return dist.get_rank(pg.pp) == 0
+
+
+def is_pp_last_stage(pg) -> bool:
+    """Whether this rank holds the last pipeline stage (``pg``: a ProcessGroupCollection)."""
+    return dist.get_rank(pg.pp) == dist.get_world_size(pg.pp) - 1
+
+
+def set_seed(seed: int, pg) -> None:
     """Seed python, numpy and torch; each PP stage gets its own offset and TP ranks their own stream.
 
     Under torchrun every process starts with a different torch seed, so this must run before any
     model is built, or data-parallel replicas start from different weights.
     """
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import tensor_parallel
 
     from megatron_ddk.platform.cpu_compat import reseed_rng_tracker
 
-    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    stage_seed = seed + 100 * dist.get_rank(pg.pp)
     random.seed(stage_seed)
     np.random.seed(stage_seed)
     torch.manual_seed(stage_seed)
     reseed_rng_tracker()
-    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed, tp_rank=dist.get_rank(pg.tp))
 
 
 def destroy() -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_ddk.platform import distributed
 
 
-def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Sum ``reports`` over micro-batches and ranks. ``layout`` maps each key to its vector length.
+def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int], pg) -> dict[str, torch.Tensor]:
+    """Sum ``reports`` over micro-batches and ranks. ``layout`` maps each key to its vector length;
+    ``pg``: the ProcessGroupCollection (sum over ``pg.dp``, broadcast over ``pg.pp``).
 
     Keys absent from the reports (e.g. no teacher) come back as zeros, so every rank runs the same
     collectives.
@@ -30,12 +30,11 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int
             if key in report:
                 flat[offset: offset + layout[key]] += report[key].to(device=device, dtype=torch.float64)
         offset += layout[key]
-    if dist.is_initialized():
-        if parallel_state.is_pipeline_last_stage():
-            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(flat, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                           group=parallel_state.get_pipeline_model_parallel_group())
+    if distributed.is_pp_last_stage(pg):
+        dist.all_reduce(flat, group=pg.dp)
+    pp_size = dist.get_world_size(pg.pp)
+    if pp_size > 1:
+        dist.broadcast(flat, group_src=pp_size - 1, group=pg.pp)
     result, offset = {}, 0
     for key in keys:
         result[key] = flat[offset: offset + layout[key]].cpu()

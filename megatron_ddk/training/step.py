@@ -9,6 +9,14 @@ the micro-batching and DP layout.
 Per token: ``loss = CE(student) + gamma * KD(teacher || student)`` (the paper's Eq. 3); masked
 tokens (``loss_mask == 0``) count nowhere. Reports carry sums and token counts so that averages
 over micro-batches and DP ranks are exact.
+
+Process groups come in as ``pg`` (megatron-core's ``ProcessGroupCollection``): the pipeline group
+decides which stage computes the loss, the tensor-parallel group is the one the KD loss reduces
+over. (megatron-core's ``vocab_parallel_cross_entropy`` takes no group argument: it uses the TP
+group of the parallel state, which is ``pg.tp``.)
+
+Shapes: ``[b, s]`` per-token values; logits ``[b, s, v]`` (megatron-core's GPTModel returns them
+batch first), ``v`` = this TP rank's shard of the padded vocabulary.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 
 from megatron_ddk.distill.kd_loss import default_chunk_size, vocab_parallel_kd_loss
 from megatron_ddk.platform import distributed
@@ -50,14 +58,14 @@ def move_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.to(target, non_blocking=True) for key, value in batch.items()}
 
 
-def forward_step(data_iterator, model, *, settings: LossSettings):
+def forward_step(data_iterator, model, *, settings: LossSettings, pg):
     """Run one micro-batch through the (student, teacher) stage; the last stage gets a loss function."""
     batch = move_batch(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None)
-    if not parallel_state.is_pipeline_last_stage():
+    if not distributed.is_pp_last_stage(pg):
         return output, None
     student_logits, teacher_logits = output
-    return student_logits, partial(loss_func, batch, teacher_logits, settings=settings)
+    return student_logits, partial(loss_func, batch, teacher_logits, settings=settings, tp_group=pg.tp)
 
 
 def _per_domain(values: torch.Tensor, mask: torch.Tensor, domain_id: torch.Tensor, num_domains: int) -> torch.Tensor:
@@ -70,7 +78,7 @@ def _per_domain(values: torch.Tensor, mask: torch.Tensor, domain_id: torch.Tenso
 
 
 def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None, student_logits: torch.Tensor,
-              *, settings: LossSettings):
+              *, settings: LossSettings, tp_group):
     """CE + gamma * KD summed over unmasked tokens; logits are ``[b, s, v]`` vocab shards."""
     labels, mask = batch["labels"], batch["loss_mask"].float()
     num_tokens = mask.sum()
@@ -86,6 +94,7 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
             jsd_beta=settings.kd_jsd_beta,
             chunk_size=settings.kd_chunk_size or default_chunk_size(student_logits.shape[-1]),
             vocab_size=settings.vocab_size,
+            tp_group=tp_group,
         )  # [b, s]
         kd_sum = (kd * mask).sum()
     ce = tensor_parallel.vocab_parallel_cross_entropy(student_logits.float(), labels)  # [b, s]

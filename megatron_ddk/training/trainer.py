@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,17 +25,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.checkpointing import (
-    CheckpointError,
     CheckpointMetadata,
-    load_common,
+    TrainingParts,
     load_model_state,
-    load_sharded,
+    load_training_checkpoint,
     read_metadata,
     read_tracker,
     resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
+    save_training_checkpoint,
 )
 from megatron_ddk.config import RunConfig
 from megatron_ddk.data.datasets import build_domain_datasets
@@ -44,8 +41,8 @@ from megatron_ddk.data.loader import MixedDomainBatches
 from megatron_ddk.data.mixing import DomainMixingSchedule
 from megatron_ddk.data.tokenizer import padded_vocab_size, tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
-from megatron_ddk.ddk.evaluation import DomainEvaluation, evaluate_domains
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
+from megatron_ddk.errors import CheckpointError
 from megatron_ddk.models.gpt import (
     build_gpt_model,
     check_fp8_supported,
@@ -53,6 +50,7 @@ from megatron_ddk.models.gpt import (
 )
 from megatron_ddk.platform import distributed
 from megatron_ddk.training import report
+from megatron_ddk.training.evaluation import DomainEvaluation, evaluate_domains
 from megatron_ddk.training.metrics import mean, reduce_reports
 from megatron_ddk.training.step import (
     DOMAIN_LM_LOSS,
@@ -63,14 +61,22 @@ from megatron_ddk.training.step import (
     forward_step,
 )
 
-# The distributed optimizer's state in a layout-independent form, so checkpoints reshard to any
-# TP/PP/DP. Its gather to DP rank 0 calls Tensor.cuda(), so CPU runs (tests) use the DP-resharding
-# format instead; non-distributed optimizers ignore this.
-OPTIMIZER_CKPT_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable" if torch.cuda.is_available() else "dp_reshardable"}
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    """What one optimizer step reports: the reduced loss reports (same on every rank) and the grad norm."""
+
+    totals: dict[str, torch.Tensor]
+    grad_norm: float | None
 
 
 class Trainer:
+    """Builds every component in dependency order in ``__init__``; ``train`` runs the loop.
+
+    A variant overrides one method: ``train_step`` (one optimizer step), ``update_mixture``
+    (evaluate -> controller -> sampler) or ``evaluate``.
+    """
+
     def __init__(self, cfg: RunConfig, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -91,23 +97,30 @@ class Trainer:
         self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher else None
         self.resume_dir = self._check_resume()
 
-        distributed.initialize(self.layout)
-        distributed.set_seed(cfg.training.seed)
-        from megatron.core import parallel_state
-
-        self.ps = parallel_state
+        # ---- the process groups, built once; everything below receives them as ``pg``
+        self.pg = distributed.initialize(self.layout)
+        distributed.set_seed(cfg.training.seed, self.pg)
         self.writer = self._tensorboard()
+        self._signalled = False
         self._install_signal_handler()
-        self._build_model()
-        self._build_optimizer()
-        self._build_data()
+        self.student, self.unwrapped, self.model, self.shape_adjuster = self._build_model()
+        self.loss_settings = self._loss_settings()
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.domains = self._build_datasets()
+        self.controller = self._build_controller()
+        self.schedule = DomainMixingSchedule(
+            [len(d.train) for d in self.domains],
+            window_size=self.controller.interval * cfg.training.global_batch_size,
+            seed=cfg.training.seed,
+            initial_weights=self.controller.initial_weights(),
+        )
         self.iteration = 0
         if self.resume_dir is not None:
-            self._load(self.resume_dir)
+            self.iteration = self._load(self.resume_dir)
         self.batches = MixedDomainBatches(
             [d.train for d in self.domains], self.schedule,
             global_batch_size=cfg.training.global_batch_size, micro_batch_size=cfg.training.micro_batch_size,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
+            dp_rank=dist.get_rank(self.pg.dp), dp_size=dist.get_world_size(self.pg.dp),
             start_iteration=self.iteration,
         )
 
@@ -162,25 +175,31 @@ class Trainer:
         return resolved
 
     # ============================================================================== building
-    def _build_model(self) -> None:
+    def _build_model(self):
+        """(student stage, DistillationModel, its DDP wrapper, the PP shape adjuster or None)."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
             finalize_model_grads,
         )
 
-        cfg, ps = self.cfg, self.ps
-        pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        student = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, pre_process=pre, post_process=post)
+        cfg, pg = self.cfg, self.pg
+        pre, post = distributed.is_pp_first_stage(pg), distributed.is_pp_last_stage(pg)
+        tp = self.layout.tensor_model_parallel_size
+        student = build_gpt_model(
+            cfg.model, cfg.parallel, cfg.precision, pg=pg, pre_process=pre, post_process=post,
+            padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by))
         teacher = None
         if self.teacher_metadata is not None:
-            teacher = build_gpt_model(self.teacher_metadata.model, cfg.parallel, cfg.teacher_precision, pre_process=pre,
-                                      post_process=post, use_fp8=cfg.distill.teacher_fp8, initialize_weights=False)
+            t_model = self.teacher_metadata.model
+            teacher = build_gpt_model(
+                t_model, cfg.parallel, cfg.teacher_precision, pg=pg, pre_process=pre, post_process=post,
+                padded_vocab_size=padded_vocab_size(t_model.vocab_size, tp, t_model.make_vocab_size_divisible_by),
+                use_fp8=cfg.distill.teacher_fp8, initialize_weights=False)
             load_model_state(cfg.distill.teacher_load, teacher, flag="--teacher-load")
-        self.student = student
-        self.unwrapped = DistillationModel(student, teacher, pre_process=pre, post_process=post)
-        self.shape_adjuster = (pipeline_shape_adjuster(self.teacher_metadata.model.hidden_size)
-                               if teacher is not None and self.layout.pp_enabled else None)
+        unwrapped = DistillationModel(student, teacher, pre_process=pre, post_process=post)
+        shape_adjuster = (pipeline_shape_adjuster(self.teacher_metadata.model.hidden_size)
+                          if teacher is not None and self.layout.pp_enabled else None)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -188,25 +207,30 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             check_for_nan_in_grad=True,
         )
-        self.model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=self.unwrapped)
+        model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=unwrapped,
+                                        pg_collection=pg)
         config = student.config
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = self.model.no_sync
+        config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
+        config.no_sync_func = model.no_sync
         if cfg.parallel.overlap_grad_reduce:
-            config.grad_sync_func = self.model.start_grad_sync
+            config.grad_sync_func = model.start_grad_sync
         if cfg.parallel.overlap_param_gather:
-            config.param_sync_func = self.model.start_param_sync
-        self.loss_settings = LossSettings(
+            config.param_sync_func = model.start_param_sync
+        return student, unwrapped, model, shape_adjuster
+
+    def _loss_settings(self) -> LossSettings:
+        d = self.cfg.distill
+        return LossSettings(
             num_domains=len(self.registry.domains),
             vocab_size=self.tokenizer.vocab_size,
-            kd_weight=cfg.distill.kd_weight if teacher is not None else 0.0,
-            kd_loss_type=cfg.distill.kd_loss_type,
-            kd_temperature=cfg.distill.kd_temperature,
-            kd_jsd_beta=cfg.distill.kd_jsd_beta,
-            kd_chunk_size=cfg.distill.kd_chunk_size,
+            kd_weight=d.kd_weight if self.unwrapped.teacher is not None else 0.0,
+            kd_loss_type=d.kd_loss_type,
+            kd_temperature=d.kd_temperature,
+            kd_jsd_beta=d.kd_jsd_beta,
+            kd_chunk_size=d.kd_chunk_size,
         )
 
-    def _build_optimizer(self) -> None:
+    def _build_optimizer(self):
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -218,10 +242,12 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             overlap_param_gather=cfg.parallel.overlap_param_gather,
         )
-        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
-        self.student.config.grad_scale_func = self.optimizer.scale_loss
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
+        # no pg_collection here: megatron-core then refuses the gloo groups the distributed optimizer
+        # needs to save and load its state; it takes the same groups from the parallel state
+        optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.student.config.grad_scale_func = optimizer.scale_loss
+        scheduler = OptimizerParamScheduler(
+            optimizer,
             init_lr=0.0 if t.lr_warmup_iters > 0 else t.lr,
             max_lr=t.lr,
             min_lr=t.min_lr,
@@ -233,25 +259,22 @@ class Trainer:
             wd_incr_steps=t.train_iters,
             wd_incr_style="constant",
         )
+        return optimizer, scheduler
 
-    def _build_data(self) -> None:
+    def _build_datasets(self):
         cfg = self.cfg
         cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save
                                              else os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk"))
-        self.domains = build_domain_datasets(self.registry, tokenizer=self.tokenizer, seq_length=cfg.data.seq_length,
-                                             seed=cfg.training.seed, cache_dir=cache)
-        dynamic = cfg.distill.mode == "ddk"
+        return build_domain_datasets(self.registry, tokenizer=self.tokenizer, seq_length=cfg.data.seq_length,
+                                     seed=cfg.training.seed, cache_dir=cache)
+
+    def _build_controller(self) -> DDKController:
+        cfg = self.cfg
         log_file = cfg.ddk.log_file or (os.path.join(cfg.checkpoint.save, "ddk_log.jsonl") if cfg.checkpoint.save else None)
-        self.controller = DDKController(
+        return DDKController(
             mixing=cfg.ddk.mixing, alpha=cfg.ddk.alpha, interval=cfg.ddk.interval,
             domain_names=self.registry.names, static_weights=self.registry.initial_weights,
-            log_file=log_file if distributed.is_rank_0() else None, dynamic=dynamic,
-        )
-        self.schedule = DomainMixingSchedule(
-            [len(d.train) for d in self.domains],
-            window_size=cfg.ddk.interval * cfg.training.global_batch_size,
-            seed=cfg.training.seed,
-            initial_weights=self.controller.weights,
+            log_file=log_file if distributed.is_rank_0() else None, dynamic=cfg.distill.mode == "ddk",
         )
 
     def _tensorboard(self):
@@ -266,60 +289,68 @@ class Trainer:
         return evaluate_domains(
             self.model, self.unwrapped, [d.valid for d in self.domains], num_samples=num_samples,
             micro_batch_size=self.cfg.training.micro_batch_size, seq_length=self.cfg.data.seq_length,
-            settings=self.loss_settings, with_teacher=with_teacher, shape_adjuster=self.shape_adjuster,
+            settings=self.loss_settings, with_teacher=with_teacher, shape_adjuster=self.shape_adjuster, pg=self.pg,
         )
 
+    def update_mixture(self) -> None:
+        """Evaluate -> controller -> sampler: fix the weights of the window that starts now.
+
+        At iteration 0 of a fresh run this evaluates the teacher too (once: it is frozen) and
+        applies Eq. 1; after every K-th iteration it applies Eq. 2 to the window that just ended.
+        """
+        iteration, window = self.iteration, self.controller.window_of(self.iteration)
+        first = iteration == 0
+        evaluation = self.evaluate(with_teacher=first and self.unwrapped.teacher is not None,
+                                   num_samples=self.cfg.ddk.val_samples)
+        if first:
+            weights = self.controller.start(evaluation.ce_student, evaluation.ce_teacher)
+        else:
+            weights = self.controller.update(self.schedule.weights_for_window(window - 1), evaluation.ce_student,
+                                             iteration=iteration)
+        _check_same_on_all_ranks(weights, "DDK domain weights")
+        self.schedule.set_window_weights(window, weights)
+        record = self.controller.last_record
+        report.print_rank_0(report.ddk_update_lines(record, "initial" if first else "update"))
+        if self.writer is not None:
+            report.write_ddk_scalars(self.writer, iteration, record)
+
     # ============================================================================== the loop
-    def train(self) -> DomainEvaluation:
-        cfg, t = self.cfg, self.cfg.training
-        has_teacher = self.unwrapped.teacher is not None
-        if self.iteration == 0 and self.controller.ce_student_initial is None:
-            self.controller.truncate_log(-1)  # a fresh run starts a fresh log
-            evaluation = self.evaluate(with_teacher=has_teacher, num_samples=cfg.ddk.val_samples)
-            weights = self.controller.start(evaluation)
-            _check_same_on_all_ranks(weights, "DDK initial domain weights")
-            self.schedule.set_window_weights(0, weights)
-            self._log_ddk(0, "initial")
-        num_microbatches = t.global_batch_size // (t.micro_batch_size * self.layout.data_parallel_size)
-        layout = self._report_layout()
-
-        def empty_window() -> dict[str, torch.Tensor]:
-            return {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
-
-        window = empty_window()
-        window_start, window_iters, last_saved = time.time(), 0, None
+    def train_step(self) -> StepResult:
+        """One optimizer step over one global batch; returns its reports reduced over all ranks."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        forward_backward = get_forward_backward_func()
-        while self.iteration < t.train_iters:
-            self.model.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            reports = forward_backward(
-                forward_step_func=partial(forward_step, settings=self.loss_settings),
-                data_iterator=self.batches, model=[self.model], num_microbatches=num_microbatches,
-                seq_length=cfg.data.seq_length, micro_batch_size=t.micro_batch_size, forward_only=False,
-                adjust_tensor_shapes_fn=self.shape_adjuster,
-            )
-            _, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
-            self.iteration += 1
-            totals = reduce_reports(reports if self.ps.is_pipeline_last_stage() else [], layout)
-            for key in window:
-                window[key] += totals[key]
-            window_iters += 1
-            self.last_metrics = totals
+        t = self.cfg.training
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, settings=self.loss_settings, pg=self.pg),
+            data_iterator=self.batches, model=[self.model],
+            num_microbatches=t.global_batch_size // (t.micro_batch_size * self.layout.data_parallel_size),
+            seq_length=self.cfg.data.seq_length, micro_batch_size=t.micro_batch_size, forward_only=False,
+            adjust_tensor_shapes_fn=self.shape_adjuster,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        totals = reduce_reports(reports if distributed.is_pp_last_stage(self.pg) else [], self._report_layout(),
+                                self.pg)
+        return StepResult(totals=totals, grad_norm=None if grad_norm is None else float(grad_norm))
 
+    def train(self) -> DomainEvaluation | None:
+        """Run to ``--train-iters`` (or an exit condition); returns the final per-domain evaluation."""
+        cfg, t = self.cfg, self.cfg.training
+        if self.iteration == 0 and self.controller.ce_student_initial is None:
+            self.controller.truncate_log(-1)  # a fresh run starts a fresh log
+            self.update_mixture()
+        window, last_saved = _LogWindow(self._report_layout()), None
+        while self.iteration < t.train_iters:
+            step = self.train_step()
+            window.add(step.totals)
             if self.controller.is_update_iteration(self.iteration, t.train_iters):
-                evaluation = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
-                weights = self.controller.update(evaluation, self.iteration)
-                _check_same_on_all_ranks(weights, "DDK domain weights")
-                self.schedule.set_window_weights(self.iteration // cfg.ddk.interval, weights)
-                self._log_ddk(self.iteration, "update")
+                self.update_mixture()
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == t.train_iters:
-                elapsed = time.time() - window_start
-                self._log_iteration(window, window_iters, elapsed, grad_norm)
-                window = empty_window()
-                window_start, window_iters = time.time(), 0
+                self._log_iteration(window, step.grad_norm)
+                window = _LogWindow(self._report_layout())
             if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
                 self._validate()
             signalled = self._signal_received()
@@ -335,14 +366,14 @@ class Trainer:
         if cfg.checkpoint.save and last_saved != self.iteration:
             self.save()
         final = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
-        self.controller.finish(final)
-        report.print_rank_0(report.result_table(self.controller, final))
+        self.controller.finish(final.ce_student)
+        last_weights = self.schedule.weights_for_window(self.controller.window_of(self.iteration - 1))
+        report.print_rank_0(report.result_table(self.controller, final.ce_student, last_weights))
         return final
 
     def _install_signal_handler(self) -> None:
         import signal
 
-        self._signalled = False
         if self.cfg.training.exit_signal_handler:
             def handler(signum, frame):
                 self._signalled = True
@@ -362,93 +393,47 @@ class Trainer:
         """The training reports that are logged (the teacher's per-domain CE is for DDK's evaluation only)."""
         return {LM_LOSS: 2, KD_LOSS: 2, TEACHER_LM_LOSS: 2, DOMAIN_LM_LOSS: 2 * len(self.registry.domains)}
 
-    def _log_iteration(self, window: dict[str, torch.Tensor], iters: int, elapsed: float, grad_norm) -> None:
+    def _log_iteration(self, window: _LogWindow, grad_norm: float | None) -> None:
         t = self.cfg.training
         has_teacher = self.unwrapped.teacher is not None
         lr = self.optimizer.param_groups[0]["lr"]
+        elapsed, iters = time.time() - window.start, window.iterations
         tokens_per_second = iters * t.global_batch_size * self.cfg.data.seq_length / max(elapsed, 1e-9)
-        values = {"lm loss": mean(window[LM_LOSS])}
+        losses = {"lm loss": mean(window.sums[LM_LOSS])}
         if has_teacher and self.loss_settings.kd_weight > 0:
-            values["kd loss"] = mean(window[KD_LOSS])
+            losses["kd loss"] = mean(window.sums[KD_LOSS])
         if has_teacher:
-            values["teacher lm loss"] = mean(window[TEACHER_LM_LOSS])
-        line = (
-            f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {self.iteration:8d}/{t.train_iters:8d} |"
-            f" consumed samples: {self.iteration * t.global_batch_size:12d} |"
-            f" elapsed time per iteration (ms): {1000 * elapsed / max(iters, 1):.1f} |"
-            f" tokens/s: {tokens_per_second:.0f} | learning rate: {lr:.6E} |"
-            f" global batch size: {t.global_batch_size:5d} |"
-            + "".join(f" {k}: {v:.6E} |" for k, v in values.items())
-            + f" grad norm: {float(grad_norm) if grad_norm is not None else float('nan'):.3f} |"
-        )
-        report.print_rank_0(line)
+            losses["teacher lm loss"] = mean(window.sums[TEACHER_LM_LOSS])
+        report.print_rank_0(report.iteration_line(
+            iteration=self.iteration, train_iters=t.train_iters, global_batch_size=t.global_batch_size,
+            elapsed_ms=1000 * elapsed / max(iters, 1), tokens_per_second=tokens_per_second, lr=lr, losses=losses,
+            grad_norm=grad_norm))
         if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, self.iteration)
-            self.writer.add_scalar("learning-rate", lr, self.iteration)
-            if grad_norm is not None:
-                self.writer.add_scalar("grad-norm", float(grad_norm), self.iteration)
-            self.writer.add_scalar("tokens-per-second", tokens_per_second, self.iteration)
-            n = len(self.registry.domains)
-            domain = window[DOMAIN_LM_LOSS]
-            for i, name in enumerate(self.registry.names):
-                if domain[n + i] > 0:
-                    self.writer.add_scalar(f"train-lm-loss/{name}", float(domain[i] / domain[n + i]), self.iteration)
-            self.writer.flush()
-
-    def _log_ddk(self, iteration: int, what: str) -> None:
-        record = self.controller.last_record
-        report.print_rank_0(report.ddk_update_lines(record, what))
-        if self.writer is not None:
-            for i, name in enumerate(record["domains"]):
-                self.writer.add_scalar(f"ddk-weight/{name}", record["weights"][i], iteration)
-                self.writer.add_scalar(f"ddk-ppl-student/{name}", record["ppl_student"][i], iteration)
-                if record["ratio"] is not None:
-                    self.writer.add_scalar(f"ddk-ppl-ratio/{name}", record["ratio"][i], iteration)
-                    self.writer.add_scalar(f"ddk-ppl-teacher/{name}", record["ppl_teacher"][i], iteration)
-            self.writer.flush()
+            n, domain = len(self.registry.domains), window.sums[DOMAIN_LM_LOSS]
+            per_domain = {name: float(domain[i] / domain[n + i])
+                          for i, name in enumerate(self.registry.names) if domain[n + i] > 0}
+            report.write_iteration_scalars(self.writer, self.iteration, lr=lr, losses=losses, grad_norm=grad_norm,
+                                           tokens_per_second=tokens_per_second, domain_losses=per_domain)
 
     def _validate(self) -> None:
         cfg = self.cfg
         samples = cfg.logging.eval_iters * cfg.training.micro_batch_size * self.layout.data_parallel_size
         evaluation = self.evaluate(with_teacher=False, num_samples=samples)
-        total = float(np.sum(evaluation.ce_student * evaluation.tokens) / np.sum(evaluation.tokens))
-        per_domain = " | ".join(f"{n}: {v:.4f}" for n, v in zip(self.registry.names, evaluation.ce_student))
-        report.print_rank_0(
-            f" validation loss at iteration {self.iteration} | lm loss value: {total:.6E} | "
-            f"lm loss PPL: {np.exp(total):.6E} | {per_domain}"
-        )
+        line, total = report.validation_line(self.iteration, self.registry.names, evaluation.ce_student,
+                                             evaluation.tokens)
+        report.print_rank_0(line)
         if self.writer is not None:
             self.writer.add_scalar("validation/lm loss", total, self.iteration)
             for name, ce in zip(self.registry.names, evaluation.ce_student):
                 self.writer.add_scalar(f"validation/{name}", float(ce), self.iteration)
 
     # ============================================================================== checkpoints
-    def _rng_object(self, state):
-        from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-        ps = self.ps
-        return ShardedObject(
-            "rng_state", state,
-            (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-             ps.get_data_parallel_world_size()),
-            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank()),
-            replica_id=0,
-        )
+    def _parts(self) -> TrainingParts:
+        return TrainingParts(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
+                             schedule=self.schedule, controller=self.controller)
 
     def save(self) -> None:
         cfg = self.cfg
-        model_sd = self.student.sharded_state_dict()
-        state = {
-            "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_CKPT_METADATA),
-            "rng_state": self._rng_object(rng_state()),
-            "iteration": self.iteration,
-            "consumed_samples": self.iteration * cfg.training.global_batch_size,
-            "opt_param_scheduler": self.scheduler.state_dict(),
-            "mixing": self.schedule.state_dict(),
-            "ddk": self.controller.state_dict(),
-        }
         meta = CheckpointMetadata(
             iteration=self.iteration, model=cfg.model, tokenizer=tokenizer_identity(self.tokenizer),
             tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
@@ -456,67 +441,54 @@ class Trainer:
             data_parallel_size=self.layout.data_parallel_size, ddk_mode=cfg.distill.mode, has_optimizer=True,
         )
         start = time.time()
-        path = save_checkpoint(cfg.checkpoint.save, meta, state)
+        path = save_training_checkpoint(cfg.checkpoint.save, self._parts(), meta,
+                                        global_batch_size=cfg.training.global_batch_size, pg=self.pg)
         report.print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
                             f"[ {time.time() - start:.2f}s ]")
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path) -> int:
+        """Restore from ``path``; returns the iteration to continue from."""
         cfg = self.cfg
         meta = read_metadata(path)
         if cfg.checkpoint.finetune:
             load_model_state(path, self.student)
             self.optimizer.reload_model_params()
             report.print_rank_0(f"  loaded weights from {path} (--finetune: iteration, optimizer and data start fresh)")
-            return
-        model_sd = self.student.sharded_state_dict()
-        request = {"model": model_sd}
-        load_optim = meta.has_optimizer and not cfg.checkpoint.no_load_optim
-        if load_optim:
-            self._materialize_optimizer_state()
-            request["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                                     metadata=OPTIMIZER_CKPT_METADATA)
+            return 0
         same_layout = (meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size, meta.data_parallel_size) == (
             self.layout.tensor_model_parallel_size, self.layout.pipeline_model_parallel_size,
             self.layout.data_parallel_size)
-        load_rng = same_layout and not cfg.checkpoint.no_load_rng
-        if load_rng:
-            request["rng_state"] = self._rng_object(None)
-        state = load_sharded(path, request)
-        self.student.load_state_dict(state["model"], strict=True)
-        if load_optim:
-            with torch.no_grad():  # fp32 + distributed optimizer: main params are views of the live params
-                self.optimizer.load_state_dict(state["optimizer"])
-        else:
-            self.optimizer.reload_model_params()
-        common = load_common(path)
-        self.scheduler.load_state_dict(common["opt_param_scheduler"])
-        self.iteration = int(common["iteration"])
-        self.schedule.load_state_dict(common["mixing"])
-        self.controller.load_state_dict(common["ddk"])
-        self.controller.truncate_log(self.iteration)
-        if load_rng:
-            set_rng_state(state["rng_state"])
+        iteration = load_training_checkpoint(
+            path, self._parts(), load_optimizer=meta.has_optimizer and not cfg.checkpoint.no_load_optim,
+            load_rng=same_layout and not cfg.checkpoint.no_load_rng,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, pg=self.pg)
+        self.controller.truncate_log(iteration)
         report.print_rank_0(
-            f"  loaded checkpoint from {path} at iteration {self.iteration}"
+            f"  loaded checkpoint from {path} at iteration {iteration}"
             + ("" if same_layout else f" (resharded from TP{meta.tensor_model_parallel_size} "
                                        f"PP{meta.pipeline_model_parallel_size} DP{meta.data_parallel_size})")
         )
-
-    def _materialize_optimizer_state(self) -> None:
-        """The distributed optimizer describes its state from the live torch optimizer, which has
-        none before the first step; with torch's Adam (no TE/apex: CPU) it also needs a ``step``."""
-        if not self.cfg.parallel.use_distributed_optimizer:
-            return
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            opt.init_state_fn(opt.optimizer, opt.config)
-            for state in opt.optimizer.state.values():
-                state.setdefault("step", torch.tensor(0.0))
+        return iteration
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
         if dist.is_initialized():
             dist.barrier()
+
+
+class _LogWindow:
+    """Report sums over the iterations since the last log line, and when that window started."""
+
+    def __init__(self, layout: dict[str, int]):
+        self.sums = {key: torch.zeros(n, dtype=torch.float64) for key, n in layout.items()}
+        self.iterations = 0
+        self.start = time.time()
+
+    def add(self, totals: dict[str, torch.Tensor]) -> None:
+        for key in self.sums:
+            self.sums[key] += totals[key]
+        self.iterations += 1
 
 
 def _check_same_on_all_ranks(values: np.ndarray, what: str) -> None:

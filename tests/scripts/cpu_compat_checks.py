@@ -10,11 +10,15 @@ import torch
 
 def tiny_gpt():
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
+    from megatron_ddk.platform.distributed import ParallelLayout, initialize
 
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
                       vocab_size=100, max_position_embeddings=16)
-    return build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True)
+    return build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
+                           padded_vocab_size=padded_vocab_size(cfg.vocab_size, 1, cfg.make_vocab_size_divisible_by),
+                           pg=initialize(ParallelLayout(world_size=1)))
 
 
 def batch():
@@ -135,8 +139,8 @@ def main() -> None:
     from megatron_ddk.platform.cpu_compat import PATCHES
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 
-    initialize(ParallelLayout(world_size=1))
-    set_seed(1)
+    pg = initialize(ParallelLayout(world_size=1))
+    set_seed(1, pg)
     results = {"_patches": sorted(PATCHES)}
     for name, check in CHECKS.items():
         try:

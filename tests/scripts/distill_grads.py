@@ -11,6 +11,7 @@ def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     from megatron_ddk.arguments import parse_run
     from megatron_ddk.checkpointing import load_model_state
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform.distributed import destroy
     from megatron_ddk.training.trainer import Trainer
@@ -22,7 +23,10 @@ def main() -> None:
     student_before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
     trainer.train()
     # a fresh copy of the teacher from its checkpoint: the trained-with teacher must still equal it
-    fresh = build_gpt_model(trainer.teacher_metadata.model, cfg.parallel, cfg.precision,
+    t_model = trainer.teacher_metadata.model
+    fresh = build_gpt_model(t_model, cfg.parallel, cfg.precision, pg=trainer.pg,
+                            padded_vocab_size=padded_vocab_size(t_model.vocab_size, cfg.parallel.tensor_model_parallel_size,
+                                                                t_model.make_vocab_size_divisible_by),
                             pre_process=True, post_process=True, initialize_weights=False)
     load_model_state(cfg.distill.teacher_load, fresh)
     fresh_params = dict(fresh.named_parameters())

@@ -12,15 +12,16 @@ import torch
 import torch.distributed as dist
 
 
-def gathered_logits(ckpt: str, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from megatron.core import parallel_state
-
+def gathered_logits(ckpt: str, tokens: torch.Tensor, pg) -> tuple[torch.Tensor, int]:
     from megatron_ddk.checkpointing import load_model_state, read_metadata
     from megatron_ddk.config import ParallelConfig, PrecisionConfig
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
 
     meta = read_metadata(ckpt)
-    model = build_gpt_model(meta.model, ParallelConfig(tensor_model_parallel_size=2), PrecisionConfig(),
+    model = build_gpt_model(meta.model, ParallelConfig(tensor_model_parallel_size=2), PrecisionConfig(), pg=pg,
+                            padded_vocab_size=padded_vocab_size(meta.model.vocab_size, 2,
+                                                                meta.model.make_vocab_size_divisible_by),
                             pre_process=True, post_process=True, initialize_weights=False)
     with torch.no_grad():
         for param in model.parameters():
@@ -30,7 +31,7 @@ def gathered_logits(ckpt: str, tokens: torch.Tensor) -> tuple[torch.Tensor, int]
     b, s = tokens.shape
     with torch.no_grad():
         local = model(tokens, torch.arange(s).expand(b, s), None)  # [b, s, Vp / 2]
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = pg.tp
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local.contiguous(), group=group)
     return torch.cat(parts, dim=-1), local.shape[-1]  # [b, s, Vp]
@@ -40,12 +41,12 @@ def main() -> None:
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 
     out, pairs = Path(sys.argv[1]), sys.argv[2:]
-    initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
-    set_seed(1234)
+    pg = initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
+    set_seed(1234, pg)
     records = []
     for ckpt, ref_path in zip(pairs[::2], pairs[1::2]):
         ref = torch.load(ref_path, weights_only=True)
-        logits, local_columns = gathered_logits(ckpt, ref["tokens"])
+        logits, local_columns = gathered_logits(ckpt, ref["tokens"], pg)
         vocab = ref["logits"].shape[-1]
         both = [torch.empty_like(logits) for _ in range(2)]
         dist.all_gather(both, logits)

@@ -56,19 +56,18 @@ def run_case(kind, temperature, chunk, vocab_size, dtype, group, rank) -> dict:
 
 def main() -> None:
     out = sys.argv[1]
-    from megatron.core import parallel_state
+    import torch.distributed as dist
 
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize
 
-    initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    explicit = parallel_state.get_tensor_model_parallel_group()
+    pg = initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
+    rank = dist.get_rank(pg.tp)
     records = []
-    # default group (megatron's); vocab sizes: no padding, padding inside rank 1, rank 1 all padding
+    # vocab sizes: no padding, padding inside rank 1, rank 1 all padding
     for kind, temperature, chunk, vocab_size in itertools.product(KINDS, (1.0, 2.0), (0, 3), (None, 41, 24)):
-        records.append(run_case(kind, temperature, chunk, vocab_size, torch.float32, None, rank))
-    for kind in KINDS:  # explicit group, bf16 logits
-        records.append(run_case(kind, 1.0, 4, 41, torch.bfloat16, explicit, rank))
+        records.append(run_case(kind, temperature, chunk, vocab_size, torch.float32, pg.tp, rank))
+    for kind in KINDS:  # bf16 logits
+        records.append(run_case(kind, 1.0, 4, 41, torch.bfloat16, pg.tp, rank))
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(records, handle, indent=1)

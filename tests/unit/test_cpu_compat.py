@@ -38,11 +38,15 @@ def test_noop_when_cuda_is_present_and_idempotent():
     assert python("-c", code).stdout.strip().endswith("ok")
 
 
-def test_other_megatron_core_version_is_refused():
+def test_other_megatron_core_version_is_refused_at_startup_not_at_import():
     code = (
         "import importlib.metadata as md; real = md.version\n"
         "md.version = lambda name: '0.17.0' if name == 'megatron-core' else real(name)\n"
-        "import megatron_ddk\n"
+        "import megatron_ddk.training.trainer\n"  # importing has no side effects
+        "print('imported', flush=True)\n"
+        "from megatron_ddk.platform.startup import prepare_process\n"
+        "prepare_process()\n"
     )
     proc = python("-c", code, check=False)
+    assert proc.stdout.strip() == "imported"
     assert proc.returncode != 0 and "needs megatron-core==0.16.1, found 0.17.0" in proc.stderr

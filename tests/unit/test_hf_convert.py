@@ -36,8 +36,8 @@ CASES = {
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
-    initialize(ParallelLayout(world_size=1))
-    set_seed(1234)
+    pg = initialize(ParallelLayout(world_size=1))
+    set_seed(1234, pg)
     yield
     destroy()
 
@@ -78,6 +78,17 @@ def tokens() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.arange(SEQ).expand(2, SEQ)
 
 
+def world_groups():
+    """The one-process world's groups (``initialize`` is idempotent and returns them)."""
+    return initialize(ParallelLayout(world_size=1))
+
+
+def padded_rows(model) -> int:
+    from megatron_ddk.data.tokenizer import padded_vocab_size
+
+    return padded_vocab_size(model.vocab_size, 1, model.make_vocab_size_divisible_by)
+
+
 def load_ours(ckpt: Path):
     from megatron_ddk.checkpointing import load_model_state, read_metadata
     from megatron_ddk.config import ParallelConfig, PrecisionConfig
@@ -85,7 +96,7 @@ def load_ours(ckpt: Path):
 
     meta = read_metadata(ckpt)
     model = build_gpt_model(meta.model, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
-                            initialize_weights=False)
+                            padded_vocab_size=padded_rows(meta.model), pg=world_groups(), initialize_weights=False)
     load_model_state(ckpt, model)
     return model.eval(), meta
 
@@ -248,7 +259,7 @@ def test_placements_cover_each_megatron_parameter_exactly_once():
               "num_key_value_heads": 1}  # multi-query: one group holding all 4 query heads
     cfg = model_config_from_hf(values)
     model = build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
-                            initialize_weights=False)
+                            padded_vocab_size=padded_rows(cfg), pg=world_groups(), initialize_weights=False)
     counts = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
     for placement in hf_placements(cfg).values():
         placement.select(counts[placement.megatron_key]).add_(1)

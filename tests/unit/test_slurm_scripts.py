@@ -255,13 +255,13 @@ def test_dockerfile_builds_on_an_ngc_pytorch_image():
 def test_dockerfile_installs_the_exact_megatron_core_pin_of_pyproject():
     import tomllib
 
-    import megatron_ddk
+    from megatron_ddk.platform.startup import REQUIRED_MEGATRON_CORE
 
     deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = [d for d in deps if d.replace(" ", "").startswith("megatron-core==")]
     assert len(pins) == 1
     version = pins[0].split("==", 1)[1].strip()
-    assert version == megatron_ddk.REQUIRED_MEGATRON_CORE
+    assert version == REQUIRED_MEGATRON_CORE
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.findall(r"megatron-core==([0-9][0-9A-Za-z.]*)", text) == [version]
     installs = [line for line in text.splitlines() if "pip install" in line]

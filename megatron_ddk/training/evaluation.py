@@ -2,7 +2,8 @@
 
 Runs megatron-core's forward-only schedule over each domain's held-out samples, split across DP
 ranks without overlap, through every TP/PP stage; the per-domain token sums are reduced so that
-every rank ends with the same numbers (``training.metrics.reduce_reports``).
+every rank ends with the same numbers (``training.metrics.reduce_reports``). The result is plain
+arrays: DDK's controller (``megatron_ddk.ddk``) consumes them without knowing about models.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from functools import partial
 
 import numpy as np
 import torch
-from megatron.core import parallel_state
+import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ddk.data.loader import evaluation_batches
 from megatron_ddk.distill.model import DistillationModel
+from megatron_ddk.errors import DataError
+from megatron_ddk.platform.distributed import is_pp_last_stage
 from megatron_ddk.training.metrics import reduce_reports
 from megatron_ddk.training.step import DOMAIN_LM_LOSS, DOMAIN_TEACHER_LM_LOSS, LossSettings, forward_step
 
@@ -50,10 +53,13 @@ def evaluate_domains(
     settings: LossSettings,
     with_teacher: bool,
     shape_adjuster: Callable | None,
+    pg,
 ) -> DomainEvaluation:
-    """Mean CE of each domain's first ``num_samples`` validation samples (all ranks get the result)."""
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
+    """Mean CE of each domain's first ``num_samples`` validation samples (all ranks get the result).
+
+    ``pg``: the ProcessGroupCollection; samples are split over ``pg.dp``, stages run over ``pg.pp``.
+    """
+    dp_rank, dp_size = dist.get_rank(pg.dp), dist.get_world_size(pg.dp)
     batches = []
     for domain_id, dataset in enumerate(valid_sets):
         for batch in evaluation_batches(dataset, num_samples=num_samples, micro_batch_size=micro_batch_size,
@@ -69,7 +75,7 @@ def evaluate_domains(
     try:
         with torch.no_grad():
             reports = get_forward_backward_func()(
-                forward_step_func=partial(forward_step, settings=eval_settings),
+                forward_step_func=partial(forward_step, settings=eval_settings, pg=pg),
                 data_iterator=iter(batches),
                 model=[model],
                 num_microbatches=len(batches),
@@ -81,13 +87,13 @@ def evaluate_domains(
     finally:
         unwrapped.run_teacher = unwrapped.teacher is not None
         model.train(was_training)
-    totals = reduce_reports(reports if parallel_state.is_pipeline_last_stage() else [],
-                            {DOMAIN_LM_LOSS: 2 * num_domains, DOMAIN_TEACHER_LM_LOSS: 2 * num_domains})
+    totals = reduce_reports(reports if is_pp_last_stage(pg) else [],
+                            {DOMAIN_LM_LOSS: 2 * num_domains, DOMAIN_TEACHER_LM_LOSS: 2 * num_domains}, pg)
     student = totals[DOMAIN_LM_LOSS].numpy()
     tokens = student[num_domains:]
     if np.any(tokens == 0):
         empty = [i for i in range(num_domains) if tokens[i] == 0]
-        raise RuntimeError(f"domains {empty} have no validation tokens; check their validation sets")
+        raise DataError(f"domains {empty} have no validation tokens; check their validation sets")
     ce_student = student[:num_domains] / tokens
     ce_teacher = None
     if with_teacher:
