@@ -19,11 +19,14 @@ from pathlib import Path
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
-from megatron_ddk.errors import DataError, MissingFileError
-
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
-EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>")
-"""End-of-document tokens looked up, in this order, when a Hugging Face directory names no eos_token."""
+from megatron_ddk.data.tokenizer_files import (  # noqa: F401  (TOKENIZER_TYPES, EOS_CANDIDATES: re-exported)
+    EOS_CANDIDATES,
+    TOKENIZER_TYPES,
+    open_huggingface,
+    open_sentencepiece,
+    open_tokenizer_file,
+)
+from megatron_ddk.errors import DataError
 
 
 class Tokenizer(MegatronLegacyTokenizer):
@@ -87,25 +90,9 @@ class SentencePieceTokenizer(Tokenizer):
     type_name = "SentencePieceTokenizer"
 
     def __init__(self, model_file: Path):
-        import sentencepiece
-
-        try:
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
-        except (RuntimeError, OSError) as err:
-            raise DataError(
-                f"--tokenizer-model {model_file}: not a SentencePiece model ({err}); "
-                "give the .model file written by tools/train_tokenizer.py"
-            ) from err
-        eod = self._sp.eos_id()
-        if eod < 0:
-            raise DataError(
-                f"--tokenizer-model {model_file}: the SentencePiece model has no end-of-sequence "
-                "token; retrain it with tools/train_tokenizer.py (which defines one)"
-            )
-        pad = self._sp.pad_id()
-        super().__init__(
-            model_file, vocab_size=self._sp.get_piece_size(), eod=eod, pad=pad if pad >= 0 else eod
-        )
+        opened = open_sentencepiece(model_file)
+        self._sp = opened.library
+        super().__init__(opened.source, vocab_size=opened.vocab_size, eod=opened.eod, pad=opened.pad)
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -128,49 +115,9 @@ class HuggingFaceTokenizer(Tokenizer):
     type_name = "HuggingFaceTokenizer"
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer as FastTokenizer
-
-        tokenizer_json = path / "tokenizer.json" if path.is_dir() else path
-        if not tokenizer_json.is_file():
-            raise MissingFileError(
-                f"--tokenizer-model {path}: no tokenizer.json there; point it at a Hugging "
-                "Face model directory or at its tokenizer.json"
-            )
-        try:
-            self._tok = FastTokenizer.from_file(str(tokenizer_json))
-        except Exception as err:  # the Rust side raises a bare Exception on malformed files
-            raise DataError(
-                f"--tokenizer-model {tokenizer_json}: not a Hugging Face tokenizer.json ({err})"
-            ) from err
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        config = _read_json(tokenizer_json.parent / "tokenizer_config.json")
-        special = _read_json(tokenizer_json.parent / "special_tokens_map.json")
-        eos = _token_text(config.get("eos_token")) or _token_text(special.get("eos_token"))
-        if eos is not None:
-            eod = self._tok.token_to_id(eos)
-            if eod is None:
-                raise DataError(
-                    f"--tokenizer-model {path}: eos_token {eos!r} named next to {tokenizer_json.name} is "
-                    "not in its vocabulary; fix eos_token in tokenizer_config.json"
-                )
-        else:
-            found = [i for i in (self._tok.token_to_id(c) for c in EOS_CANDIDATES) if i is not None]
-            if not found:
-                raise DataError(
-                    f"--tokenizer-model {path}: no end-of-document token (no eos_token in "
-                    f"tokenizer_config.json and none of {', '.join(EOS_CANDIDATES)} in the vocabulary); "
-                    "add eos_token to tokenizer_config.json"
-                )
-            eod = found[0]
-        pad_text = _token_text(config.get("pad_token")) or _token_text(special.get("pad_token"))
-        pad = self._tok.token_to_id(pad_text) if pad_text else None
-        super().__init__(
-            tokenizer_json,
-            vocab_size=self._tok.get_vocab_size(with_added_tokens=True),
-            eod=eod,
-            pad=eod if pad is None else pad,
-        )
+        opened = open_huggingface(path)
+        self._tok = opened.library
+        super().__init__(opened.source, vocab_size=opened.vocab_size, eod=opened.eod, pad=opened.pad)
 
     @property
     def vocab(self) -> dict[str, int]:
@@ -185,20 +132,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokenizer:
     """``--tokenizer-type`` / ``--tokenizer-model`` -> tokenizer, with one-line errors for bad values."""
-    if tokenizer_type not in TOKENIZER_TYPES:
-        raise DataError(
-            f"--tokenizer-type {tokenizer_type!r} is not supported; use one of {', '.join(TOKENIZER_TYPES)}"
-        )
-    if tokenizer_model is None or str(tokenizer_model) == "":
-        raise DataError(f"--tokenizer-model is required with --tokenizer-type {tokenizer_type}")
-    path = Path(tokenizer_model).expanduser()
-    if not path.exists():
-        raise MissingFileError(f"--tokenizer-model {path}: no such file or directory")
-    if tokenizer_type == "SentencePieceTokenizer":
-        if path.is_dir():
-            raise DataError(f"--tokenizer-model {path} is a directory; give the SentencePiece .model file")
-        return SentencePieceTokenizer(path)
-    return HuggingFaceTokenizer(path)
+    opened = open_tokenizer_file(tokenizer_type, tokenizer_model)
+    if opened.type_name == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(opened.source)
+    return HuggingFaceTokenizer(opened.source)
 
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict:
@@ -222,20 +159,3 @@ def padded_vocab_size(
         )
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     return -(-vocab_size // multiple) * multiple
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"--tokenizer-model: {path} is not valid JSON ({err}); fix or remove it") from err
-    return data if isinstance(data, dict) else {}
-
-
-def _token_text(value) -> str | None:
-    """A special token as written in tokenizer_config.json: a string or an AddedToken mapping."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -228,3 +229,76 @@ def test_bad_arguments(spm, tmp_path):
             progress=False,
         )
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+
+
+def test_non_utf8_line_is_named_as_such(spm, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n{"text": "also fine"}\n')
+    with pytest.raises(PreprocessError, match=r"in.jsonl:2: not UTF-8 .*nothing was written"):
+        run(spm, src, tmp_path / "out")
+    stats = run(spm, src, tmp_path / "out", on_bad_lines="skip")
+    assert stats.documents == 2 and dict(stats.bad) == {"not UTF-8": 1}
+    assert stats.first_bad["not UTF-8"] == [f"{src}:2"]
+
+
+def test_many_chunks_and_workers_keep_order_and_line_numbers(spm, tmp_path, monkeypatch):
+    """Several chunks per file over two workers: same bytes as one worker, bad lines numbered per file."""
+    import tools.preprocess_data as tool
+
+    monkeypatch.setattr(tool, "CHUNK_BYTES", 200)  # the spawned workers never read it: only the main process chunks
+    records = [{"text": d} for d in DOCS] + ["{broken"] + [{"text": d} for d in DOCS]
+    src = tmp_path / "in.jsonl"
+    src.write_text(lines(records))
+    one = run(spm, src, tmp_path / "one", append_eod=True, on_bad_lines="skip")
+    two = run(spm, src, tmp_path / "two", append_eod=True, on_bad_lines="skip", workers=2)
+    assert one.first_bad == two.first_bad == {"malformed JSON": [f"{src}:{len(DOCS) + 1}"]}
+    assert one.documents == two.documents == 2 * len(DOCS)
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"one_text_document{ext}").read_bytes() == (tmp_path / f"two_text_document{ext}").read_bytes()
+
+
+def test_killed_run_leaves_nothing_the_next_run_keeps(spm, tmp_path):
+    """SIGKILL during --overwrite leaves its hidden staging file; the next run on the prefix removes it
+    (a staging file of a process still alive is left alone)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO_ROOT, subprocess_env
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(lines({"text": d * 40} for d in DOCS * 40))  # long enough to be caught mid-run
+    args = ["--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
+            "SentencePieceTokenizer", "--tokenizer-model", spm, "--no-progress", "--overwrite"]
+    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", *args], cwd=REPO_ROOT,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staged = tmp_path / f".out_text_document.bin.tmp{proc.pid}"
+    deadline = time.time() + 60
+    while not (staged.exists() and staged.stat().st_size > 0) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert staged.exists(), "the run finished before it could be killed; make the input longer"
+    alive = tmp_path / f".out_text_document.idx.tmp{os.getppid()}"  # as if a live process were writing it
+    alive.write_bytes(b"in progress")
+    stats = run(spm, src, tmp_path / "out", overwrite=True)
+    assert not staged.exists() and alive.exists()
+    assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == stats.documents == len(DOCS) * 40
+
+
+def test_tool_imports_neither_torch_nor_megatron(spm, tmp_path):
+    """Start-up cost: the tool and its workers load the tokenizer library and numpy only."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(lines({"text": d} for d in DOCS))
+    code = (
+        "import runpy, sys; sys.argv = ['preprocess_data.py', '--input', sys.argv[1], '--output-prefix', "
+        "sys.argv[2], '--tokenizer-type', 'SentencePieceTokenizer', '--tokenizer-model', sys.argv[3], "
+        "'--workers', '2', '--no-progress']\n"
+        "try:\n    runpy.run_path('tools/preprocess_data.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron')))"
+    )
+    out = python("-c", code, src, tmp_path / "out", spm)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out_text_document.idx").exists()
