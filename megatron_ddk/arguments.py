@@ -20,6 +20,8 @@ from megatron_ddk.config import (
     KD_LOSS_TYPES,
     LR_DECAY_STYLES,
     MIXING_MODES,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
     CheckpointConfig,
     DataConfig,
     DDKConfig,
@@ -28,10 +30,12 @@ from megatron_ddk.config import (
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    RecomputeConfig,
     RunConfig,
     TrainingConfig,
 )
 from megatron_ddk.errors import ConfigError
+from megatron_ddk.scaling_checks import context_parallel_problems, recompute_problems
 
 if TYPE_CHECKING:
     from megatron_ddk.data.tokenizer import Tokenizer
@@ -92,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split sequences over ranks (needs Transformer Engine's attention; refused on CPU)")
+
+    g = parser.add_argument_group("activation recomputation (the student's; the teacher keeps no activations)")
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
+                   help="full: recompute whole layers; selective: the core attention only")
+    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default=None,
+                   help="with full: uniform (groups of --recompute-num-layers layers) or block (the first "
+                        "--recompute-num-layers layers of each pipeline stage)")
+    g.add_argument("--recompute-num-layers", type=int, default=None)
 
     g = parser.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
@@ -244,6 +258,11 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append("--overlap-param-gather needs --use-distributed-optimizer")
     if args.fp8_format is not None and not args.bf16:
         problems.append("--fp8-format needs --bf16 (FP8 GEMMs with bf16 everywhere else)")
+    problems += recompute_problems(granularity=args.recompute_granularity, method=args.recompute_method,
+                                   num_layers=args.recompute_num_layers, model_layers=args.num_layers,
+                                   pipeline_size=pp)
+    problems += context_parallel_problems(context_parallel_size=args.context_parallel_size, tensor_size=tp,
+                                          pipeline_size=pp, world_size=world_size, seq_length=args.seq_length)
     return problems
 
 
@@ -265,6 +284,7 @@ def _to_config(args: argparse.Namespace, vocab_size: int, world_size: int) -> Ru
             add_bias_linear=not args.disable_bias_linear,
         ),
         parallel=_from_flags(ParallelConfig, args),
+        recompute=_from_flags(RecomputeConfig, args, prefix="recompute_"),
         precision=_from_flags(PrecisionConfig, args),
         training=_from_flags(TrainingConfig, args,
                              global_batch_size=args.global_batch_size or args.micro_batch_size * dp),

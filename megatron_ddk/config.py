@@ -25,6 +25,8 @@ class SetupError(ConfigError, RuntimeError):
 
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +142,23 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    context_parallel_size: int = 1
+    """Splits each sequence over this many ranks; needs Transformer Engine's attention (refused on CPU)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecomputeConfig:
+    """Activation recomputation of the student, with Megatron-LM's flag meanings (``--recompute-*``).
+
+    The teacher never recomputes: it runs forward-only under ``no_grad`` and keeps no activations.
+    """
+
+    granularity: str | None = None
+    """full: whole layers; selective: the core attention only (megatron-core's default module)."""
+    method: str | None = None
+    """With full: uniform (layers in groups of ``num_layers``, each group's input kept) or block (the
+    first ``num_layers`` layers of each pipeline stage recomputed, the rest not)."""
+    num_layers: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +262,7 @@ class DDKConfig:
 class RunConfig:
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     training: TrainingConfig
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

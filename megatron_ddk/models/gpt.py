@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, SetupError
+from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig, SetupError
 from megatron_ddk.errors import ConfigError
 
 
@@ -58,9 +58,27 @@ def check_sequence_parallel_supported(parallel: ParallelConfig) -> None:
                            "drop --sequence-parallel here")
 
 
+def check_context_parallel_supported(parallel: ParallelConfig) -> None:
+    """megatron-core's context parallelism runs only in Transformer Engine's attention; and the KD loss,
+    per-domain sums and DDK evaluation are not yet reduced over a CP group: refuse it up front."""
+    cp = parallel.context_parallel_size
+    if cp == 1:
+        return
+    if not uses_transformer_engine():
+        raise SetupError(f"--context-parallel-size {cp} needs Transformer Engine's attention (GPU with the [gpu] "
+                         "extra); use --context-parallel-size 1 here")
+    raise SetupError(f"--context-parallel-size {cp}: context parallelism is not supported yet (the KD loss and the "
+                     "per-domain statistics are not reduced over the CP group); use --context-parallel-size 1")
+
+
 def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                             *, use_fp8: bool = True, initialize_weights: bool = True):
-    """megatron-core ``TransformerConfig`` for ``model`` under the run's parallelism and precision."""
+                             *, use_fp8: bool = True, initialize_weights: bool = True,
+                             recompute: RecomputeConfig | None = None):
+    """megatron-core ``TransformerConfig`` for ``model`` under the run's parallelism and precision.
+
+    ``recompute`` (the student's ``--recompute-*``) maps to megatron-core's ``recompute_*`` fields;
+    None (the teacher) recomputes nothing.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
@@ -73,6 +91,7 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, preci
             fp8_amax_history_len=precision.fp8_amax_history_len,
             fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
         )
+    recompute = recompute or RecomputeConfig()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -106,6 +125,9 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, preci
         bias_dropout_fusion=uses_transformer_engine(),
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        recompute_granularity=recompute.granularity,
+        recompute_method=recompute.method,
+        recompute_num_layers=recompute.num_layers,
         **fp8,
     )
 
@@ -124,14 +146,14 @@ def layer_spec(model: ModelConfig):
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
                     padded_vocab_size: int, pg, pre_process: bool, post_process: bool, use_fp8: bool = True,
-                    initialize_weights: bool = True):
+                    initialize_weights: bool = True, recompute: RecomputeConfig | None = None):
     """One pipeline stage of a ``GPTModel`` (the stage given by ``pre_process``/``post_process``).
 
     ``padded_vocab_size``: embedding/output rows, the tokenizer's vocabulary padded for TP
     (``data.tokenizer.padded_vocab_size``); ``pg``: the ProcessGroupCollection the model's
     collectives run over (``platform.distributed.initialize`` returns it).
     ``initialize_weights=False`` skips the random init (seconds per billion parameters) when the
-    weights are about to be loaded anyway.
+    weights are about to be loaded anyway. ``recompute``: the student's activation recomputation.
     """
     from megatron.core.models.gpt import GPTModel
 
@@ -141,7 +163,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
             f"{parallel.pipeline_model_parallel_size}; choose a PP size that divides the layer count"
         )
     config = build_transformer_config(model, parallel, precision, use_fp8=use_fp8,
-                                      initialize_weights=initialize_weights)
+                                      initialize_weights=initialize_weights, recompute=recompute)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),

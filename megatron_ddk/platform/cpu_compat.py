@@ -199,6 +199,16 @@ def patch_tensor_parallel() -> None:
     _proxy_modules("tensor_parallel")
 
 
+def patch_activation_recompute() -> None:
+    """Activation recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA generator's
+    state around each recomputed block; on CPU there is none (the CPU generator and the CPU RNG tracker
+    are saved and restored by the same code)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: None
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def patch_dist_checkpointing() -> None:
     """The torch_dist save/load strategies synchronize CUDA and stage tensors on the CUDA device."""
     _proxy_modules("dist_checkpointing")
@@ -273,6 +283,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "schedules": patch_schedules,
     "ddp_and_optimizer": patch_ddp_and_optimizer,
     "tensor_parallel": patch_tensor_parallel,
+    "activation_recompute": patch_activation_recompute,
     "dist_checkpointing": patch_dist_checkpointing,
     "clip_grads": patch_clip_grads,
     "optimizer_type_checks": patch_optimizer_type_checks,

@@ -45,6 +45,7 @@ from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuste
 from megatron_ddk.errors import CheckpointError
 from megatron_ddk.models.gpt import (
     build_gpt_model,
+    check_context_parallel_supported,
     check_fp8_supported,
     check_sequence_parallel_supported,
 )
@@ -94,6 +95,7 @@ class Trainer:
                           scan_token_ids=distributed.rank_from_env() == 0)
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
+        check_context_parallel_supported(cfg.parallel)
         self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher else None
         self.resume_dir = self._check_resume()
 
@@ -186,9 +188,10 @@ class Trainer:
         cfg, pg = self.cfg, self.pg
         pre, post = distributed.is_pp_first_stage(pg), distributed.is_pp_last_stage(pg)
         tp = self.layout.tensor_model_parallel_size
-        student = build_gpt_model(
+        student = build_gpt_model(  # the teacher (forward-only, no_grad) never recomputes: no recompute= below
             cfg.model, cfg.parallel, cfg.precision, pg=pg, pre_process=pre, post_process=post,
-            padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by))
+            padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by),
+            recompute=cfg.recompute)
         teacher = None
         if self.teacher_metadata is not None:
             t_model = self.teacher_metadata.model

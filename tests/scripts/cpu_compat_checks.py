@@ -8,7 +8,7 @@ import traceback
 import torch
 
 
-def tiny_gpt():
+def tiny_gpt(recompute=None):
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
     from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
@@ -18,7 +18,7 @@ def tiny_gpt():
                       vocab_size=100, max_position_embeddings=16)
     return build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
                            padded_vocab_size=padded_vocab_size(cfg.vocab_size, 1, cfg.make_vocab_size_divisible_by),
-                           pg=initialize(ParallelLayout(world_size=1)))
+                           pg=initialize(ParallelLayout(world_size=1)), recompute=recompute)
 
 
 def batch():
@@ -106,6 +106,19 @@ def check_tensor_parallel():
 
     x = torch.randn(2, 3)
     assert torch.equal(gather_from_tensor_model_parallel_region(x), x)
+
+
+def check_activation_recompute():
+    from megatron_ddk.config import RecomputeConfig
+
+    tokens, positions = batch()
+    grads = []
+    for recompute in (None, RecomputeConfig(granularity="full", method="uniform", num_layers=1)):
+        torch.manual_seed(3)
+        model = tiny_gpt(recompute=recompute)
+        model(tokens, positions, None).float().square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
 
 def check_dist_checkpointing():
