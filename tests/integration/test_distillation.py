@@ -68,6 +68,15 @@ def test_kd_pipeline_layouts_match_tp1(tiny_corpus, tmp_path, teacher, kd_refere
     assert_series_close(run.series("teacher lm loss"), ref.series("teacher lm loss")[1:3])
 
 
+def test_kd_with_student_recompute_matches(tiny_corpus, tmp_path, teacher, kd_reference):
+    """--recompute-* applies to the student only; losses (CE, KD, teacher CE) are those without it."""
+    _, ref = kd_reference
+    run = pretrain(1, *kd(tiny_corpus, tmp_path, teacher, 3, "--recompute-granularity", "full",
+                          "--recompute-method", "uniform", "--recompute-num-layers", "1"))
+    for key in ("lm loss", "kd loss", "teacher lm loss"):
+        assert_series_close(run.series(key), ref.series(key)[:3])
+
+
 def test_gradients_reach_only_the_student(tiny_corpus, tmp_path, teacher):
     out = tmp_path / "grads.json"
     torchrun(SCRIPTS / "distill_grads.py", 1, out, *kd(tiny_corpus, tmp_path, teacher, 2))
