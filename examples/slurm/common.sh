@@ -86,9 +86,12 @@ ddk_launch() {
     launcher+=(--container-image="$CONTAINER" --container-workdir="$REPO_DIR")
     [ -z "$CONTAINER_MOUNTS" ] || launcher+=(--container-mounts="$CONTAINER_MOUNTS")
   fi
+  # RDZV_JOIN_TIMEOUT (seconds, torchrun's default 600): how long the nodes wait for each other to join
+  local rdzv_conf=()
+  [ -z "${RDZV_JOIN_TIMEOUT:-}" ] || rdzv_conf=(--rdzv-conf "join_timeout=$RDZV_JOIN_TIMEOUT")
   LAUNCH=("${launcher[@]}" "$TORCHRUN"
     --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
-    --rdzv-backend c10d --rdzv-endpoint "$master_addr:$MASTER_PORT" --rdzv-id "$job_id"
+    --rdzv-backend c10d --rdzv-endpoint "$master_addr:$MASTER_PORT" --rdzv-id "$job_id" "${rdzv_conf[@]}"
     "$REPO_DIR/pretrain_ddk.py" "${PRETRAIN_ARGS[@]}")
   if [ -n "${DRY_RUN:-}" ]; then
     printf '%q ' "${LAUNCH[@]}"
