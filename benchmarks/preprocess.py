@@ -9,7 +9,9 @@ Megatron-LM stays outside this repository (``--megatron-lm`` points at a checkou
 runs both tools as fresh processes on the same JSONL, tokenizer and ``--workers``, the order swapped
 every round so that neither always runs on a warmer page cache; the time is the whole command, start-up
 included (what a user waits for). Prints tokens/s of each per round, the ratio ours / Megatron-LM's per
-round and its median, and whether the ``.bin``/``.idx`` outputs are byte-identical in every round.
+round and its median, the CPU seconds each used (the process and its workers: a measure that hardly
+depends on the machine's load, unlike the wall time), and whether the ``.bin``/``.idx`` outputs are
+byte-identical in every round.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -27,14 +30,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], env: dict[str, str]) -> float:
-    """Wall-clock seconds of ``cmd``; stops the benchmark with its stderr if it fails."""
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of the process and the workers it reaped) of ``cmd``; stops the
+    benchmark with its stderr if it fails. CPU time hardly depends on what else the machine runs."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def tokens_in(prefix: Path) -> int:
@@ -100,20 +106,22 @@ def main() -> None:
             "--log-interval",
             "100000000",
         ]
-        ratios, identical = [], True
+        ratios, cpu_ratios, identical = [], [], True
         print(
             f"input {args.input} ({args.input.stat().st_size / 2**20:.1f} MiB), {args.tokenizer_type} "
             f"{args.tokenizer_model}, --workers {args.workers}"
         )
         print(
             f"{'round':>5} | {'ours s':>7} | {'ours tok/s':>10} | {'M-LM s':>7} | {'M-LM tok/s':>10} | "
-            f"{'ratio':>5} | identical"
+            f"{'ratio':>5} | {'ours CPU s':>10} | {'M-LM CPU s':>10} | {'CPU ratio':>9} | identical"
         )
         for round_ in range(args.rounds):
             order = [("ours", ours_cmd, env), ("theirs", theirs_cmd, theirs_env)]
             if round_ % 2:
                 order.reverse()
-            seconds = {name: run(cmd, e) for name, cmd, e in order}
+            measured = {name: run(cmd, e) for name, cmd, e in order}
+            seconds = {name: wall for name, (wall, _) in measured.items()}
+            cpu = {name: cpu_s for name, (_, cpu_s) in measured.items()}
             tokens = tokens_in(out / "ours_text_document")
             same = all(
                 filecmp.cmp(
@@ -124,9 +132,11 @@ def main() -> None:
             identical &= same
             ratio = seconds["theirs"] / seconds["ours"]
             ratios.append(ratio)
+            cpu_ratios.append(cpu["theirs"] / cpu["ours"])
             print(
                 f"{round_ + 1:>5} | {seconds['ours']:7.2f} | {tokens / seconds['ours']:10.0f} | "
-                f"{seconds['theirs']:7.2f} | {tokens / seconds['theirs']:10.0f} | {ratio:5.2f} | {same}"
+                f"{seconds['theirs']:7.2f} | {tokens / seconds['theirs']:10.0f} | {ratio:5.2f} | "
+                f"{cpu['ours']:10.2f} | {cpu['theirs']:10.2f} | {cpu_ratios[-1]:9.2f} | {same}"
             )
             for name in ("ours", "theirs"):
                 for ext in (".bin", ".idx"):
@@ -134,6 +144,7 @@ def main() -> None:
         print(
             f"tokens: {tokens}; tokens/s ours / Megatron-LM: median {statistics.median(ratios):.2f}x "
             f"(min {min(ratios):.2f}x, max {max(ratios):.2f}x over {args.rounds} rounds); "
+            f"CPU seconds Megatron-LM / ours: median {statistics.median(cpu_ratios):.2f}x; "
             f"outputs byte-identical in every round: {identical}"
         )
 
