@@ -101,6 +101,7 @@ ddk_launch() {
   mkdir -p "$CKPT_DIR"
   echo "[$(date -Is)] job $job_id: $NNODES nodes x $GPUS_PER_NODE GPUs, TP=$TP PP=$PP DP=$DP, master $master_addr"
   echo "[$(date -Is)] ${LOAD_ARGS[*]}"
+  echo "[$(date -Is)] rendezvous $master_addr:$MASTER_PORT: waiting up to ${RDZV_JOIN_TIMEOUT:-600} s for all $NNODES nodes"
   # --signal=B:USR1@... reaches this shell shortly before the time limit: requeue, and the next run
   # resumes from the latest checkpoint in CKPT_DIR (work since the last --save-interval is redone).
   trap 'echo "[$(date -Is)] time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
@@ -110,5 +111,10 @@ ddk_launch() {
   wait "$pid" || status=$?
   # wait returns early (status > 128) when the trap fires; let srun finish its teardown.
   while kill -0 "$pid" 2>/dev/null; do wait "$pid" || status=$?; done
+  if [ "$status" -ne 0 ]; then
+    ddk_warn "job $job_id: the launch failed with exit status $status; a RendezvousTimeoutError above means" \
+      "not all $NNODES nodes reached $master_addr:$MASTER_PORT within ${RDZV_JOIN_TIMEOUT:-600} s" \
+      "(RDZV_JOIN_TIMEOUT): check that every node started (its SLURM log) and can reach that address"
+  fi
   exit "$status"
 }

@@ -70,11 +70,35 @@ def test_two_nodes_match_one_node_with_two_processes(tiny_corpus, tmp_path):
 
 
 def test_a_node_that_never_joins_fails_the_other_within_the_timeout(tmp_path):
+    """common.sh's ddk_launch itself (srun replaced by a stand-in that runs its command) on one of two nodes."""
     cmd = slurm_launch_line(2, 1, free_port(), "lonely", ["--help"], RDZV_JOIN_TIMEOUT="10")
     assert cmd[cmd.index("--rdzv-conf") + 1] == "join_timeout=10"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fake_bin / "srun").chmod(0o755)
+    script = (
+        f"source {REPO_ROOT / 'examples/slurm/common.sh'}; NNODES=2; GPUS_PER_NODE=1; TP=1; PP=1; DP=2; "
+        f"MASTER_PORT={free_port()}; TORCHRUN={shlex.quote(TORCHRUN)}; CONTAINER=; "
+        f"CKPT_DIR={tmp_path / 'ckpt'}; LOAD_ARGS=(); PRETRAIN_ARGS=(--help); ddk_launch"
+    )
+    env = subprocess_env(
+        {
+            "PATH": f"{fake_bin}:/usr/bin:/bin",
+            "MASTER_ADDR": "127.0.0.1",
+            "SLURM_JOB_ID": "lonely",
+            "RDZV_JOIN_TIMEOUT": "10",
+        }
+    )
     start = time.time()
-    node = start_node(cmd)
-    _, err = node.communicate(timeout=120)
+    proc = subprocess.run(
+        ["bash", "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     elapsed = time.time() - start
-    assert node.returncode != 0 and 10 <= elapsed < 90, (node.returncode, elapsed)
-    assert "RendezvousTimeoutError" in err
+    assert proc.returncode != 0 and 10 <= elapsed < 90, (proc.returncode, elapsed, proc.stderr[-2000:])
+    assert "waiting up to 10 s for all 2 nodes" in proc.stdout
+    assert "RendezvousTimeoutError" in proc.stderr
+    assert (
+        "a RendezvousTimeoutError above means not all 2 nodes reached 127.0.0.1:" in proc.stderr
+        and "within 10 s (RDZV_JOIN_TIMEOUT): check that every node started" in proc.stderr
+    )
