@@ -46,11 +46,14 @@ def measure(variant: str, args) -> dict:
     import torch
 
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
+    from megatron_ddk.platform.startup import prepare_process
 
-    initialize(ParallelLayout(world_size=1))
-    set_seed(1234)
+    prepare_process()
+    pg = initialize(ParallelLayout(world_size=1))
+    set_seed(1234, pg)
     layers, hidden, heads, ffn = map(int, args.student.split(","))
     cfg = ModelConfig(
         num_layers=layers,
@@ -71,7 +74,14 @@ def measure(variant: str, args) -> dict:
             granularity=granularity, method=method, num_layers=layers // 2 if num == "half" else num
         )
     model = build_gpt_model(
-        cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True, recompute=recompute
+        cfg,
+        ParallelConfig(),
+        PrecisionConfig(),
+        pre_process=True,
+        post_process=True,
+        recompute=recompute,
+        padded_vocab_size=padded_vocab_size(args.vocab, 1),
+        pg=pg,
     )
     model.train()
     g = torch.Generator().manual_seed(0)

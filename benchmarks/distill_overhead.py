@@ -60,13 +60,16 @@ def main() -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.distill.model import DistillationModel
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
+    from megatron_ddk.platform.startup import prepare_process
     from megatron_ddk.training.step import LossSettings, forward_step
 
-    initialize(ParallelLayout(world_size=1))
-    set_seed(1234)
+    prepare_process()
+    pg = initialize(ParallelLayout(world_size=1))
+    set_seed(1234, pg)
 
     def model_config(spec: str) -> ModelConfig:
         layers, hidden, heads, ffn = map(int, spec.split(","))
@@ -84,8 +87,9 @@ def main() -> int:
 
     s_cfg, t_cfg = model_config(args.student), model_config(args.teacher)
     build = dict(pre_process=True, post_process=True)
-    student = build_gpt_model(s_cfg, ParallelConfig(), PrecisionConfig(), **build)
-    teacher = build_gpt_model(t_cfg, ParallelConfig(), PrecisionConfig(), initialize_weights=True, **build)
+    rows = dict(padded_vocab_size=padded_vocab_size(args.vocab, 1), pg=pg)
+    student = build_gpt_model(s_cfg, ParallelConfig(), PrecisionConfig(), **build, **rows)
+    teacher = build_gpt_model(t_cfg, ParallelConfig(), PrecisionConfig(), **build, **rows)
     wrapper = DistillationModel(student, teacher, **build)
     ddp = DistributedDataParallel(
         student.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), wrapper
@@ -123,7 +127,7 @@ def main() -> int:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         fb(
-            forward_step_func=partial(forward_step, settings=settings[mode]),
+            forward_step_func=partial(forward_step, settings=settings[mode], pg=pg),
             data_iterator=data,
             model=[ddp],
             num_microbatches=args.num_microbatches,

@@ -30,12 +30,13 @@ def saved_activation_bytes(run, parameters) -> tuple[int, object]:
 
 def main() -> None:
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
+    from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.distill.model import DistillationModel
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 
-    initialize(ParallelLayout(world_size=1))
-    set_seed(1)
+    pg = initialize(ParallelLayout(world_size=1))
+    set_seed(1, pg)
     student_cfg = ModelConfig(
         num_layers=2,
         hidden_size=64,
@@ -60,10 +61,11 @@ def main() -> None:
         ("full", RecomputeConfig(granularity="full", method="uniform", num_layers=1)),
     ):
         build = dict(pre_process=True, post_process=True)
+        rows = dict(padded_vocab_size=padded_vocab_size(500, 1), pg=pg)
         student = build_gpt_model(
-            student_cfg, ParallelConfig(), PrecisionConfig(), recompute=recompute, **build
+            student_cfg, ParallelConfig(), PrecisionConfig(), recompute=recompute, **build, **rows
         )
-        teacher = build_gpt_model(teacher_cfg, ParallelConfig(), PrecisionConfig(), **build)
+        teacher = build_gpt_model(teacher_cfg, ParallelConfig(), PrecisionConfig(), **build, **rows)
         model = DistillationModel(student, teacher, **build)
         model.train()
         params = [*student.parameters(), *teacher.parameters()]
