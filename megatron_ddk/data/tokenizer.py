@@ -15,7 +15,9 @@ import hashlib
 import json
 from abc import abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
@@ -77,7 +79,7 @@ class Tokenizer(MegatronLegacyTokenizer):
         """Ids of ``text`` without special tokens (the dataset appends the end-of-document id)."""
 
     @abstractmethod
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
 
 
@@ -114,7 +116,7 @@ class SentencePieceTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
 
@@ -179,7 +181,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
@@ -201,7 +203,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokeniz
     return HuggingFaceTokenizer(path)
 
 
-def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
     """What a checkpoint records about its tokenizer (compared between teacher and student)."""
     return {
         "type": tokenizer.type_name,
@@ -224,7 +226,7 @@ def padded_vocab_size(
     return -(-vocab_size // multiple) * multiple
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
@@ -234,7 +236,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _token_text(value) -> str | None:
+def _token_text(value: object) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken mapping."""
     if isinstance(value, dict):
         value = value.get("content")
