@@ -21,8 +21,12 @@ test: install
 quickstart: install
 	PYTHON=$(PY) bash examples/quickstart/run_cpu.sh
 
+LINT_PATHS := megatron_ddk tools tests benchmarks pretrain_ddk.py
+
 lint: install
-	$(PY) -m ruff check megatron_ddk tools tests benchmarks pretrain_ddk.py
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) quickstart_out

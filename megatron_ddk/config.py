@@ -1,8 +1,12 @@
 """Typed configuration of a run: one keyword-only dataclass per component, gathered in ``RunConfig``.
 
-The command line (``megatron_ddk.arguments``) fills these objects once; every component receives
-the part it needs explicitly. There is no global ``get_args()``. ``ModelConfig`` is also what a
-checkpoint records about its model, so a teacher is rebuilt from its checkpoint alone.
+The dataclasses are the single source of the command line: each field carries its default, its
+help text and (through ``option``) its flag; ``megatron_ddk.arguments`` generates the parser from
+them, and each class checks its own values in ``__post_init__`` (``ConfigError``, every problem at
+once). Checks that need the world size or relate flags of several classes live in
+``arguments``. Every component receives the part it needs explicitly; there is no global
+``get_args()``. ``ModelConfig`` is also what a checkpoint records about its model, so a teacher is
+rebuilt from its checkpoint alone.
 """
 
 from __future__ import annotations
@@ -18,46 +22,69 @@ KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 class SetupError(ConfigError, RuntimeError):
     """The run asks for something this machine or installation cannot do (e.g. FP8 without TE)."""
 
 
-LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-RECOMPUTE_GRANULARITIES = ("full", "selective")
-RECOMPUTE_METHODS = ("uniform", "block")
+def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = "",
+           flag_default: Any = dataclasses.MISSING, **parser: Any) -> Any:
+    """A config field with its command-line interface.
+
+    ``help``: the flag's help text (and the field's documentation); ``flag``: its spelling ("" = the
+    field name with the class's flag prefix, None = no flag: the value is derived from others);
+    ``flag_default``: the flag's default when it differs from the field's (None = "derived", e.g.
+    ``--ffn-hidden-size`` defaults to 4 x hidden); ``parser``: extra ``add_argument`` keywords
+    (``choices``, ``nargs``). A field without a default and without ``flag_default`` is a required flag.
+    """
+    metadata = {"help": help, "flag": flag, "flag_default": flag_default, "parser": parser}
+    return field(default=default, metadata=metadata)
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Architecture of one GPT model (LLaMA / Qwen family); JSON-serialisable, stored in checkpoints."""
 
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    ffn_hidden_size: int
-    vocab_size: int
-    """True tokenizer vocabulary size; the embedding is padded beyond it (see ``padded_vocab_size``)."""
-    max_position_embeddings: int
-    num_query_groups: int | None = None
-    """Key/value heads for grouped-query attention; None means multi-head attention."""
-    kv_channels: int | None = None
-    """Head dimension; None means hidden_size / num_attention_heads."""
-    normalization: str = "RMSNorm"
-    norm_epsilon: float = 1e-5
-    swiglu: bool = True
-    position_embedding_type: str = "rope"
-    rotary_base: float = 10000.0
-    rotary_percent: float = 1.0
-    untie_embeddings_and_output_weights: bool = True
-    add_bias_linear: bool = False
-    add_qkv_bias: bool = False
-    qk_layernorm: bool = False
-    init_method_std: float = 0.02
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    make_vocab_size_divisible_by: int = 128
+    num_layers: int = option(help="transformer layers")
+    hidden_size: int = option(help="hidden (model) dimension h")
+    num_attention_heads: int = option(help="query heads")
+    ffn_hidden_size: int = option(help="MLP inner dimension (default: 4 x --hidden-size)", flag_default=None)
+    vocab_size: int = option(flag=None, help="the tokenizer's true vocabulary; the embedding is padded beyond it "
+                                              "(data.tokenizer.padded_vocab_size)")
+    max_position_embeddings: int = option(help="longest sequence the position embedding covers "
+                                               "(default: --seq-length)", flag_default=None)
+    num_query_groups: int | None = option(None, help="key/value heads (grouped-query attention); implies "
+                                                     "--group-query-attention; default: multi-head attention")
+    kv_channels: int | None = option(None, help="head dimension (default: hidden size / attention heads)")
+    normalization: str = option("RMSNorm", help="normalization layer", choices=("RMSNorm", "LayerNorm"))
+    norm_epsilon: float = option(1e-5, help="epsilon of the normalization layers")
+    swiglu: bool = option(True, help="SwiGLU MLP (LLaMA/Qwen); without the flag: GELU (Megatron's default)",
+                          flag_default=False)
+    position_embedding_type: str = option("rope", help="position embedding",
+                                           choices=("rope", "learned_absolute"))
+    rotary_base: float = option(10000.0, help="RoPE base period")
+    rotary_percent: float = option(1.0, help="fraction of each head's dimensions that RoPE rotates")
+    untie_embeddings_and_output_weights: bool = option(
+        True, help="separate input embedding and output layer; without the flag: tied (Megatron's default)",
+        flag_default=False)
+    add_bias_linear: bool = option(False, flag="--disable-bias-linear",
+                                   help="no biases in the linear layers (LLaMA/Qwen); without the flag: biases "
+                                        "(Megatron's default)")
+    add_qkv_bias: bool = option(False, help="biases on the query/key/value projection only (Qwen2)")
+    qk_layernorm: bool = option(False, help="normalize queries and keys per head (Qwen3)")
+    init_method_std: float = option(0.02, help="standard deviation of the random initialization")
+    attention_dropout: float = option(0.0, help="dropout on the attention probabilities")
+    hidden_dropout: float = option(0.0, help="dropout on the hidden states")
+    make_vocab_size_divisible_by: int = option(128, help="pad the vocabulary to a multiple of this x TP size")
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,8 +104,7 @@ class ModelConfig:
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             problems.append(f"--position-embedding-type must be rope or learned_absolute, got "
                             f"{self.position_embedding_type!r}")
-        if problems:
-            raise ConfigError("; ".join(problems))
+        _raise_if(problems)
 
     @property
     def head_dim(self) -> int:
@@ -135,15 +161,27 @@ class ModelConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    """Needs Transformer Engine's norm (megatron-core's torch norm refuses it)."""
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
-    context_parallel_size: int = 1
-    """Splits each sequence over this many ranks; needs Transformer Engine's attention (refused on CPU)."""
+    """How the model is split: tensor x pipeline parallel (the rest of the world is data parallel)."""
+
+    tensor_model_parallel_size: int = option(1, help="tensor-parallel ranks (split each layer's matrices)")
+    pipeline_model_parallel_size: int = option(1, help="pipeline stages (split the layers)")
+    sequence_parallel: bool = option(False, help="shard activations along the sequence between TP ranks; needs "
+                                                 "Transformer Engine's norm (megatron-core's torch norm refuses it)")
+    use_distributed_optimizer: bool = option(False, help="shard the optimizer state over data-parallel ranks")
+    overlap_grad_reduce: bool = option(False, help="overlap the gradient all-reduce with the backward pass")
+    overlap_param_gather: bool = option(False, help="overlap the parameter all-gather with the forward pass")
+    context_parallel_size: int = option(1, help="split each sequence over this many ranks (teacher and student); "
+                                                "needs Transformer Engine's attention (refused on CPU)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            problems.append("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            problems.append("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            problems.append("--overlap-param-gather needs --use-distributed-optimizer")
+        _raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,96 +189,156 @@ class RecomputeConfig:
     """Activation recomputation of the student, with Megatron-LM's flag meanings (``--recompute-*``).
 
     The teacher never recomputes: it runs forward-only under ``no_grad`` and keeps no activations.
+    The flags' consistency with each other and with the layers per stage is checked in
+    ``scaling_checks.recompute_problems`` (it needs the model and pipeline flags too).
     """
 
-    granularity: str | None = None
-    """full: whole layers; selective: the core attention only (megatron-core's default module)."""
-    method: str | None = None
-    """With full: uniform (layers in groups of ``num_layers``, each group's input kept) or block (the
-    first ``num_layers`` layers of each pipeline stage recomputed, the rest not)."""
-    num_layers: int | None = None
+    granularity: str | None = option(None, help="full: recompute whole layers; selective: the core attention only",
+                                     choices=RECOMPUTE_GRANULARITIES)
+    method: str | None = option(None, help="with full: uniform (groups of --recompute-num-layers layers, each group's "
+                                           "input kept) or block (the first --recompute-num-layers layers of each "
+                                           "pipeline stage)", choices=RECOMPUTE_METHODS)
+    num_layers: int | None = option(None, help="layers per recomputed group (uniform) or per stage (block)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class PrecisionConfig:
-    bf16: bool = False
-    fp8_format: str | None = None
-    """e4m3 or hybrid; needs Transformer Engine and an FP8-capable GPU (Hopper or newer)."""
-    fp8_recipe: str = "delayed"
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
+    """Number formats of the student (the teacher's: ``RunConfig.teacher_precision``)."""
+
+    bf16: bool = option(False, help="bf16 parameters and activations (fp32 main weights in the optimizer)")
+    fp8_format: str | None = option(None, help="FP8 GEMMs: e4m3 or hybrid; needs Transformer Engine and an "
+                                               "FP8-capable GPU (Hopper or newer)", choices=FP8_FORMATS)
+    fp8_recipe: str = option("delayed", help="FP8 scaling recipe", choices=FP8_RECIPES)
+    fp8_amax_history_len: int = option(1024, help="amax history length of the delayed recipe")
+    fp8_amax_compute_algo: str = option("max", help="how the delayed recipe reduces the amax history",
+                                        choices=("max", "most_recent"))
+
+    def __post_init__(self) -> None:
+        if self.fp8_format is not None and not self.bf16:
+            raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs with bf16 everywhere else)")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
-    micro_batch_size: int
-    global_batch_size: int
-    train_iters: int
-    lr: float = 3e-5
-    min_lr: float = 3e-6
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = "cosine"
-    lr_decay_iters: int | None = None
-    """None means --train-iters."""
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 1234
-    exit_interval: int | None = None
-    """Stop (after saving) once the iteration count is a multiple of this; for job-time limits."""
-    exit_signal_handler: bool = False
-    """Save and stop at the end of the iteration in which SIGTERM arrived."""
+    """Batch sizes, length, optimizer (Adam) and learning-rate schedule, seed and exit conditions."""
+
+    micro_batch_size: int = option(help="samples per micro-batch on one data-parallel rank")
+    global_batch_size: int = option(help="samples per optimizer step (default: micro batch x data parallel)",
+                                    flag_default=None)
+    train_iters: int = option(help="optimizer steps to train for")
+    lr: float = option(3e-5, help="peak learning rate (the paper's 3e-5)")
+    min_lr: float = option(3e-6, help="learning rate at the end of the decay")
+    lr_warmup_iters: int = option(0, help="linear warm-up steps from 0 to --lr")
+    lr_decay_style: str = option("cosine", help="decay from --lr to --min-lr", choices=LR_DECAY_STYLES)
+    lr_decay_iters: int | None = option(None, help="decay length (default: --train-iters)")
+    weight_decay: float = option(0.01, help="AdamW weight decay")
+    adam_beta1: float = option(0.9, help="Adam beta1")
+    adam_beta2: float = option(0.95, help="Adam beta2")
+    adam_eps: float = option(1e-8, help="Adam epsilon")
+    clip_grad: float = option(1.0, help="clip the global gradient norm to this (0: no clipping)")
+    seed: int = option(1234, help="seed of the model init, dropout and the data order")
+    exit_interval: int | None = option(None, help="save and exit when the iteration is a multiple of this "
+                                                  "(for job-time limits)")
+    exit_signal_handler: bool = option(False, help="on SIGTERM (e.g. SLURM's pre-emption notice), save a checkpoint "
+                                                   "at the end of the iteration and exit cleanly")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.micro_batch_size < 1:
+            problems.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
+        if self.train_iters < 1:
+            problems.append(f"--train-iters must be >= 1, got {self.train_iters}")
+        decay = self.lr_decay_iters or self.train_iters
+        if self.lr_warmup_iters >= decay:
+            problems.append(f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay length {decay} "
+                            "(--lr-decay-iters, default --train-iters)")
+        _raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    finetune: bool = False
-    """Load only the weights: iteration, optimizer, scheduler and data state start fresh."""
+    """Where checkpoints go and what a resume restores."""
+
+    save: str | None = option(None, help="directory for checkpoints (Megatron layout: iter_NNNNNNN/ + tracker)")
+    load: str | None = option(None, help="resume from this checkpoint directory (an empty --save dir starts fresh)")
+    save_interval: int | None = option(None, help="save every this many iterations (and always at the end)")
+    no_load_optim: bool = option(False, help="resume without the optimizer state")
+    no_load_rng: bool = option(False, help="resume without the random-generator states")
+    finetune: bool = option(False, help="load only the weights of --load; iteration, optimizer and data start fresh")
+
+    def __post_init__(self) -> None:
+        if self.save_interval is not None and not self.save:
+            raise ConfigError("--save-interval needs --save DIR")
 
 
 @dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
-    log_interval: int = 10
-    eval_interval: int | None = None
-    eval_iters: int = 10
-    """Validation micro-batches per domain for the periodic (non-DDK) validation."""
-    tensorboard_dir: str | None = None
+    """Log lines, TensorBoard and the periodic (non-DDK) validation."""
+
+    log_interval: int = option(10, help="print a training log line every this many iterations")
+    eval_interval: int | None = option(None, help="validate every this many iterations (default: never)")
+    eval_iters: int = option(10, help="validation micro-batches per domain for the periodic validation")
+    tensorboard_dir: str | None = option(None, help="write TensorBoard scalars here")
+
+    def __post_init__(self) -> None:
+        if self.log_interval < 1:
+            raise ConfigError(f"--log-interval must be >= 1, got {self.log_interval}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    tokenizer_type: str
-    tokenizer_model: str
-    domains: str | None = None
-    """Domain registry file (YAML/JSON)."""
-    data_path: tuple[str, ...] = ()
-    """Megatron's static form: ``W1 PREFIX1 W2 PREFIX2 ...`` (or prefixes alone)."""
-    data_cache_path: str | None = None
-    seq_length: int = 2048
+    """The tokenizer and the domain datasets."""
+
+    tokenizer_type: str = option(help="tokenizer implementation",
+                                 choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
+    tokenizer_model: str = option(help="SentencePiece .model file, or a Hugging Face tokenizer.json (or its dir)")
+    domains: str | None = option(None, help="domain registry (YAML/JSON), see docs/DATA.md")
+    data_path: tuple[str, ...] = option((), help="Megatron's static form: W1 PREFIX1 W2 PREFIX2 ... (or prefixes "
+                                                 "alone)", flag_default=None, nargs="+")
+    data_cache_path: str | None = option(None, help="where GPTDataset index caches go (default: <save>/data_cache)")
+    seq_length: int = option(2048, help="tokens per sample", required=True)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.domains is None and not self.data_path:
+            problems.append("no data: give --domains REGISTRY.yaml or --data-path [W1] PREFIX1 [W2 PREFIX2 ...]")
+        if self.domains is not None and self.data_path:
+            problems.append("give either --domains or --data-path, not both")
+        if self.seq_length < 1:
+            problems.append(f"--seq-length must be >= 1, got {self.seq_length}")
+        _raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DistillConfig:
-    mode: str = "ddk"
-    teacher_load: str | None = None
-    kd_loss_type: str = "forward_kl"
-    kd_temperature: float = 1.0
-    kd_weight: float = 0.2
-    """gamma in Eq. 3: loss = CE + gamma * KD."""
-    kd_jsd_beta: float = 0.5
-    kd_chunk_size: int | None = None
-    """Tokens per KD-loss chunk; None sizes chunks to ~16M logits of the local vocabulary shard."""
-    teacher_bf16: bool | None = None
-    """None follows the student's --bf16."""
-    teacher_fp8: bool = True
-    """With --fp8-format, run the teacher's forward in FP8 as well."""
+    """The teacher and the distillation loss (the paper's Eq. 3)."""
+
+    mode: str = option("ddk", flag="--ddk-mode", choices=DDK_MODES,
+                       help="cpt: student alone; kd: teacher, static mixture; ddk: teacher, dynamic mixture")
+    teacher_load: str | None = option(None, help="the teacher's checkpoint (tools/convert_hf_to_megatron.py writes one)")
+    kd_loss_type: str = option("forward_kl", help="divergence between teacher and student", choices=KD_LOSS_TYPES)
+    kd_temperature: float = option(1.0, help="softmax temperature T of both models in the KD term")
+    kd_weight: float = option(0.2, help="gamma: loss = CE + gamma * KD")
+    kd_jsd_beta: float = option(0.5, help="beta of --kd-loss-type jsd")
+    kd_chunk_size: int | None = option(None, help="tokens per chunk of the KD loss (default: 16M / vocabulary shard, "
+                                                  "e.g. 110 for Qwen at TP=1)")
+    teacher_bf16: bool | None = option(None, help="run the teacher in bf16 (default: follow --bf16)")
+    teacher_fp8: bool = option(True, help="with --fp8-format, run the teacher's forward in FP8 as well")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kd_temperature <= 0:
+            problems.append(f"--kd-temperature must be > 0, got {self.kd_temperature}")
+        if self.kd_weight < 0:
+            problems.append(f"--kd-weight must be >= 0, got {self.kd_weight}")
+        if not 0.0 <= self.kd_jsd_beta <= 1.0:
+            problems.append(f"--kd-jsd-beta must be in [0, 1], got {self.kd_jsd_beta}")
+        if self.mode == "cpt" and self.teacher_load:
+            problems.append("--teacher-load is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
+                            "or ddk")
+        if self.mode in ("kd", "ddk") and not self.teacher_load:
+            problems.append(f"--ddk-mode {self.mode} needs a teacher: add --teacher-load DIR (or use --ddk-mode cpt)")
+        _raise_if(problems)
 
     @property
     def uses_teacher(self) -> bool:
@@ -249,17 +347,30 @@ class DistillConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DDKConfig:
-    interval: int = 1000
-    """K: iterations between domain-weight updates."""
-    alpha: float = 0.5
-    val_samples: int = 500
-    mixing: str = "ddk"
-    log_file: str | None = None
-    """JSONL of every update; defaults to <save>/ddk_log.jsonl."""
+    """Domain mixing: DDK's every-K update (Eq. 1-2) or an ablation. Flags are ``--ddk-<field>``."""
+
+    interval: int = option(1000, help="K: iterations between domain-weight updates")
+    alpha: float = option(0.5, help="smoothing of Eq. 2: weight of the new factor against the uniform mixture")
+    val_samples: int = option(500, help="validation samples per domain for each DDK evaluation")
+    mixing: str = option("ddk", help="ddk (Eq. 1-2), no-smoothing (Eq. 1 every K), equal, or static (registry "
+                                     "weights)", choices=MIXING_MODES)
+    log_file: str | None = option(None, help="JSONL of every update (default <save>/ddk_log.jsonl)")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.interval < 1:
+            problems.append(f"--ddk-interval must be >= 1, got {self.interval}")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append(f"--ddk-alpha must be in [0, 1], got {self.alpha}")
+        if self.val_samples < 1:
+            problems.append(f"--ddk-val-samples must be >= 1, got {self.val_samples}")
+        _raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
+    """Everything one run needs, one part per component; ``arguments.parse_run`` builds it from the flags."""
+
     model: ModelConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
@@ -268,7 +379,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     data: DataConfig
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(mode="cpt"))
     ddk: DDKConfig = field(default_factory=DDKConfig)
 
     @property

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import warnings
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from torch.utils.data import Dataset
 
@@ -26,19 +27,27 @@ _PAD_CLASH_WARNING = "The pad token id in the tokenizer collides"
 """megatron-core warns when pad == eod and then pads with -1, which is what we want (see tokenizer.py)."""
 
 
+class Samples(Protocol):
+    """What the sampler and the loaders need of a dataset: a length and indexed samples."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class DomainData:
     """A domain's datasets; items are GPTDataset samples: tokens, labels, loss_mask, position_ids [s]."""
 
     name: str
-    train: Dataset
-    valid: Dataset
+    train: Samples
+    valid: Samples
 
 
-class ConcatSamples(Dataset):
+class ConcatSamples(Dataset[dict[str, Any]]):
     """Several one-epoch datasets of one domain, back to back."""
 
-    def __init__(self, parts: list[Dataset]):
+    def __init__(self, parts: list[Samples]):
         self.parts = list(parts)
         self.ends: list[int] = []
         total = 0
@@ -49,7 +58,7 @@ class ConcatSamples(Dataset):
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -64,7 +73,8 @@ def split_string(valid_fraction: float) -> str:
     return f"{1.0 - valid_fraction:.10f},{valid_fraction:.10f},0"
 
 
-def _build_splits(prefix: str, split: str, *, tokenizer, seq_length: int, seed: int, cache_dir: str) -> list:
+def _build_splits(prefix: str, split: str, *, tokenizer: Any, seq_length: int, seed: int,
+                  cache_dir: str) -> list[Any]:
     """[train, valid, test] GPTDatasets (None where a split is empty) of one prefix, one epoch each."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -119,12 +129,12 @@ def _check_split(domain: Domain, prefix: str) -> None:
 
 
 def build_domain_datasets(
-    registry: DomainRegistry, *, tokenizer, seq_length: int, seed: int, cache_dir: str
+    registry: DomainRegistry, *, tokenizer: Any, seq_length: int, seed: int, cache_dir: str
 ) -> list[DomainData]:
     """Train and validation datasets of every domain, in registry order; deterministic in ``seed``.
 
     Samples hold ``seq_length`` tokens (GPTDataset reads ``seq_length + 1`` and shifts the labels).
-    Raises ValueError naming the domain when a split would be empty.
+    Raises DataError naming the domain when a split would be empty.
     """
     if seq_length < 1:
         raise DataError(f"--seq-length must be >= 1, got {seq_length}")
@@ -154,6 +164,6 @@ def build_domain_datasets(
     return result
 
 
-def _join(parts: list) -> Dataset:
+def _join(parts: list[Any]) -> Samples:
     parts = [p for p in parts if p is not None]
     return parts[0] if len(parts) == 1 else ConcatSamples(parts)

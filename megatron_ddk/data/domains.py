@@ -104,7 +104,7 @@ def load_domain_registry(path: str | Path) -> DomainRegistry:
     return DomainRegistry(domains=tuple(domains), source=where)
 
 
-def _parse_domain(entry, source: str, index: int, base: Path) -> tuple[Domain | None, list[str]]:
+def _parse_domain(entry: object, source: str, index: int, base: Path) -> tuple[Domain | None, list[str]]:
     where = f"{source}: domain #{index + 1}"
     if not isinstance(entry, dict):
         return None, [
@@ -133,7 +133,7 @@ def _parse_domain(entry, source: str, index: int, base: Path) -> tuple[Domain | 
     for key, value in (("weight", weight), ("valid_fraction", valid_fraction)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             problems.append(f"{where}: {key} {value!r} is not a number")
-    if problems:
+    if problems or not isinstance(name, str) or not isinstance(train, list):
         return None, problems
     return Domain(
         name=name,

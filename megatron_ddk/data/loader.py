@@ -11,16 +11,18 @@ Shapes: b = micro-batch size, s = sequence length.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from megatron_ddk.data.datasets import Samples
 from megatron_ddk.data.mixing import DomainMixingSchedule, dp_micro_batch_indices
 
 FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
 """Keys taken from every GPTDataset sample (each [s])."""
 
 
-def collate(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack GPTDataset samples into ``[b, s]`` tensors."""
     missing = [key for key in FIELDS if key not in samples[0]]
     if missing:
@@ -35,7 +37,7 @@ class MixedDomainBatches:
     ``sample_id`` (domain-local), ``global_position`` [b] int64.
     """
 
-    def __init__(self, datasets: Sequence, schedule: DomainMixingSchedule, *, global_batch_size: int,
+    def __init__(self, datasets: Sequence[Samples], schedule: DomainMixingSchedule, *, global_batch_size: int,
                  micro_batch_size: int, dp_rank: int, dp_size: int, start_iteration: int = 0):
         if len(datasets) != schedule.num_domains:
             raise ValueError(f"{len(datasets)} datasets for a schedule of {schedule.num_domains} domains")
@@ -78,7 +80,7 @@ class MixedDomainBatches:
         return batch
 
 
-def evaluation_batches(dataset, *, num_samples: int, micro_batch_size: int, dp_rank: int,
+def evaluation_batches(dataset: Samples, *, num_samples: int, micro_batch_size: int, dp_rank: int,
                        dp_size: int) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches over the first ``min(num_samples, len(dataset))`` samples of ``dataset``.
 
@@ -104,8 +106,3 @@ def evaluation_batches(dataset, *, num_samples: int, micro_batch_size: int, dp_r
         batch["sample_id"] = torch.tensor([i if i < total else -1 for i in indices], dtype=torch.long)
         batches.append(batch)
     return batches
-
-
-def count_evaluation_samples(batches: Sequence[dict[str, torch.Tensor]]) -> int:
-    """Real (unpadded) samples in ``batches``: summed over DP ranks it equals min(num_samples, len)."""
-    return int(sum(int((batch["sample_id"] >= 0).sum()) for batch in batches))

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_ddk.errors import CheckpointError
+
 _MAX_DOMAINS = int(np.iinfo(np.int16).max)  # build_blending_indices stores domain ids as int16
 _CACHED_WINDOWS = 2  # reads only ever touch the current window (and, at a boundary, the previous one)
 
@@ -178,10 +180,10 @@ class DomainMixingSchedule:
         """Restore a saved stream; refuses one built from other data, interval, batch size or seed."""
         missing = [k for k in ("domain_sizes", "window_size", "seed", "weights", "windows_laid_out") if k not in state]
         if missing:
-            raise ValueError(f"the checkpoint's mixing state lacks {', '.join(missing)}; was it written by megatron_ddk?")
+            raise CheckpointError(f"the checkpoint's mixing state lacks {', '.join(missing)}; was it written by megatron_ddk?")
         if (list(state["domain_sizes"]), state["window_size"], state["seed"]) != (
                 self.domain_sizes.tolist(), self.window_size, self.seed):
-            raise ValueError(
+            raise CheckpointError(
                 f"the checkpoint's sample stream (domain sizes {state['domain_sizes']}, window {state['window_size']}, "
                 f"seed {state['seed']}) differs from this run's ({self.domain_sizes.tolist()}, {self.window_size}, "
                 f"{self.seed}); resume with the same data, --ddk-interval, --global-batch-size and --seed"
@@ -189,7 +191,7 @@ class DomainMixingSchedule:
         weights = [self._check_weights(w) for w in state["weights"]]
         laid_out = int(state["windows_laid_out"])
         if not weights or not 0 <= laid_out <= len(weights):
-            raise ValueError(f"the checkpoint's mixing state is inconsistent: {laid_out} windows laid out but "
+            raise CheckpointError(f"the checkpoint's mixing state is inconsistent: {laid_out} windows laid out but "
                              f"{len(weights)} weight vectors")
         self._weights = weights
         self._windows.clear()

@@ -15,7 +15,9 @@ import hashlib
 import json
 from abc import abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
@@ -80,7 +82,7 @@ class Tokenizer(MegatronLegacyTokenizer):
         """Ids of ``text`` without special tokens (the dataset appends the end-of-document id)."""
 
     @abstractmethod
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
 
 
@@ -101,7 +103,7 @@ class SentencePieceTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
 
@@ -126,7 +128,7 @@ class HuggingFaceTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
@@ -138,7 +140,7 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | Path) -> Tokeniz
     return HuggingFaceTokenizer(opened.source)
 
 
-def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+def tokenizer_identity(tokenizer: Tokenizer) -> dict[str, Any]:
     """What a checkpoint records about its tokenizer (compared between teacher and student)."""
     return {
         "type": tokenizer.type_name,

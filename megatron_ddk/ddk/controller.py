@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from megatron_ddk.ddk import factor
 from megatron_ddk.errors import CheckpointError
@@ -142,9 +143,9 @@ class DDKController:
         self.ce_student_last = _array(state["ce_student_last"])
 
 
-def _list(values) -> list[float] | None:
+def _list(values: ArrayLike | None) -> list[float] | None:
     return None if values is None else [float(v) for v in np.asarray(values)]
 
 
-def _array(values) -> np.ndarray | None:
+def _array(values: ArrayLike | None) -> np.ndarray | None:
     return None if values is None else np.asarray(values, dtype=np.float64)

@@ -17,9 +17,8 @@ can never get stuck at 0 (alpha = 1 or no-smoothing could otherwise underflow a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
+from numpy.typing import ArrayLike
 
 from megatron_ddk.config import MIXING_MODES
 from megatron_ddk.errors import ConfigError, DataError
@@ -37,7 +36,7 @@ MIN_WEIGHT = 1e-4
 unreachable and the weights become uniform."""
 
 
-def _vector(values: Sequence[float], name: str) -> np.ndarray:
+def _vector(values: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence (one value per domain), got shape {array.shape}")
@@ -47,7 +46,7 @@ def _vector(values: Sequence[float], name: str) -> np.ndarray:
     return array
 
 
-def _ce_pair(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _ce_pair(ce_student: ArrayLike, ce_teacher: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     s, t = _vector(ce_student, "ce_student"), _vector(ce_teacher, "ce_teacher")
     if s.shape != t.shape:
         raise ValueError(f"ce_student has {s.size} domains but ce_teacher has {t.size}")
@@ -59,7 +58,7 @@ def _check_alpha(alpha: float) -> None:
         raise ConfigError(f"--ddk-alpha must be in [0, 1], got {alpha}")
 
 
-def perplexity_ratio(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> np.ndarray:
+def perplexity_ratio(ce_student: ArrayLike, ce_teacher: ArrayLike) -> np.ndarray:
     """ppl_S / ppl_T per domain = exp(ce_S - ce_T), with the exponent clipped at ``MAX_LOG_RATIO``."""
     s, t = _ce_pair(ce_student, ce_teacher)
     return np.exp(np.minimum(s - t, MAX_LOG_RATIO))
@@ -71,7 +70,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return weights / weights.sum()
 
 
-def apply_floor(weights: Sequence[float], floor: float = MIN_WEIGHT) -> np.ndarray:
+def apply_floor(weights: ArrayLike, floor: float = MIN_WEIGHT) -> np.ndarray:
     """Every weight >= ``floor``, sum 1, by mixing with the uniform distribution just enough.
 
     Mixing with uniform (rather than clamping) keeps the order of the domains and is exact: the
@@ -90,12 +89,12 @@ def apply_floor(weights: Sequence[float], floor: float = MIN_WEIGHT) -> np.ndarr
     return mixed / mixed.sum()
 
 
-def initial_factor(ce_student: Sequence[float], ce_teacher: Sequence[float]) -> np.ndarray:
+def initial_factor(ce_student: ArrayLike, ce_teacher: ArrayLike) -> np.ndarray:
     """Eq. 1: r_0 = softmax_i(ppl_S[i] / ppl_T[i]) (the softmax is over the ratios themselves)."""
     return apply_floor(_softmax(perplexity_ratio(ce_student, ce_teacher)))
 
 
-def smoothed_update(r_prev: Sequence[float], ce_student: Sequence[float], ce_teacher: Sequence[float], *,
+def smoothed_update(r_prev: ArrayLike, ce_student: ArrayLike, ce_teacher: ArrayLike, *,
                     alpha: float) -> np.ndarray:
     """Eq. 2: psi = r_t * exp(ppl_S / ppl_T); r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N.
 
@@ -117,7 +116,7 @@ def _check_mode(mode: str) -> None:
         raise ConfigError(f"--ddk-mixing {mode!r} is not one of {', '.join(MIXING_MODES)}")
 
 
-def first_weights(mode: str, static_weights: Sequence[float], num_domains: int) -> np.ndarray:
+def first_weights(mode: str, static_weights: ArrayLike, num_domains: int) -> np.ndarray:
     """Weights used before any evaluation: uniform for ``equal``, the registry's (normalised) otherwise.
 
     For ``ddk`` / ``no-smoothing`` with a teacher, the caller replaces them with Eq. 1 right after the
@@ -135,8 +134,8 @@ def first_weights(mode: str, static_weights: Sequence[float], num_domains: int) 
     return weights / weights.sum()
 
 
-def next_weights(mode: str, *, r_prev: Sequence[float] | None, ce_student: Sequence[float],
-                 ce_teacher: Sequence[float], alpha: float, static_weights: Sequence[float]) -> np.ndarray:
+def next_weights(mode: str, *, r_prev: ArrayLike | None, ce_student: ArrayLike,
+                 ce_teacher: ArrayLike, alpha: float, static_weights: ArrayLike) -> np.ndarray:
     """The mixture of the next interval under ``--ddk-mixing mode`` (the paper's method and its ablations).
 
     ``ddk``: Eq. 1 on the first call (``r_prev`` None), Eq. 2 afterwards; ``no-smoothing``: Eq. 1 every

@@ -1,6 +1,7 @@
 """KD losses over vocab-parallel logits: exact under tensor parallelism, bounded memory, analytic gradients.
 
-Shapes: logits are ``[..., v]`` (``[s, b, v]`` from megatron's output layer) where ``v`` is this TP
+Shapes: logits are ``[..., v]`` (``[b, s, v]`` from megatron-core's GPTModel, which transposes its
+output layer's ``[s, b, v]``; the same legend as ``training/step.py``) where ``v`` is this TP
 rank's shard of the padded vocabulary; the global column of local column j is ``tp_rank * v + j``.
 Columns >= the true vocabulary size are megatron's padding: they get no probability in either
 model and no gradient. ``n`` below is the number of tokens in one chunk.
@@ -201,7 +202,7 @@ def vocab_parallel_kd_loss(
     vocab_size: int | None = None,
     tp_group=None,
 ) -> torch.Tensor:
-    """Per-token fp32 divergence ``[...]`` (e.g. ``[s, b]``) between teacher and student, same on every TP rank.
+    """Per-token fp32 divergence ``[...]`` (e.g. ``[b, s]``) between teacher and student, same on every TP rank.
 
     ``student_logits`` / ``teacher_logits``: ``[..., v_local]`` shards of the padded vocabulary (any
     float dtype); ``chunk_size``: tokens per chunk (<= 0: one chunk); ``vocab_size``: the true

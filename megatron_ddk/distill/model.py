@@ -60,7 +60,7 @@ class DistillationModel(MegatronModule):
         self._teacher.set_input_tensor(tensor[..., h_student:])
 
     def forward(self, input_ids, position_ids, attention_mask=None):
-        """Last stage: ``(student_logits [b,s,v], teacher_logits or None)``; else hidden ``[s,b,h(+h_t)]``."""
+        """Last stage: ``(student_logits [b, s, v], teacher_logits or None)``; else hidden ``[s, b, h (+ h_t)]``."""
         student_out = self.student(input_ids, position_ids, attention_mask)
         teacher_out = None
         if self.teacher_active:

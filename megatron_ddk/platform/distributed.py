@@ -47,16 +47,8 @@ class ParallelLayout:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
     @property
-    def tp_enabled(self) -> bool:
-        return self.tensor_model_parallel_size > 1
-
-    @property
     def pp_enabled(self) -> bool:
         return self.pipeline_model_parallel_size > 1
-
-    @property
-    def dp_enabled(self) -> bool:
-        return self.data_parallel_size > 1
 
 
 def world_size_from_env() -> int:
@@ -151,15 +143,6 @@ def destroy() -> None:
 
 def is_rank_0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def is_last_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _free_port() -> int:

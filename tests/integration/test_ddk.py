@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.integration.test_distillation import teacher  # noqa: F401  (session fixture)
 from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
@@ -54,7 +55,8 @@ def test_dp2_matches_and_agrees_on_weights(tiny_corpus, tmp_path, teacher, ddk_r
     run = pretrain(2, *ddk(tiny_corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt", "--lr-decay-iters", "6"))
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
     assert_series_close(run.series("lm loss"), ref.series("lm loss")[:4])
-    for mine, theirs in zip(log, ref_log[:2]):
+    assert [r["iteration"] for r in log] == [0, 2] and [r["iteration"] for r in ref_log[:2]] == [0, 2]
+    for mine, theirs in zip(log, ref_log[:2], strict=True):
         np.testing.assert_allclose(mine["weights"], theirs["weights"], rtol=1e-6)
 
 
@@ -70,15 +72,30 @@ def test_resume_reproduces_uninterrupted_run(tiny_corpus, tmp_path, teacher, ddk
     assert_series_close(first.series("kd loss") + second.series("kd loss"), ref.series("kd loss"))
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
     assert [r["iteration"] for r in log] == [0, 2, 4]
-    for mine, theirs in zip(log, ref_log):
+    for mine, theirs in zip(log, ref_log, strict=True):
         np.testing.assert_allclose(mine["weights"], theirs["weights"], rtol=1e-9)
+
+
+def unequal_registry(corpus, tmp):
+    """The demo registry with weights 1, 2, 3, ... (absolute prefixes, so it can live in ``tmp``)."""
+    registry = yaml.safe_load(corpus["registry"].read_text())
+    for i, domain in enumerate(registry["domains"]):
+        domain["train"] = str(corpus["registry"].parent / domain["train"])
+        domain["weight"] = float(i + 1)
+    path = tmp / "unequal_domains.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return {**corpus, "registry": path}, np.arange(1, len(registry["domains"]) + 1) / sum(range(1, len(registry["domains"]) + 1))
 
 
 @pytest.mark.parametrize("mixing", ["equal", "static"])
 def test_ablation_mixings(tiny_corpus, tmp_path, teacher, mixing):  # noqa: F811
-    pretrain(1, *ddk(tiny_corpus, tmp_path, teacher, 2, "--save", tmp_path / "ckpt", "--ddk-mixing", mixing))
+    """Registry weights 1:2:3:4 tell the two apart: static keeps them, equal ignores them."""
+    corpus, registry_weights = unequal_registry(tiny_corpus, tmp_path)
+    pretrain(1, *ddk(corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt", "--ddk-mixing", mixing))
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
-    n = len(log[0]["domains"])
+    n = len(registry_weights)
+    expected = np.full(n, 1 / n) if mixing == "equal" else registry_weights
+    assert [r["iteration"] for r in log] == [0, 2]
     for record in log:
         assert record["mixing"] == mixing
-        np.testing.assert_allclose(record["weights"], np.full(n, 1 / n), rtol=1e-9)  # demo registry: equal weights
+        np.testing.assert_allclose(record["weights"], expected, rtol=1e-9)

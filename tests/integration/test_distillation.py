@@ -44,6 +44,16 @@ def test_kd_run_reports_losses_and_kl_falls(kd_reference):
     assert "teacher ppl" in run.stdout
 
 
+def test_teacher_loss_depends_only_on_the_data(tiny_corpus, tmp_path, teacher, kd_reference):
+    """Another student (learning rate, KD weight) on the same data: its own loss moves apart while the
+    frozen teacher's loss on each batch stays exactly the reference's."""
+    _, ref = kd_reference
+    run = pretrain(1, *kd(tiny_corpus, tmp_path, teacher, 3, "--lr", "5e-3", "--kd-weight", "1.0"))
+    assert run.series("teacher lm loss") == ref.series("teacher lm loss")[:3]
+    assert run.series("lm loss")[0] == ref.series("lm loss")[0]  # same batch, same initial student
+    assert run.series("lm loss")[2] != ref.series("lm loss")[2]  # ... then the students differ
+
+
 def test_kd_tp2_matches_tp1(tiny_corpus, tmp_path, teacher, kd_reference):
     _, ref = kd_reference
     run = pretrain(2, *kd(tiny_corpus, tmp_path, teacher, 3, "--tensor-model-parallel-size", "2"))

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+from pathlib import Path
+
 import pytest
 
-from megatron_ddk.arguments import ArgumentError, build_parser, parse_run_config
+from megatron_ddk.arguments import CONFIG_GROUPS, ArgumentError, build_parser, flag_of, parse_run_config
 from megatron_ddk.config import ModelConfig
+
+GOLDEN_HELP = Path(__file__).parent / "golden" / "pretrain_ddk_help.txt"
+"""The whole flag interface. After a deliberate change, regenerate it with
+``MEGATRON_DDK_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_arguments.py`` and review the diff."""
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--train-iters", "10", "--tokenizer-type", "SentencePieceTokenizer",
@@ -86,3 +94,44 @@ def test_parser_help_lists_megatron_names():
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-query-groups",
                  "--lr-warmup-iters", "--lr-decay-style", "--tensorboard-dir", "--kd-weight", "--ddk-interval"):
         assert flag in text
+
+
+def test_help_is_the_golden_file(monkeypatch):
+    """Every flag, default and help text is frozen: a change to the interface must be deliberate."""
+    monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal width
+    text = build_parser().format_help()
+    if os.environ.get("MEGATRON_DDK_UPDATE_GOLDEN"):
+        GOLDEN_HELP.parent.mkdir(exist_ok=True)
+        GOLDEN_HELP.write_text(text)
+    assert text == GOLDEN_HELP.read_text(), f"--help changed; if on purpose, regenerate {GOLDEN_HELP} (see its test)"
+
+
+def test_each_config_field_declares_its_help_and_flag():
+    """The dataclasses are the single source: each field documents itself and maps to one flag (or is derived)."""
+    parser_flags = {s for action in build_parser()._actions for s in action.option_strings}
+    seen = set()
+    for _, cls, prefix in CONFIG_GROUPS:
+        for field in dataclasses.fields(cls):
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+            flag = flag_of(field, prefix)
+            if flag is not None:
+                assert flag in parser_flags and flag not in seen, (cls.__name__, field.name, flag)
+                seen.add(flag)
+    derived = [f.name for _, cls, p in CONFIG_GROUPS for f in dataclasses.fields(cls) if flag_of(f, p) is None]
+    assert derived == ["vocab_size"]  # from the tokenizer
+
+
+def test_flag_defaults_are_the_field_defaults():
+    """Without flags, each config field gets its own default (or the documented flag default)."""
+    cfg = parse("--ddk-mode", "cpt")
+    parts = {type(getattr(cfg, f.name)): getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    for _, cls, _ in CONFIG_GROUPS:
+        part = parts[cls]
+        for field in dataclasses.fields(cls):
+            flag_default = field.metadata["flag_default"]
+            required = field.metadata["parser"].get("required")
+            if required or field.default is dataclasses.MISSING and flag_default is dataclasses.MISSING:
+                continue  # required flag
+            if flag_default is not dataclasses.MISSING or field.name in ("add_bias_linear", "mode", "domains"):
+                continue  # derived or given (checked in test_megatron_flags_fill_the_typed_configs)
+            assert getattr(part, field.name) == field.default, (cls.__name__, field.name)

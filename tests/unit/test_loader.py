@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ddk.data.loader import MixedDomainBatches, count_evaluation_samples, evaluation_batches
+from megatron_ddk.data.loader import MixedDomainBatches, evaluation_batches
 from megatron_ddk.data.mixing import DomainMixingSchedule
 
 SIZES = [50, 30, 7]
@@ -27,6 +27,11 @@ class FakeDomain(torch.utils.data.Dataset):
             raise IndexError(i)
         tokens = torch.full((SEQ,), 1000 * self.domain + i)
         return {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(SEQ), "position_ids": torch.arange(SEQ)}
+
+
+def count_evaluation_samples(batches) -> int:
+    """Real (unpadded) samples in ``batches``: summed over DP ranks it equals min(num_samples, len)."""
+    return int(sum(int((batch["sample_id"] >= 0).sum()) for batch in batches))
 
 
 def domains():
