@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trainer.train()
+    except UserError as err:  # e.g. a non-finite loss: every rank raises the same one-line error
+        if os.environ.get("MEGATRON_DDK_TRACEBACK"):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"pretrain_ddk.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         trainer.close()
         from megatron_ddk.platform.distributed import destroy

@@ -120,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save and exit when the iteration is a multiple of this")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="on SIGTERM (e.g. SLURM's pre-emption notice), save a checkpoint and exit cleanly")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
+                   help="stop, without saving, on a non-finite lm/kd loss, grad norm or teacher output (default on)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false", dest="check_for_nan_in_loss_and_grad")
 
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load iteration N under --load instead of the latest (e.g. the newest intact one)")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
@@ -236,6 +241,8 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append(f"--ddk-alpha must be in [0, 1], got {args.ddk_alpha}")
     if args.ddk_val_samples < 1:
         problems.append(f"--ddk-val-samples must be >= 1, got {args.ddk_val_samples}")
+    if args.ckpt_step is not None and not args.load:
+        problems.append("--ckpt-step needs --load DIR")
     if args.save_interval is not None and not args.save:
         problems.append("--save-interval needs --save DIR")
     if args.sequence_parallel and tp == 1:

@@ -173,12 +173,16 @@ class TrainingConfig:
     """Stop (after saving) once the iteration count is a multiple of this; for job-time limits."""
     exit_signal_handler: bool = False
     """Save and stop at the end of the iteration in which SIGTERM arrived."""
+    check_for_nan_in_loss_and_grad: bool = True
+    """Stop (without saving) on a non-finite loss, gradient norm or teacher output."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     save: str | None = None
     load: str | None = None
+    ckpt_step: int | None = None
+    """Load ``iter_<ckpt_step>`` under --load instead of the tracker's latest (e.g. an older intact one)."""
     save_interval: int | None = None
     no_load_optim: bool = False
     no_load_rng: bool = False
