@@ -9,6 +9,19 @@ import os
 import sys
 
 
+def _report(err: Exception) -> int:
+    """One line on stderr for a ``UserError`` (exit code 2); ``MEGATRON_DDK_TRACEBACK=1`` re-raises it."""
+    if os.environ.get("MEGATRON_DDK_TRACEBACK"):
+        raise err
+    # every rank reports what it found (torchrun stops the job at the first exit, so no rank can
+    # count on another to print); the rank prefix tells the copies apart
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    message = str(err).replace("\n", "\n  ")
+    print(f"{prefix}pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_ddk.errors import UserError
     from megatron_ddk.platform.startup import prepare_process
@@ -22,17 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, tokenizer = parse_run(argv, world_size=world_size)
         trainer = Trainer(cfg, tokenizer)
     except UserError as err:
-        if os.environ.get("MEGATRON_DDK_TRACEBACK"):
-            raise
-        # every rank reports what it found (torchrun stops the job at the first exit, so no rank
-        # can count on another to print); the rank prefix tells the copies apart
-        rank = int(os.environ.get("RANK", "0"))
-        prefix = "" if rank == 0 else f"[rank {rank}] "
-        message = str(err).replace("\n", "\n  ")
-        print(f"{prefix}pretrain_ddk.py: error: {message}", file=sys.stderr, flush=True)
-        return 2
+        return _report(err)
     try:
         trainer.train()
+    except UserError as err:  # e.g. a non-finite loss: every rank raises the same one-line error
+        return _report(err)
     finally:
         trainer.close()
         from megatron_ddk.platform.distributed import destroy

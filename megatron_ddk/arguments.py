@@ -69,6 +69,9 @@ _COMPAT_FLAGS: dict[type, tuple[tuple[str, dict[str, Any]], ...]] = {
                                                                   "help": "interleaved schedule: not supported "
                                                                           "(refused)"}),),
     PrecisionConfig: (("--fp16", {"action": "store_true", "help": "not supported (refused); use --bf16"}),),
+    TrainingConfig: (("--no-check-for-nan-in-loss-and-grad", {"action": "store_false",
+                                                               "dest": "check_for_nan_in_loss_and_grad",
+                                                               "help": "do not stop on a non-finite loss or grad norm"}),),
 }
 
 
@@ -100,7 +103,9 @@ def _flag_kwargs(config_field: dataclasses.Field, annotation: Any) -> dict[str, 
     has_default = config_field.default is not dataclasses.MISSING
     default = meta["flag_default"] if meta["flag_default"] is not dataclasses.MISSING else config_field.default
     base = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
-    if base[0] is bool:
+    if "action" in kwargs:
+        pass  # an explicit action (a switch whose default is on): no type
+    elif base[0] is bool:
         if meta.get("flag"):  # a switch named otherwise: --disable-bias-linear (ModelConfig.add_bias_linear)
             kwargs["action"], default = "store_true", False
         elif default is False:

@@ -4,19 +4,26 @@ Layout under ``--save`` (Megatron's, so its users find their way around)::
 
     latest_checkpointed_iteration.txt     the tracker: written last, with os.replace
     iter_0000200/                         one dist checkpoint: model (+ optimizer) shards, common.pt,
-        ddk_checkpoint.json               and our metadata: model config, tokenizer identity, layout
+        ddk_checkpoint.json               our metadata: model config, tokenizer identity, layout
+        ddk_manifest.json                 size and checksum of every other file (checkpoint_manifest)
 
-A checkpoint is written into ``iter_0000200.tmp`` and renamed when every rank has finished; only then
-is the tracker replaced. A crash mid-save leaves the previous checkpoint and tracker untouched.
-Sharded tensors carry global shapes, so loading reshards to the current TP/PP automatically.
+A checkpoint is written into ``iter_0000200.tmp``, its manifest written, and renamed when every rank
+has finished; only then is the tracker replaced. A crash mid-save leaves the previous checkpoint and
+tracker untouched. Loading checks the manifest before any weight is read and parses every file
+without running code from it (checkpoint_safety). Sharded tensors carry global shapes, so loading
+reshards to the current TP/PP automatically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import re
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +32,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_ddk import checkpoint_manifest
 from megatron_ddk.config import ModelConfig
 from megatron_ddk.errors import CheckpointError
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 METADATA_FILENAME = "ddk_checkpoint.json"
 FORMAT_VERSION = 1
+RNG_PREFIX = "rng_state."
+"""RNG state is saved as tensors under this key prefix; older checkpoints hold one stored (pickled)
+object ``rng_state`` instead, loaded with ``weights_only=True`` (``set_legacy_rng_state``)."""
+_ITER_DIR = re.compile(r"iter_(\d{7})$")
 
 # The distributed optimizer's state in a layout-independent form, so checkpoints reshard to any
 # TP/PP/DP. Its gather to DP rank 0 calls Tensor.cuda(), so CPU runs (tests) use the DP-resharding
@@ -90,9 +102,16 @@ def read_tracker(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
-def resolve_checkpoint(path: str | os.PathLike, *, flag: str) -> Path:
-    """An ``iter_*`` directory from a checkpoint root (via its tracker) or the directory itself."""
+def resolve_checkpoint(path: str | os.PathLike, *, flag: str, step: int | None = None) -> Path:
+    """An ``iter_*`` directory from a checkpoint root (via its tracker, or ``step``: ``--ckpt-step``) or
+    the directory itself."""
     path = Path(path)
+    if step is not None and not (path / METADATA_FILENAME).exists():
+        resolved = iteration_dir(path, step)
+        if not (resolved / METADATA_FILENAME).exists():
+            raise CheckpointError(f"{flag} {path} --ckpt-step {step}: {resolved} is not a complete checkpoint; "
+                                  f"choose one of {available_iterations(path) or 'none'}")
+        return resolved
     if (path / METADATA_FILENAME).exists():
         return path
     if not path.exists():
@@ -109,23 +128,48 @@ def resolve_checkpoint(path: str | os.PathLike, *, flag: str) -> Path:
     return resolved
 
 
+def available_iterations(root: str | os.PathLike) -> list[int]:
+    """Iterations of the published (``iter_NNNNNNN`` with metadata) checkpoints under ``root``, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (_ITER_DIR.match(p.name) for p in root.iterdir())
+    return sorted(int(m.group(1)) for m in found if m and (root / m.group(0) / METADATA_FILENAME).exists())
+
+
 def read_metadata(path: str | os.PathLike, *, flag: str = "--load") -> CheckpointMetadata:
+    """What the checkpoint says about itself. Cheap checks come first, before any process group: its
+    files' presence and sizes (manifest) and its tensor index (read with the restricted unpickler)."""
+    from megatron_ddk.checkpoint_safety import read_dcp_metadata
+
     resolved = resolve_checkpoint(path, flag=flag)
+    _raise_on_damage(resolved, flag, checkpoint_manifest.find_problem(resolved, full=False))
+    read_dcp_metadata(resolved)
     source = resolved / METADATA_FILENAME
     try:
         values = json.loads(source.read_text())
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{source} is not valid JSON ({err}); the checkpoint is damaged") from err
-    return CheckpointMetadata.from_json(values, source)
+    try:
+        return CheckpointMetadata.from_json(values, source)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{source} does not describe a checkpoint ({type(err).__name__}: {err}); "
+                              "the checkpoint is damaged") from err
 
 
 # --------------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(root: str | os.PathLike, metadata: CheckpointMetadata, sharded_state_dict: dict) -> Path:
-    """Write ``sharded_state_dict`` as ``root/iter_<7-digit iteration>`` and publish it; every rank calls this."""
+def save_checkpoint(root: str | os.PathLike, metadata: CheckpointMetadata, sharded_state_dict: dict,
+                    *, timings: dict[str, float] | None = None) -> Path:
+    """Write ``sharded_state_dict`` as ``root/iter_<7-digit iteration>`` and publish it; every rank calls this.
+
+    ``timings`` (if given) receives the seconds spent on the manifest (``"manifest"``)."""
     from megatron.core import dist_checkpointing
 
+    from megatron_ddk.platform.helper_processes import tie_helpers_to_this_process
+
+    tie_helpers_to_this_process()  # the writer's forked workers die with this rank, even on SIGKILL
     root = Path(root)
     final = iteration_dir(root, metadata.iteration)
     staging = final.with_name(final.name + ".tmp")
@@ -138,8 +182,21 @@ def save_checkpoint(root: str | os.PathLike, metadata: CheckpointMetadata, shard
     _barrier()
     dist_checkpointing.save(sharded_state_dict, str(staging))
     _barrier()
+    start = time.perf_counter()
+    # every rank checksums the shards it wrote; rank 0 the rest, then the manifest goes in before publication
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    entries = checkpoint_manifest.describe(staging, checkpoint_manifest.own_shard_files(staging, rank))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, entries)
+        entries = {name: entry for part in gathered for name, entry in part.items()}
+    spent = time.perf_counter() - start
     if rank0:
         _write_json_atomic(staging / METADATA_FILENAME, metadata.to_json())
+        start = time.perf_counter()
+        checkpoint_manifest.write_manifest(staging, entries)
+        if timings is not None:
+            timings["manifest"] = spent + time.perf_counter() - start
         publish_directory(staging, final)  # re-saving an iteration (after a resume) replaces it
         _write_text_atomic(root / TRACKER_FILENAME, f"{metadata.iteration}\n")
     _barrier()
@@ -159,23 +216,116 @@ def publish_directory(staging: Path, final: Path) -> None:
         os.replace(staging, final)
 
 
-def load_sharded(path: Path, sharded_state_dict: dict) -> dict:
+# --------------------------------------------------------------------------------------------- load
+
+
+def verify_checkpoint(path: Path, *, flag: str = "--load") -> None:
+    """Checksum every file of ``path`` against its manifest (ranks share the reading); raise on damage.
+
+    A checkpoint without a manifest (older than this check) gets a warning and is not verified."""
+    if checkpoint_manifest.read_manifest(path) is None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"warning: {flag} {path} has no {checkpoint_manifest.MANIFEST_FILENAME} (saved before checksums "
+                  "existed); its files cannot be verified", file=sys.stderr, flush=True)
+        return
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problem = checkpoint_manifest.find_problem(path, full=True, part=rank, parts=world)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, problem)
+        problem = next((p for p in gathered if p), None)
+    _raise_on_damage(path, flag, problem)
+
+
+def _raise_on_damage(path: Path, flag: str, problem: str | None) -> None:
+    if problem is None:
+        return
+    raise CheckpointError(f"{problem}; {_intact_fallback(path, flag)}")
+
+
+def _intact_fallback(path: Path, flag: str) -> str:
+    """Where to go instead of a damaged checkpoint: the newest older one whose files all check out."""
+    root = path.parent
+    mine = _ITER_DIR.match(path.name)
+    older = [i for i in available_iterations(root) if mine and i < int(mine.group(1))]
+    for iteration in reversed(older):
+        candidate = iteration_dir(root, iteration)
+        if checkpoint_manifest.read_manifest(candidate) is not None \
+                and checkpoint_manifest.find_problem(candidate) is None:
+            use = f"--load {root} --ckpt-step {iteration}" if flag == "--load" else f"{flag} {candidate}"
+            return f"the newest intact checkpoint is iteration {iteration}: use {use}"
+    return "no older intact checkpoint exists here; restore the file or start from another checkpoint"
+
+
+def _load_strategies():
+    from megatron_ddk.checkpoint_safety import SafeCommonLoadStrategy, SafeTorchDistLoadStrategy
+
+    return SafeTorchDistLoadStrategy(), SafeCommonLoadStrategy()
+
+
+def load_sharded(path: Path, sharded_state_dict: dict, *, flag: str = "--load") -> dict:
+    """Verify ``path`` against its manifest, then load ``sharded_state_dict`` from it without running code."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded_state_dict, str(path))
+    verify_checkpoint(path, flag=flag)
+    sharded, common = _load_strategies()
+    with _damage_as_checkpoint_error(path):
+        return dist_checkpointing.load(sharded_state_dict, str(path), sharded_strategy=sharded,
+                                       common_strategy=common)
 
 
 def load_common(path: Path) -> dict:
+    """The non-sharded state (``common.pt``), read with ``weights_only=True``."""
+    return _load_strategies()[1].load_common(Path(path))
+
+
+def load_tensors_metadata(path: Path) -> dict:
+    """Names, shapes and dtypes of the saved tensors, from the ``.metadata`` index (restricted unpickler)."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(path))
+    with _damage_as_checkpoint_error(path):
+        return dist_checkpointing.load_tensors_metadata(str(path), sharded_strategy=_load_strategies()[0])
+
+
+def saved_keys(path: Path) -> set[str]:
+    """Every key in the checkpoint's ``.metadata`` index (tensors and stored objects)."""
+    from megatron_ddk.checkpoint_safety import read_dcp_metadata
+
+    return set(read_dcp_metadata(path).state_dict_metadata)
+
+
+@contextlib.contextmanager
+def _damage_as_checkpoint_error(path: Path):
+    """megatron-core and torch report an unreadable shard as a long multi-rank traceback (torch's
+    CheckpointException is a BaseException); turn it into one CheckpointError line."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except CheckpointException as err:
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        own = next((c for c in causes if isinstance(c, CheckpointError)), None)
+        if own is not None:
+            raise own from None
+        _raise_unreadable(path, causes[0] if causes else err)
+    except (CheckpointingException, EOFError, OSError, RuntimeError, ValueError, KeyError) as err:
+        _raise_unreadable(path, err)
+
+
+def _raise_unreadable(path: Path, cause: BaseException):
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    raise CheckpointError(f"{path} cannot be read ({type(cause).__name__}: {first}); it is damaged: check it "
+                          f"with tools/verify_checkpoint.py {path}") from None
 
 
 def load_model_state(path: str | os.PathLike, model: torch.nn.Module, *, flag: str = "--load") -> CheckpointMetadata:
     """Load only the model weights of a checkpoint into ``model`` (a GPTModel stage), resharding."""
     resolved = resolve_checkpoint(path, flag=flag)
     metadata = read_metadata(resolved, flag=flag)
-    state = load_sharded(resolved, {"model": model.sharded_state_dict()})
+    state = load_sharded(resolved, {"model": model.sharded_state_dict()}, flag=flag)
     model.load_state_dict(state["model"], strict=True)
     return metadata
 
@@ -199,20 +349,20 @@ class TrainingParts:
 
 
 def save_training_checkpoint(root: str | os.PathLike, parts: TrainingParts, metadata: CheckpointMetadata, *,
-                             global_batch_size: int, pg) -> Path:
+                             global_batch_size: int, pg, timings: dict[str, float] | None = None) -> Path:
     """Assemble the sharded state of ``parts`` at ``metadata.iteration`` and write it (every rank calls this)."""
     model_sd = parts.student.sharded_state_dict()
     state = {
         "model": model_sd,
         "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_CKPT_METADATA),
-        "rng_state": _rng_object(rng_state(), pg),
+        "rng_state": rng_sharded_state(rng_tensors(), _rng_grid(pg)),
         "iteration": metadata.iteration,
         "consumed_samples": metadata.iteration * global_batch_size,
         "opt_param_scheduler": parts.scheduler.state_dict(),
         "mixing": parts.schedule.state_dict(),
         "ddk": parts.controller.state_dict(),
     }
-    return save_checkpoint(root, metadata, state)
+    return save_checkpoint(root, metadata, state, timings=timings)
 
 
 def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer: bool, load_rng: bool,
@@ -230,8 +380,10 @@ def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer
             _materialize_optimizer_state(parts.optimizer)
         request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                   metadata=OPTIMIZER_CKPT_METADATA)
+    legacy_rng = load_rng and not any(key.startswith(RNG_PREFIX) for key in saved_keys(path))
     if load_rng:
-        request["rng_state"] = _rng_object(None, pg)
+        request["rng_state"] = _legacy_rng_object(pg) if legacy_rng else rng_sharded_state(rng_tensors(),
+                                                                                            _rng_grid(pg))
     state = load_sharded(path, request)
     parts.student.load_state_dict(state["model"], strict=True)
     if load_optimizer:
@@ -251,7 +403,7 @@ def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer
             raise CheckpointError(f"{path}: the DDK controller's weights {legacy} disagree with the sampler's "
                                   f"latest {latest}; the checkpoint is inconsistent, resume from an earlier one")
     if load_rng:
-        set_rng_state(state["rng_state"])
+        (set_legacy_rng_state if legacy_rng else set_rng_tensors)(state["rng_state"])
     return iteration
 
 
@@ -264,33 +416,72 @@ def _materialize_optimizer_state(optimizer) -> None:
             state.setdefault("step", torch.tensor(0.0))
 
 
-def _rng_object(state, pg):
-    """This rank's RNG state as a ShardedObject keyed by its (PP, TP, DP) coordinates in ``pg``."""
+def _rng_grid(pg) -> tuple[tuple[int, int], ...]:
+    """This rank's (rank, size) in pipeline, tensor and data parallelism of ``pg``: where its RNG state goes."""
+    return tuple((dist.get_rank(g), dist.get_world_size(g)) for g in (pg.pp, pg.tp, pg.dp))
+
+
+def _legacy_rng_object(pg):
+    """The stored (pickled) RNG object of checkpoints saved before RNG state became tensors."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    groups = (pg.pp, pg.tp, pg.dp)
-    return ShardedObject("rng_state", state, tuple(dist.get_world_size(g) for g in groups),
-                         tuple(dist.get_rank(g) for g in groups), replica_id=0)
+    grid = _rng_grid(pg)
+    return ShardedObject("rng_state", None, tuple(n for _, n in grid), tuple(r for r, _ in grid), replica_id=0)
 
 
 # ---------------------------------------------------------------------------------------------- RNG
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator the run draws from, as plain lists/tensors (loadable with weights_only=True)."""
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Every generator the run draws from, as flat tensors of the same shapes on every rank (saved as
+    sharded tensors: nothing is pickled)."""
     from megatron.core import tensor_parallel
 
-    np_state = np.random.get_state()
-    return {
-        "random": _to_plain(random.getstate()),
-        "np_random": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(_to_plain, np_state[2:])],
+    version, internal, gauss_next = random.getstate()
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "python": torch.tensor([version, *internal], dtype=torch.int64),
+        "python_gauss": torch.tensor([gauss_next is not None, gauss_next or 0.0], dtype=torch.float64),
+        "numpy": torch.tensor([pos, has_gauss, *keys.tolist()], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([cached_gaussian], dtype=torch.float64),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        tensors[f"tracker.{name}"] = state
+    return tensors
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what ``rng_tensors`` returned."""
+    from megatron.core import tensor_parallel
+
+    python = tensors["python"].tolist()
+    has_gauss_next, gauss_next = tensors["python_gauss"].tolist()
+    random.setstate((python[0], tuple(python[1:]), gauss_next if has_gauss_next else None))
+    pos, has_gauss, *keys = tensors["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss,
+                         float(tensors["numpy_gauss"][0])))
+    torch.set_rng_state(tensors["torch"].cpu())
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"].cpu())
+    tracker = {name[len("tracker."):]: state for name, state in tensors.items() if name.startswith("tracker.")}
+    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+
+
+def rng_sharded_state(tensors: dict[str, torch.Tensor], grid: tuple[tuple[int, int], ...]) -> dict:
+    """``tensors`` as ShardedTensors, one slot per rank of the (pp, tp, dp) ``grid`` of (rank, size)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    offsets = [(axis, rank, size) for axis, (rank, size) in enumerate(grid)]
+    return {name: ShardedTensor.from_rank_offsets(RNG_PREFIX + name, tensor, *offsets, replica_id=0,
+                                                  prepend_axis_num=len(grid))
+            for name, tensor in tensors.items()}
+
+
+def set_legacy_rng_state(state: dict[str, Any]) -> None:
+    """RNG state of a checkpoint saved before RNG became tensors (a stored object of lists and tensors)."""
     from megatron.core import tensor_parallel
 
     random.setstate(_to_tuple(state["random"]))
@@ -300,12 +491,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _to_plain(value):
-    if isinstance(value, tuple):
-        return [_to_plain(v) for v in value]
-    return value
 
 
 def _to_tuple(value):

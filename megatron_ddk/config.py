@@ -241,6 +241,9 @@ class TrainingConfig:
                                                   "(for job-time limits)")
     exit_signal_handler: bool = option(False, help="on SIGTERM (e.g. SLURM's pre-emption notice), save a checkpoint "
                                                    "at the end of the iteration and exit cleanly")
+    check_for_nan_in_loss_and_grad: bool = option(
+        True, help="stop, without saving, on a non-finite lm/kd loss, grad norm or teacher output (default: on; "
+                   "--no-check-for-nan-in-loss-and-grad turns it off)", action="store_true")
 
     def __post_init__(self) -> None:
         problems = []
@@ -261,14 +264,20 @@ class CheckpointConfig:
 
     save: str | None = option(None, help="directory for checkpoints (Megatron layout: iter_NNNNNNN/ + tracker)")
     load: str | None = option(None, help="resume from this checkpoint directory (an empty --save dir starts fresh)")
+    ckpt_step: int | None = option(None, help="load iteration N under --load instead of the latest (e.g. the newest "
+                                              "intact one)")
     save_interval: int | None = option(None, help="save every this many iterations (and always at the end)")
     no_load_optim: bool = option(False, help="resume without the optimizer state")
     no_load_rng: bool = option(False, help="resume without the random-generator states")
     finetune: bool = option(False, help="load only the weights of --load; iteration, optimizer and data start fresh")
 
     def __post_init__(self) -> None:
+        problems = []
         if self.save_interval is not None and not self.save:
-            raise ConfigError("--save-interval needs --save DIR")
+            problems.append("--save-interval needs --save DIR")
+        if self.ckpt_step is not None and not self.load:
+            problems.append("--ckpt-step needs --load DIR")
+        _raise_if(problems)
 
 
 @dataclass(frozen=True, kw_only=True)

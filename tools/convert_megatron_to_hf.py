@@ -192,9 +192,9 @@ def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int
 
 def _stored_dtype(resolved: Path) -> torch.dtype:
     """The dtype the embedding was saved in (bf16 or fp32 runs); read from the checkpoint metadata only."""
-    from megatron.core import dist_checkpointing
+    from megatron_ddk.checkpointing import load_tensors_metadata
 
-    tensors = dist_checkpointing.load_tensors_metadata(str(resolved))
+    tensors = load_tensors_metadata(resolved)
     stored = tensors["embedding.word_embeddings.weight"].dtype
     return torch.bfloat16 if stored == torch.bfloat16 else torch.float32
 

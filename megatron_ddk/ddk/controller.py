@@ -116,8 +116,9 @@ class DDKController:
         """On resume, drop log records newer than the checkpoint (they will be recomputed identically)."""
         if self.log_file is None or not os.path.exists(self.log_file):
             return
+        # a record cut short by a kill (no closing brace) is dropped like the newer ones
         kept = [line for line in Path(self.log_file).read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= iteration]
+                if line.strip().endswith("}") and json.loads(line)["iteration"] <= iteration]
         tmp = self.log_file + ".tmp"
         Path(tmp).write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.log_file)

@@ -43,6 +43,7 @@ from megatron_ddk.data.tokenizer import padded_vocab_size, tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
 from megatron_ddk.errors import CheckpointError
+from megatron_ddk.layout_checks import check_layout
 from megatron_ddk.models.gpt import (
     build_gpt_model,
     check_context_parallel_supported,
@@ -50,7 +51,7 @@ from megatron_ddk.models.gpt import (
     check_sequence_parallel_supported,
 )
 from megatron_ddk.platform import distributed
-from megatron_ddk.training import report
+from megatron_ddk.training import nonfinite, report
 from megatron_ddk.training.evaluation import DomainEvaluation, evaluate_domains
 from megatron_ddk.training.metrics import mean, reduce_reports
 from megatron_ddk.training.step import (
@@ -87,6 +88,8 @@ class Trainer:
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         )
         # ---- cheap checks first: nothing expensive has happened if any of these fails
+        teacher = read_metadata(cfg.distill.teacher_load, flag="--teacher-load") if cfg.distill.uses_teacher else None
+        check_layout(cfg, teacher.model if teacher else None, teacher_source=f"--teacher-load {cfg.distill.teacher_load}")
         self.registry = (load_domain_registry(cfg.data.domains) if cfg.data.domains
                          else registry_from_data_path(list(cfg.data.data_path)))
         # every rank checks the files; global rank 0 alone reads all tokens for the vocabulary check
@@ -130,11 +133,8 @@ class Trainer:
     def _check_teacher(self) -> CheckpointMetadata:
         cfg = self.cfg
         meta = read_metadata(cfg.distill.teacher_load, flag="--teacher-load")
-        problems = []
+        problems = []  # (its layout against TP/PP: layout_checks)
         pp = cfg.parallel.pipeline_model_parallel_size
-        if meta.model.num_layers % pp:
-            problems.append(f"the teacher has {meta.model.num_layers} layers, not divisible by "
-                            f"--pipeline-model-parallel-size {pp}; choose a PP size dividing both models' layers")
         student_identity = tokenizer_identity(self.tokenizer)
         teacher_identity = meta.tokenizer or {}
         if teacher_identity.get("sha256") and student_identity.get("sha256") \
@@ -161,13 +161,13 @@ class Trainer:
 
     def _check_resume(self) -> Path | None:
         """The checkpoint to resume from (None: fresh start), checked against this run's model."""
-        load = self.cfg.checkpoint.load
-        if load is None or (not self.cfg.checkpoint.finetune and read_tracker(load) is None
+        load, step = self.cfg.checkpoint.load, self.cfg.checkpoint.ckpt_step
+        if load is None or (not self.cfg.checkpoint.finetune and step is None and read_tracker(load) is None
                             and not (Path(load) / "ddk_checkpoint.json").exists()):
             if load is not None and not Path(load).exists() and not self.cfg.checkpoint.save == load:
                 raise CheckpointError(f"--load {load}: no such directory")
             return None  # Megatron's behaviour: --load of an empty --save dir starts fresh
-        resolved = resolve_checkpoint(load, flag="--load")
+        resolved = resolve_checkpoint(load, flag="--load", step=step)
         meta = read_metadata(resolved, flag="--load")
         mine, theirs = _architecture(self.cfg.model), _architecture(meta.model)
         differ = [f"{k}: checkpoint {theirs[k]!r} vs flags {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
@@ -208,7 +208,7 @@ class Trainer:
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             overlap_param_gather=cfg.parallel.overlap_param_gather,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            check_for_nan_in_grad=True,
+            check_for_nan_in_grad=False,  # ours (training/nonfinite.py) works on CPU and names the quantity
         )
         model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=unwrapped,
                                         pg_collection=pg)
@@ -305,6 +305,10 @@ class Trainer:
         first = iteration == 0
         evaluation = self.evaluate(with_teacher=first and self.unwrapped.teacher is not None,
                                    num_samples=self.cfg.ddk.val_samples)
+        if self.cfg.training.check_for_nan_in_loss_and_grad:
+            nonfinite.raise_if(nonfinite.evaluation_problem(
+                evaluation, iteration=iteration, domain_names=self.registry.names,
+                teacher=self.cfg.distill.teacher_load))
         if first:
             weights = self.controller.start(evaluation.ce_student, evaluation.ce_teacher)
         else:
@@ -348,6 +352,10 @@ class Trainer:
         window, last_saved = _LogWindow(self._report_layout()), None
         while self.iteration < t.train_iters:
             step = self.train_step()
+            if t.check_for_nan_in_loss_and_grad:  # identical totals on every rank: all stop here, before a save
+                nonfinite.raise_if(nonfinite.training_problem(
+                    step.totals, step.grad_norm, iteration=self.iteration, domain_names=self.registry.names,
+                    teacher=cfg.distill.teacher_load if self.unwrapped.teacher is not None else None))
             window.add(step.totals)
             if self.controller.is_update_iteration(self.iteration, t.train_iters):
                 self.update_mixture()
@@ -443,11 +451,11 @@ class Trainer:
             pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
             data_parallel_size=self.layout.data_parallel_size, ddk_mode=cfg.distill.mode, has_optimizer=True,
         )
-        start = time.time()
+        start, timings = time.time(), {}
         path = save_training_checkpoint(cfg.checkpoint.save, self._parts(), meta,
-                                        global_batch_size=cfg.training.global_batch_size, pg=self.pg)
+                                        global_batch_size=cfg.training.global_batch_size, pg=self.pg, timings=timings)
         report.print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
-                            f"[ {time.time() - start:.2f}s ]")
+                            f"[ {time.time() - start:.2f}s, manifest {timings.get('manifest', 0.0):.3f}s ]")
 
     def _load(self, path: Path) -> int:
         """Restore from ``path``; returns the iteration to continue from."""

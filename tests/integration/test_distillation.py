@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from tests.checkpoint_faults import rewrite_manifest
 from tests.helpers import SCRIPTS, read_json, torchrun
 from tests.runs import STUDENT, TEACHER, assert_series_close, data_args, pretrain, train_args
 
@@ -106,6 +107,7 @@ def _edited_teacher(teacher, tmp_path, edit):
     meta = json.loads(meta_path.read_text())
     edit(meta)
     meta_path.write_text(json.dumps(meta))
+    rewrite_manifest(meta_path.parent)  # a consistent checkpoint of another teacher, not a damaged one
     return copy
 
 
