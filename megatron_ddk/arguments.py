@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddk-mode", choices=DDK_MODES, default="ddk",
                    help="cpt: student alone; kd: teacher, static mixture; ddk: teacher, dynamic mixture")
     g.add_argument("--teacher-load", default=None)
+    g.add_argument("--teacher-cache", default=None,
+                   help="teacher top-k cache (tools/cache_teacher_logits.py): no teacher model is built unless "
+                        "--teacher-load is also given, which then only serves samples the cache lacks")
     g.add_argument("--teacher-bf16", type=_bool, default=None, help="default: follow --bf16")
     g.add_argument("--teacher-fp8", type=_bool, default=True)
     g.add_argument("--kd-loss-type", choices=KD_LOSS_TYPES, default="forward_kl")
@@ -222,8 +225,11 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append("give either --domains or --data-path, not both")
     if args.ddk_mode == "cpt" and args.teacher_load:
         problems.append("--teacher-load is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd or ddk")
-    if args.ddk_mode in ("kd", "ddk") and not args.teacher_load:
-        problems.append(f"--ddk-mode {args.ddk_mode} needs a teacher: add --teacher-load DIR (or use --ddk-mode cpt)")
+    if args.ddk_mode in ("kd", "ddk") and not (args.teacher_load or args.teacher_cache):
+        problems.append(f"--ddk-mode {args.ddk_mode} needs a teacher: add --teacher-load DIR or --teacher-cache DIR "
+                        "(or use --ddk-mode cpt)")
+    if args.ddk_mode == "cpt" and args.teacher_cache:
+        problems.append("--teacher-cache is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd or ddk")
     if args.kd_temperature <= 0:
         problems.append(f"--kd-temperature must be > 0, got {args.kd_temperature}")
     if args.kd_weight < 0:

@@ -211,6 +211,9 @@ class DataConfig:
 class DistillConfig:
     mode: str = "ddk"
     teacher_load: str | None = None
+    teacher_cache: str | None = None
+    """A teacher cache (tools/cache_teacher_logits.py): the KD term and DDK's teacher CE come from it, and the
+    teacher model is built only with ``teacher_load`` too (to fall back on for uncached samples)."""
     kd_loss_type: str = "forward_kl"
     kd_temperature: float = 1.0
     kd_weight: float = 0.2
