@@ -60,12 +60,13 @@ def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor
 
 
 def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: float, group,
-                     first_column: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Student log-probabilities of one [n, v_valid] chunk and of the k + 1 buckets.
+                     first_column: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """The student's side of one [n, v_valid] chunk: its k + 1 bucket log-probabilities.
 
-    Returns ``log_ps`` [n, v_valid] fp32 (a fresh buffer), ``log_q`` [n, k + 1] (global: top-k, then
-    tail), ``owned`` [n, k] bool (the top-k entries whose column is on this rank) and ``where``, the
-    (row, column) indices of those entries in the chunk, in ``owned``'s row-major order.
+    Returns ``tail_exp`` [n, v_valid] fp32 (one fresh buffer: ``exp(s - max)`` with this rank's top-k
+    columns zeroed, i.e. Z p_S on the tail columns), ``log_z`` [n] (global, relative to the max),
+    ``log_q`` [n, k + 1] (global: top-k, then tail), ``owned`` [n, k] bool (the top-k entries whose
+    column is on this rank) and ``where``, their (row, column) indices in ``owned``'s row-major order.
     """
     n, v = student.shape
     if v == 0:  # this rank holds only padding columns
@@ -83,49 +84,67 @@ def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: floa
     where = (owned.nonzero(as_tuple=True)[0], safe[owned])
     if v > 0:
         sums[:, :-2] = torch.where(owned, s.gather(1, safe), 0.0)
-        e = torch.exp(s)
+        e = s.exp_()
         sums[:, -2] = e.sum(dim=-1)
         e[where] = 0.0  # the tail sum never subtracts: no cancellation
         sums[:, -1] = e.sum(dim=-1)
-        del e
+    else:
+        e = s
     _reduce_tp(sums, group)
     log_z = sums[:, -2].log()  # [n]
     log_q = torch.cat([sums[:, :-2] - log_z[:, None], (sums[:, -1].log() - log_z)[:, None]], dim=1)
-    return s.sub_(log_z[:, None]), log_q, owned, where
+    return e, log_z, log_q, owned, where
 
 
-def _divergence(log_ps: torch.Tensor, log_q: torch.Tensor, log_t: torch.Tensor, owned: torch.Tensor,
-                where: tuple[torch.Tensor, torch.Tensor], *, kind: str, beta: float, grad_out: torch.Tensor | None) -> torch.Tensor:
-    """Per-token loss [n] over the buckets; writes dL/ds (without the constant factor) into ``grad_out``."""
+_LARGE = 1e30
+"""Per-row gradient factors beyond this (a tail the student all but excludes) are applied in float64."""
+
+
+def _divergence(tail_exp: torch.Tensor, log_z: torch.Tensor, log_q: torch.Tensor, log_t: torch.Tensor,
+                owned: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], *, kind: str, beta: float,
+                grad_out: torch.Tensor | None) -> torch.Tensor:
+    """Per-token loss [n] over the buckets; writes dL/ds (without the constant factor) into ``grad_out``.
+
+    Every tail column's gradient is its ``p_S`` times one per-row coefficient ``a``, so it is written
+    as ``tail_exp * (a / Z)`` (no further exponential); the top-k columns are then overwritten.
+    """
     q, t = log_q.exp(), log_t.exp()  # [n, k + 1]
     q_empty = q == 0  # the student's tail at k = vocabulary (or underflow): 0 log 0 = 0
     if kind == "forward_kl":
         loss = torch.where(t > 0, t * (log_t - log_q), 0.0).sum(dim=-1)
-        if grad_out is not None:
-            # tail columns: p_S - p_S t_tail / q_tail, in the log domain (the ratio alone may overflow)
-            delta = torch.where(t[:, -1] > 0, log_t[:, -1] - log_q[:, -1], float("-inf"))
-            delta = torch.where(q_empty[:, -1], 0.0, delta)  # no student mass there: gradient 0
-            torch.sub(log_ps.exp(), torch.exp(log_ps.add_(delta[:, None])), out=grad_out)
-            grad_out[where] = (q[:, :-1] - t[:, :-1])[owned].to(grad_out.dtype)  # p_S - p_T
-        return loss
-    if kind == "reverse_kl":
-        g = torch.where(q_empty, 0.0, log_q - log_t)
-        loss = (q * g).sum(dim=-1)
-    elif beta in (0.0, 1.0):  # m equals one of the two distributions: the divergence vanishes
-        if grad_out is not None:
-            grad_out.zero_()
-        return log_ps.new_zeros(log_ps.shape[0])
+        if grad_out is None:
+            return loss
+        # tail columns: p_S (1 - t_tail / q_tail); the ratio in float64 (it may exceed float32's range)
+        ratio = torch.exp(log_t[:, -1].double() - log_q[:, -1].double())
+        coef_tail = torch.where(t[:, -1] > 0, 1.0 - ratio, 1.0)
+        coef_tail = torch.where(q_empty[:, -1], 0.0, coef_tail)  # no student mass there: gradient 0
+        top = q[:, :-1] - t[:, :-1]  # p_S - p_T
     else:
-        log_m = torch.logaddexp(log_t + math.log(beta), log_q + math.log(1.0 - beta))
-        kl_t = torch.where(t > 0, t * (log_t - log_m), 0.0).sum(dim=-1)
-        g = torch.where(q_empty, 0.0, log_q - log_m)
-        kl_s = (q * g).sum(dim=-1)
-        loss = beta * kl_t + (1.0 - beta) * kl_s
-    if grad_out is not None:
-        reference = loss if kind == "reverse_kl" else kl_s
+        if kind == "reverse_kl":
+            g = torch.where(q_empty, 0.0, log_q - log_t)
+            loss = (q * g).sum(dim=-1)
+            reference = loss
+        elif beta in (0.0, 1.0):  # m equals one of the two distributions: the divergence vanishes
+            if grad_out is not None:
+                grad_out.zero_()
+            return log_q.new_zeros(log_q.shape[0])
+        else:
+            log_m = torch.logaddexp(log_t + math.log(beta), log_q + math.log(1.0 - beta))
+            kl_t = torch.where(t > 0, t * (log_t - log_m), 0.0).sum(dim=-1)
+            g = torch.where(q_empty, 0.0, log_q - log_m)
+            reference = (q * g).sum(dim=-1)  # KL(q || m)
+            loss = beta * kl_t + (1.0 - beta) * reference
+        if grad_out is None:
+            return loss
         coef = g - reference[:, None]  # [n, k + 1]
-        torch.mul(log_ps.exp_(), coef[:, -1:], out=grad_out)
-        grad_out[where] = (q[:, :-1] * coef[:, :-1])[owned].to(grad_out.dtype)
+        coef_tail = coef[:, -1].double()
+        top = q[:, :-1] * coef[:, :-1]
+    factor = coef_tail * torch.exp(-log_z.double())  # [n]: a / Z
+    torch.mul(tail_exp, factor.float()[:, None], out=grad_out)
+    extreme = factor.abs() > _LARGE
+    if extreme.any():
+        grad_out[extreme] = (tail_exp[extreme].double() * factor[extreme, None]).to(grad_out.dtype)
+    grad_out[where] = top[owned].to(grad_out.dtype)
     return loss
 
 
@@ -149,9 +168,9 @@ class _ChunkedTopKLoss(_ChunkedKDLoss):
         step = tokens if chunk_size <= 0 else chunk_size
         for start in range(0, tokens, max(step, 1)):
             stop = min(start + step, tokens)
-            log_ps, log_q, owned, where = _student_buckets(flat_s[start:stop, :num_valid], flat_ids[start:stop],
-                                                          temperature, group, first_column)
-            loss[start:stop] = _divergence(log_ps, log_q, log_t[start:stop], owned, where, kind=kind, beta=beta,
+            buckets = _student_buckets(flat_s[start:stop, :num_valid], flat_ids[start:stop], temperature, group,
+                                       first_column)
+            loss[start:stop] = _divergence(*buckets[:3], log_t[start:stop], *buckets[3:], kind=kind, beta=beta,
                                            grad_out=grad[start:stop, :num_valid] if need_grad else None)
         ctx.save_for_backward(grad)
         ctx.shape = student.shape
