@@ -85,9 +85,9 @@ def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: floa
     if v > 0:
         sums[:, :-2] = torch.where(owned, s.gather(1, safe), 0.0)
         e = s.exp_()
-        sums[:, -2] = e.sum(dim=-1)
         e[where] = 0.0  # the tail sum never subtracts: no cancellation
         sums[:, -1] = e.sum(dim=-1)
+        sums[:, -2] = sums[:, -1] + torch.where(owned, sums[:, :-2].exp(), 0.0).sum(dim=-1)  # one pass less
     else:
         e = s
     _reduce_tp(sums, group)
