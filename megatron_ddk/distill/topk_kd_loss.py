@@ -59,14 +59,16 @@ def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor
         raise ValueError("; ".join(problems))
 
 
-def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: float, group,
-                     first_column: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: float, group, first_column: int,
+                     work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                tuple]:
     """The student's side of one [n, v_valid] chunk: its k + 1 bucket log-probabilities.
 
     Returns ``tail_exp`` [n, v_valid] fp32 (one fresh buffer: ``exp(s - max)`` with this rank's top-k
     columns zeroed, i.e. Z p_S on the tail columns), ``log_z`` [n] (global, relative to the max),
     ``log_q`` [n, k + 1] (global: top-k, then tail), ``owned`` [n, k] bool (the top-k entries whose
     column is on this rank) and ``where``, their (row, column) indices in ``owned``'s row-major order.
+    ``work``: an fp32 [n, v_valid] buffer to use instead of a fresh one (the gradient's own storage).
     """
     n, v = student.shape
     if v == 0:  # this rank holds only padding columns
@@ -74,7 +76,7 @@ def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: floa
     else:
         row_max = student.amax(dim=-1, keepdim=True).float()
     _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
-    s = torch.sub(student, row_max)  # fp32 by promotion: the copy
+    s = torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)  # fp32: the copy
     if temperature != 1.0:
         s.div_(temperature)
     local = ids - first_column
@@ -140,10 +142,11 @@ def _divergence(tail_exp: torch.Tensor, log_z: torch.Tensor, log_q: torch.Tensor
         coef_tail = coef[:, -1].double()
         top = q[:, :-1] * coef[:, :-1]
     factor = coef_tail * torch.exp(-log_z.double())  # [n]: a / Z
-    torch.mul(tail_exp, factor.float()[:, None], out=grad_out)
     extreme = factor.abs() > _LARGE
-    if extreme.any():
-        grad_out[extreme] = (tail_exp[extreme].double() * factor[extreme, None]).to(grad_out.dtype)
+    fixed = (tail_exp[extreme].double() * factor[extreme, None]).to(grad_out.dtype) if extreme.any() else None
+    torch.mul(tail_exp, factor.float()[:, None], out=grad_out)  # in place when tail_exp is grad_out's storage
+    if fixed is not None:
+        grad_out[extreme] = fixed
     grad_out[where] = top[owned].to(grad_out.dtype)
     return loss
 
@@ -168,10 +171,12 @@ class _ChunkedTopKLoss(_ChunkedKDLoss):
         step = tokens if chunk_size <= 0 else chunk_size
         for start in range(0, tokens, max(step, 1)):
             stop = min(start + step, tokens)
+            out = grad[start:stop, :num_valid] if need_grad else None
+            work = out if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
             buckets = _student_buckets(flat_s[start:stop, :num_valid], flat_ids[start:stop], temperature, group,
-                                       first_column)
+                                       first_column, work)
             loss[start:stop] = _divergence(*buckets[:3], log_t[start:stop], *buckets[3:], kind=kind, beta=beta,
-                                           grad_out=grad[start:stop, :num_valid] if need_grad else None)
+                                           grad_out=out)
         ctx.save_for_backward(grad)
         ctx.shape = student.shape
         ctx.scale = (1.0 - beta if kind == "jsd" else 1.0) / temperature
