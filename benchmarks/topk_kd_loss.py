@@ -44,10 +44,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from megatron.core import tensor_parallel
 
-    from megatron_ddk.platform.cpu_compat import apply_cpu_compat
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize
+    from megatron_ddk.platform.startup import prepare_process
 
-    apply_cpu_compat()
+    prepare_process()
     initialize(ParallelLayout(world_size=1))
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     g = torch.Generator().manual_seed(0)

@@ -181,18 +181,20 @@ def finished(output: Path, shard: dict, layout) -> str | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from megatron.core import parallel_state
+    import torch.distributed as dist
 
     from megatron_ddk.checkpointing import load_model_state, read_metadata
     from megatron_ddk.config import ParallelConfig, PrecisionConfig
     from megatron_ddk.data.datasets import build_domain_datasets
     from megatron_ddk.data.domains import load_domain_registry, registry_from_data_path, validate_registry
-    from megatron_ddk.data.tokenizer import build_tokenizer
+    from megatron_ddk.data.tokenizer import build_tokenizer, padded_vocab_size
     from megatron_ddk.distill import teacher_cache as tc
     from megatron_ddk.errors import CheckpointError
     from megatron_ddk.models.gpt import build_gpt_model, check_fp8_supported
     from megatron_ddk.platform import distributed
+    from megatron_ddk.platform.startup import prepare_process
 
+    prepare_process()
     world = distributed.world_size_from_env()
     problems = check_args(args, world)
     if problems:
@@ -224,10 +226,10 @@ def run(args: argparse.Namespace) -> None:
 
     parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
                               pipeline_model_parallel_size=args.pipeline_model_parallel_size)
-    distributed.initialize(distributed.ParallelLayout(
+    pg = distributed.initialize(distributed.ParallelLayout(
         world_size=world, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size))
-    distributed.set_seed(args.seed)
+    distributed.set_seed(args.seed, pg)
     cache_dir = args.data_cache_path or str(Path(args.output) / "data_cache")
     domains = build_domain_datasets(registry, tokenizer=tokenizer, seq_length=args.seq_length, seed=args.seed,
                                     cache_dir=cache_dir)
@@ -257,17 +259,19 @@ def run(args: argparse.Namespace) -> None:
     if distributed.is_rank_0():
         done = torch.tensor([finished(output, shard, layout) is not None for shard in index["shards"]]).float()
     pending = [n for n, flag in enumerate(_from_rank_0(done).tolist()) if not flag]
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dp_rank, dp_size = dist.get_rank(pg.dp), dist.get_world_size(pg.dp)
     mine = pending[dp_rank::dp_size]
-    writer = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    writer = distributed.is_pp_last_stage(pg) and dist.get_rank(pg.tp) == 0
     kept = len(index["shards"]) - len(pending)
     distributed_print(f"teacher cache {output}: {len(index['shards'])} shards, {kept} finished and verified, "
                       f"{len(pending)} to compute on {dp_size} data-parallel group(s); "
                       f"{layout.bytes_per_token():.1f} bytes/token (k={args.top_k}, ids {layout.id_dtype})")
 
-    teacher = build_gpt_model(meta.model, parallel, precision, pre_process=parallel_state.is_pipeline_first_stage(),
-                              post_process=parallel_state.is_pipeline_last_stage(), use_fp8=args.fp8_format is not None,
-                              initialize_weights=False)
+    teacher = build_gpt_model(
+        meta.model, parallel, precision, pg=pg, pre_process=distributed.is_pp_first_stage(pg),
+        post_process=distributed.is_pp_last_stage(pg), use_fp8=args.fp8_format is not None, initialize_weights=False,
+        padded_vocab_size=padded_vocab_size(meta.model.vocab_size, parallel.tensor_model_parallel_size,
+                                            meta.model.make_vocab_size_divisible_by))
     from megatron_ddk.distill.model import freeze
 
     load_model_state(args.teacher_load, teacher, flag="--teacher-load")
@@ -280,7 +284,7 @@ def run(args: argparse.Namespace) -> None:
         split, domain = shard["split"], shard["domain"]
         samples = plans[f"{split}-d{domain:03d}"][shard["start"]:shard["stop"]]
         dataset = getattr(domains[domain], split)
-        arrays = teacher_rows(teacher, dataset, samples, args=args, vocab_size=tokenizer.vocab_size)
+        arrays = teacher_rows(teacher, dataset, samples, args=args, vocab_size=tokenizer.vocab_size, pg=pg)
         if writer:
             tc.write_shard(output / shard["file"], layout, arrays)
             bar.update(len(samples) * args.seq_length)
@@ -301,14 +305,16 @@ def run(args: argparse.Namespace) -> None:
     distributed.destroy()
 
 
-def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int) -> dict[str, np.ndarray]:
+def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int, pg) -> dict[str, np.ndarray]:
     """The teacher's top-k, tail and CE of ``samples`` (all rows on the last stage; empty elsewhere)."""
-    from megatron.core import parallel_state, tensor_parallel
+    import torch.distributed as dist
+    from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_ddk.data.loader import collate
     from megatron_ddk.distill.teacher_cache import sample_fingerprint
     from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk
+    from megatron_ddk.platform.distributed import is_pp_last_stage
     from megatron_ddk.training.step import move_batch
 
     mbs = args.micro_batch_size
@@ -319,13 +325,12 @@ def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int
         batch = collate(chunk + [chunk[0]] * (mbs - len(chunk)))  # the last micro-batch is padded, then dropped
         batch["valid_rows"] = torch.tensor(len(chunk))
         batches.append(batch)
-    group = (parallel_state.get_tensor_model_parallel_group()
-             if parallel_state.get_tensor_model_parallel_world_size() > 1 else None)
+    group = pg.tp if dist.get_world_size(pg.tp) > 1 else None
 
     def forward_step(data_iterator, model):
         batch = move_batch(next(data_iterator))
         logits = model(batch["tokens"], batch["position_ids"], None)
-        if not parallel_state.is_pipeline_last_stage():
+        if not is_pp_last_stage(pg):
             return logits, None
         return logits, partial(extract, batch)
 
@@ -345,7 +350,7 @@ def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int
             forward_step_func=forward_step, data_iterator=iter(batches), model=[teacher],
             num_microbatches=len(batches), seq_length=args.seq_length, micro_batch_size=mbs,
             forward_only=True, collect_non_loss_data=True)
-    if not parallel_state.is_pipeline_last_stage():
+    if not is_pp_last_stage(pg):
         return {}
     arrays = {key: torch.cat([o[key] for o in outputs]).numpy() for key in outputs[0]}
     arrays["log_probs"] = arrays["log_probs"].astype(np.float16)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from megatron_ddk.data.mixing import DomainMixingSchedule
-from megatron_ddk.ddk.factor import first_weights
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +45,9 @@ def max_draws(domain_sizes: Sequence[int], static_weights: Sequence[float], run:
     total = run.train_iters * run.global_batch_size
     dynamic = run.mode == "ddk" and run.mixing in ("ddk", "no-smoothing")
     if not dynamic:
-        mixing = run.mixing if run.mode == "ddk" else "static"
-        schedule = DomainMixingSchedule(domain_sizes, window_size=window, seed=run.seed,
-                                        initial_weights=first_weights(mixing, static_weights, num_domains))
+        equal = run.mode == "ddk" and run.mixing == "equal"
+        weights = np.full(num_domains, 1.0 / num_domains) if equal else np.asarray(static_weights, dtype=np.float64)
+        schedule = DomainMixingSchedule(domain_sizes, window_size=window, seed=run.seed, initial_weights=weights)
         full = total // window
         draws = schedule.offsets_at_window(full)
         if total % window:

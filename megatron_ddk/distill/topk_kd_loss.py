@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_ddk.distill.kd_loss import KD_KINDS, _ChunkedKDLoss, _default_tp_group, _reduce_tp
+from megatron_ddk.distill.kd_loss import KD_KINDS, _ChunkedKDLoss, _reduce_tp
 
 
 def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor, ids: torch.Tensor,
@@ -204,7 +204,7 @@ def vocab_parallel_topk_kd_loss(
     the vocabulary). Other arguments as ``vocab_parallel_kd_loss``. Only the student gets a gradient.
     """
     _check(kind, temperature, jsd_beta, student_logits, teacher_ids, teacher_log_probs, teacher_tail_log_mass)
-    group = tp_group if tp_group is not None else _default_tp_group()
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     local = student_logits.shape[-1]
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     if vocab_size is not None and not 1 <= vocab_size <= local * world:

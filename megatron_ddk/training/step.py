@@ -90,7 +90,7 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
             student_logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], batch["teacher_tail_log_mass"],
             kind=settings.kd_loss_type, temperature=settings.kd_temperature, jsd_beta=settings.kd_jsd_beta,
             chunk_size=settings.kd_chunk_size or default_chunk_size(student_logits.shape[-1]),
-            vocab_size=settings.vocab_size,
+            vocab_size=settings.vocab_size, tp_group=tp_group,
         )  # [b, s]
         kd_sum = (kd * mask).sum()
     elif teacher_logits is not None and settings.train_on_kd and settings.kd_weight > 0:

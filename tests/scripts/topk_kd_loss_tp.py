@@ -76,13 +76,11 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
 
 def main() -> None:
     out = sys.argv[1]
-    from megatron.core import parallel_state
-
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize
 
-    initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    group = parallel_state.get_tensor_model_parallel_group()  # passed explicitly
+    pg = initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
+    rank = dist.get_rank(pg.tp)
+    group = pg.tp  # passed explicitly
     records = []
     # vocab sizes: no padding, padding inside rank 1, rank 1 all padding; k: sparse, and the whole vocabulary
     for kind, temperature, chunk, vocab_size in itertools.product(KINDS, (1.0, 2.0), (0, 3), (None, 41, 24)):
