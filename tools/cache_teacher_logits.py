@@ -414,10 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if os.environ.get("MEGATRON_DDK_TRACEBACK"):
             raise
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"cache_teacher_logits.py: error: {err}", file=sys.stderr, flush=True)
-        else:
-            time.sleep(5)  # let rank 0 report before torchrun tears the job down
+        rank = int(os.environ.get("RANK", "0"))  # every rank reports (torchrun stops the job at the first exit)
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{prefix}cache_teacher_logits.py: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 
