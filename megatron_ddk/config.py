@@ -325,6 +325,9 @@ class DistillConfig:
     mode: str = option("ddk", flag="--ddk-mode", choices=DDK_MODES,
                        help="cpt: student alone; kd: teacher, static mixture; ddk: teacher, dynamic mixture")
     teacher_load: str | None = option(None, help="the teacher's checkpoint (tools/convert_hf_to_megatron.py writes one)")
+    teacher_cache: str | None = option(None, help="teacher top-k cache (tools/cache_teacher_logits.py): no teacher model "
+                                                  "is built unless --teacher-load is also given, which then only "
+                                                  "serves samples the cache lacks")
     kd_loss_type: str = option("forward_kl", help="divergence between teacher and student", choices=KD_LOSS_TYPES)
     kd_temperature: float = option(1.0, help="softmax temperature T of both models in the KD term")
     kd_weight: float = option(0.2, help="gamma: loss = CE + gamma * KD")
@@ -345,8 +348,12 @@ class DistillConfig:
         if self.mode == "cpt" and self.teacher_load:
             problems.append("--teacher-load is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
                             "or ddk")
-        if self.mode in ("kd", "ddk") and not self.teacher_load:
-            problems.append(f"--ddk-mode {self.mode} needs a teacher: add --teacher-load DIR (or use --ddk-mode cpt)")
+        if self.mode in ("kd", "ddk") and not (self.teacher_load or self.teacher_cache):
+            problems.append(f"--ddk-mode {self.mode} needs a teacher: add --teacher-load DIR or --teacher-cache DIR "
+                            "(or use --ddk-mode cpt)")
+        if self.mode == "cpt" and self.teacher_cache:
+            problems.append("--teacher-cache is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
+                            "or ddk")
         _raise_if(problems)
 
     @property

@@ -3,6 +3,10 @@
 # Each sbatch script sets the model / layout variables and the PRETRAIN_ARGS array, then calls
 #   ddk_check_layout; ddk_resume_args; ddk_launch
 # DRY_RUN=1 prints the exact launch line and exits 0 without srun or scontrol (works off-cluster).
+# Teacher cache (docs/TEACHER_CACHE.md): STAGE=cache runs tools/cache_teacher_logits.py instead, with the
+# script's data, layout and run configuration (what the run can draw), into TEACHER_CACHE (default
+# ${CKPT_DIR}_teacher_cache_k$TOP_K); TEACHER_CACHE=DIR then trains from it without loading the teacher
+# (TEACHER_FALLBACK=1 also passes --teacher-load for samples the cache lacks).
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
@@ -36,7 +40,8 @@ ddk_check_layout() {
   local missing=()
   [ -e "$DOMAINS" ] || missing+=("DOMAINS=$DOMAINS (domain registry, docs/DATA.md)")
   [ -e "$TOKENIZER" ] || missing+=("TOKENIZER=$TOKENIZER (tokenizer.json or its directory)")
-  if [ "$DDK_MODE" != cpt ] && [ ! -e "$TEACHER_CKPT" ]; then
+  if [ "$DDK_MODE" != cpt ] && [ ! -e "$TEACHER_CKPT" ] &&
+      { [ -z "${TEACHER_CACHE:-}" ] || [ -n "${TEACHER_FALLBACK:-}" ] || [ "${STAGE:-train}" = cache ]; }; then
     missing+=("TEACHER_CKPT=$TEACHER_CKPT (tools/convert_hf_to_megatron.py output)")
   fi
   if [ -n "$STUDENT_CKPT" ] && [ ! -e "$STUDENT_CKPT" ] && [ ! -f "$CKPT_DIR/latest_checkpointed_iteration.txt" ]; then
@@ -63,16 +68,50 @@ ddk_resume_args() {
   else
     LOAD_ARGS=(--load "$CKPT_DIR")
   fi
-  if [ "$DDK_MODE" != cpt ]; then
+  if [ "$DDK_MODE" != cpt ] && [ -n "${TEACHER_CACHE:-}" ] && [ "${STAGE:-train}" != cache ]; then
+    TEACHER_ARGS=(--teacher-cache "$TEACHER_CACHE")
+    [ -z "${TEACHER_FALLBACK:-}" ] || TEACHER_ARGS+=(--teacher-load "$TEACHER_CKPT")
+  elif [ "$DDK_MODE" != cpt ]; then
     TEACHER_ARGS=(--teacher-load "$TEACHER_CKPT")
   else
     TEACHER_ARGS=()
   fi
 }
 
-# srun (one task per node) -> torchrun (one process per GPU) -> pretrain_ddk.py.
+# The value of flag $1 in PRETRAIN_ARGS.
+ddk_flag() {
+  local i
+  for ((i = 0; i < ${#PRETRAIN_ARGS[@]} - 1; i++)); do
+    if [ "${PRETRAIN_ARGS[$i]}" = "$1" ]; then
+      echo "${PRETRAIN_ARGS[$((i + 1))]}"
+      return
+    fi
+  done
+}
+
+# STAGE=cache: the entry becomes the cache tool, its flags derived from the training flags.
+ddk_cache_stage() {
+  ENTRY=$REPO_DIR/pretrain_ddk.py
+  [ "${STAGE:-train}" = cache ] || return 0
+  [ "$DDK_MODE" != cpt ] || ddk_die "STAGE=cache: DDK_MODE=cpt trains without a teacher, there is nothing to cache"
+  ENTRY=$REPO_DIR/tools/cache_teacher_logits.py
+  local top_k=${TOP_K:-32} flag
+  local args=(--output "${TEACHER_CACHE:-${CKPT_DIR}_teacher_cache_k$top_k}" --teacher-load "$TEACHER_CKPT")
+  for flag in --tokenizer-type --tokenizer-model --domains --data-cache-path --seq-length --seed --kd-temperature \
+      --train-iters --global-batch-size --ddk-interval --ddk-mode --ddk-mixing --ddk-alpha \
+      --tensor-model-parallel-size --pipeline-model-parallel-size; do
+    args+=("$flag" "$(ddk_flag "$flag")")
+  done
+  args+=(--val-samples "$(ddk_flag --ddk-val-samples)" --top-k "$top_k" --micro-batch-size "${CACHE_MICRO_BATCH:-4}"
+    --bf16 --no-progress)
+  [ -z "${FP8:-}" ] || args+=(--fp8-format "$FP8")
+  PRETRAIN_ARGS=("${args[@]}")
+}
+
+# srun (one task per node) -> torchrun (one process per GPU) -> pretrain_ddk.py (or the cache tool).
 ddk_launch() {
   local master_addr job_id
+  ddk_cache_stage
   if [ -n "${DRY_RUN:-}" ]; then
     master_addr=${MASTER_ADDR:-localhost}
     job_id=${SLURM_JOB_ID:-dryrun}
@@ -92,7 +131,7 @@ ddk_launch() {
   LAUNCH=("${launcher[@]}" "$TORCHRUN"
     --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE"
     --rdzv-backend c10d --rdzv-endpoint "$master_addr:$MASTER_PORT" --rdzv-id "$job_id" "${rdzv_conf[@]}"
-    "$REPO_DIR/pretrain_ddk.py" "${PRETRAIN_ARGS[@]}")
+    "$ENTRY" "${PRETRAIN_ARGS[@]}")
   if [ -n "${DRY_RUN:-}" ]; then
     printf '%q ' "${LAUNCH[@]}"
     echo

@@ -159,6 +159,14 @@ class DomainMixingSchedule:
             samples[mask] = self._permutation(domain, epoch)[within[mask]]
         return domains, samples
 
+    def first_draws(self, domain: int, count: int) -> np.ndarray:
+        """Domain-local sample ids of the first ``count`` draws ever from ``domain``, in draw order
+        (epoch after epoch), whatever the weights: what a run drawing ``count`` samples from it reads."""
+        size = int(self.domain_sizes[domain])
+        parts = [self._permutation(domain, epoch)[:min(size, count - epoch * size)]
+                 for epoch in range(-(-max(count, 0) // size))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     def window_counts(self, window: int) -> np.ndarray:
         """Samples drawn from each domain in ``window`` ([num_domains] int64)."""
         self._lay_out_through(window)

@@ -183,12 +183,13 @@ class _ChunkedKDLoss(torch.autograd.Function):
         ctx.spent = True
         (grad,) = ctx.saved_tensors
         if grad is None:
-            return (None,) * 9
+            return (None,) * len(ctx.needs_input_grad)
         # [tokens, 1] in the gradient's dtype: a mixed-dtype in-place product would make CPU kernels
         # allocate [tokens, v_local] fp32 temporaries
         factor = (grad_output.reshape(-1, 1).float() * ctx.scale).to(grad.dtype)
         grad.mul_(factor)  # [tokens, v_local], in place: autograd gets this very buffer, no second copy
-        return grad.reshape(ctx.shape), None, None, None, None, None, None, None, None
+        # the student is the first input; the sparse top-k loss (topk_kd_loss.py) reuses this backward
+        return (grad.reshape(ctx.shape),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def vocab_parallel_kd_loss(

@@ -28,6 +28,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from megatron_ddk.distill.kd_loss import default_chunk_size, vocab_parallel_kd_loss
+from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk_kd_loss
 from megatron_ddk.platform import distributed
 
 # Scalar report keys: each report value is a 2-vector [sum over tokens, number of tokens].
@@ -83,7 +84,16 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
     labels, mask = batch["labels"], batch["loss_mask"].float()
     num_tokens = mask.sum()
     kd_sum = None
-    if teacher_logits is not None and settings.train_on_kd and settings.kd_weight > 0:
+    cached = "teacher_topk_ids" in batch  # rows of a teacher cache (distill/teacher_source.py)
+    if cached and settings.train_on_kd and settings.kd_weight > 0:
+        kd = vocab_parallel_topk_kd_loss(
+            student_logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], batch["teacher_tail_log_mass"],
+            kind=settings.kd_loss_type, temperature=settings.kd_temperature, jsd_beta=settings.kd_jsd_beta,
+            chunk_size=settings.kd_chunk_size or default_chunk_size(student_logits.shape[-1]),
+            vocab_size=settings.vocab_size, tp_group=tp_group,
+        )  # [b, s]
+        kd_sum = (kd * mask).sum()
+    elif teacher_logits is not None and settings.train_on_kd and settings.kd_weight > 0:
         # before the cross-entropies: megatron-core's vocab_parallel_cross_entropy works in place on
         # fp32 logits (``.float()`` of an fp32 tensor is the tensor itself)
         kd = vocab_parallel_kd_loss(
@@ -103,7 +113,9 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
         LM_LOSS: torch.stack([loss.detach(), num_tokens]),
         DOMAIN_LM_LOSS: _per_domain(ce.detach(), mask, batch["domain_id"], settings.num_domains),
     }
-    if teacher_logits is not None:
+    if cached:  # the teacher's CE per sample, summed over the same loss-mask tokens when it was cached
+        report[TEACHER_LM_LOSS] = torch.stack([batch["teacher_ce_sum"].sum().float(), num_tokens])
+    elif teacher_logits is not None:
         with torch.no_grad():
             teacher_ce = tensor_parallel.vocab_parallel_cross_entropy(teacher_logits.float(), labels)
         report[TEACHER_LM_LOSS] = torch.stack([(teacher_ce * mask).sum(), num_tokens])

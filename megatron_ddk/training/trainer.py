@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from megatron_ddk.data.mixing import DomainMixingSchedule
 from megatron_ddk.data.tokenizer import padded_vocab_size, tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
+from megatron_ddk.distill.teacher_source import CachedTeacher, CachedTeacherBatches
 from megatron_ddk.errors import CheckpointError
 from megatron_ddk.layout_checks import check_layout
 from megatron_ddk.models.gpt import (
@@ -88,7 +89,8 @@ class Trainer:
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         )
         # ---- cheap checks first: nothing expensive has happened if any of these fails
-        teacher = read_metadata(cfg.distill.teacher_load, flag="--teacher-load") if cfg.distill.uses_teacher else None
+        teacher = (read_metadata(cfg.distill.teacher_load, flag="--teacher-load")
+                   if cfg.distill.uses_teacher and cfg.distill.teacher_load else None)
         check_layout(cfg, teacher.model if teacher else None, teacher_source=f"--teacher-load {cfg.distill.teacher_load}")
         self.registry = (load_domain_registry(cfg.data.domains) if cfg.data.domains
                          else registry_from_data_path(list(cfg.data.data_path)))
@@ -99,7 +101,9 @@ class Trainer:
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
         check_context_parallel_supported(cfg.parallel)
-        self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher else None
+        self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher and cfg.distill.teacher_load else None
+        # --teacher-cache: identity checked now, coverage and checksums once the datasets exist
+        self.cached_teacher = CachedTeacher(cfg, tokenizer, self.registry) if cfg.distill.teacher_cache else None
         self.resume_dir = self._check_resume()
 
         # ---- the process groups, built once; everything below receives them as ``pg``
@@ -112,6 +116,8 @@ class Trainer:
         self.loss_settings = self._loss_settings()
         self.optimizer, self.scheduler = self._build_optimizer()
         self.domains = self._build_datasets()
+        if self.cached_teacher is not None:
+            self.cached_teacher.check_coverage(self.domains, rank=dist.get_rank(), world=dist.get_world_size())
         self.controller = self._build_controller()
         self.schedule = DomainMixingSchedule(
             [len(d.train) for d in self.domains],
@@ -128,6 +134,8 @@ class Trainer:
             dp_rank=dist.get_rank(self.pg.dp), dp_size=dist.get_world_size(self.pg.dp),
             start_iteration=self.iteration,
         )
+        if self.cached_teacher is not None:
+            self.batches = CachedTeacherBatches(self.batches, self.cached_teacher, self.unwrapped)
 
     # ================================================================================ checks
     def _check_teacher(self) -> CheckpointMetadata:
@@ -226,7 +234,7 @@ class Trainer:
         return LossSettings(
             num_domains=len(self.registry.domains),
             vocab_size=self.tokenizer.vocab_size,
-            kd_weight=d.kd_weight if self.unwrapped.teacher is not None else 0.0,
+            kd_weight=d.kd_weight if self.unwrapped.teacher is not None or d.teacher_cache else 0.0,
             kd_loss_type=d.kd_loss_type,
             kd_temperature=d.kd_temperature,
             kd_jsd_beta=d.kd_jsd_beta,
@@ -303,12 +311,12 @@ class Trainer:
         """
         iteration, window = self.iteration, self.controller.window_of(self.iteration)
         first = iteration == 0
-        evaluation = self.evaluate(with_teacher=first and self.unwrapped.teacher is not None,
-                                   num_samples=self.cfg.ddk.val_samples)
+        evaluation = (self._first_evaluation() if first
+                      else self.evaluate(with_teacher=False, num_samples=self.cfg.ddk.val_samples))
         if self.cfg.training.check_for_nan_in_loss_and_grad:
             nonfinite.raise_if(nonfinite.evaluation_problem(
                 evaluation, iteration=iteration, domain_names=self.registry.names,
-                teacher=self.cfg.distill.teacher_load))
+                teacher=self.cfg.distill.teacher_load or self.cfg.distill.teacher_cache))
         if first:
             weights = self.controller.start(evaluation.ce_student, evaluation.ce_teacher)
         else:
@@ -320,6 +328,15 @@ class Trainer:
         report.print_rank_0(report.ddk_update_lines(record, "initial" if first else "update"))
         if self.writer is not None:
             report.write_ddk_scalars(self.writer, iteration, record)
+
+    def _first_evaluation(self) -> DomainEvaluation:
+        """Student and teacher at iteration 0; the teacher's CE is read from the cache when it holds it."""
+        num = self.cfg.ddk.val_samples
+        if self.cached_teacher is not None:
+            ce_teacher = self.cached_teacher.validation_ce([len(d.valid) for d in self.domains], num)
+            if ce_teacher is not None:
+                return replace(self.evaluate(with_teacher=False, num_samples=num), ce_teacher=ce_teacher)
+        return self.evaluate(with_teacher=self.unwrapped.teacher is not None, num_samples=num)
 
     # ============================================================================== the loop
     def train_step(self) -> StepResult:
@@ -406,7 +423,7 @@ class Trainer:
 
     def _log_iteration(self, window: _LogWindow, grad_norm: float | None) -> None:
         t = self.cfg.training
-        has_teacher = self.unwrapped.teacher is not None
+        has_teacher = self.unwrapped.teacher is not None or self.cached_teacher is not None
         lr = self.optimizer.param_groups[0]["lr"]
         elapsed, iters = time.time() - window.start, window.iterations
         tokens_per_second = iters * t.global_batch_size * self.cfg.data.seq_length / max(elapsed, 1e-9)

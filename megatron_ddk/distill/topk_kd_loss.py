@@ -1,0 +1,302 @@
+"""Sparse KD from a teacher's top-k: the divergence over k + 1 buckets, against vocab-parallel student logits.
+
+A teacher cache (``teacher_cache.py``) keeps, per token, the teacher's k most likely token ids, their
+log-probabilities at temperature T and the log of the remaining ("tail") mass. The student side is
+the same as in ``kd_loss.py``: ``s = z_S / T`` over the FULL vocabulary split across the TP group
+(all-reduce MAX of the row max, all-reduce SUM of the shifted exponentials). Both distributions are
+then seen through the same k + 1 buckets: each top-k id is a bucket of its own, every other token
+falls in the tail bucket::
+
+    q_b = p_S[id_b] (b < k),   q_tail = sum_{j not in top-k} p_S[j]     (student)
+    t_b = p_T[id_b],           t_tail = exp(tail log-mass)              (teacher, renormalised to 1)
+
+    forward_kl  sum_b t_b (log t_b - log q_b)       dL/ds_j = p_S[j] - t_{b(j)} p_S[j] / q_{b(j)}
+    reverse_kl  sum_b q_b (log q_b - log t_b)       dL/ds_j = p_S[j] (g_{b(j)} - L),  g = log q - log t
+    jsd(beta)   beta KL(t || m) + (1 - beta) KL(q || m),  m = beta t + (1 - beta) q
+                                                    dL/ds_j = (1 - beta) p_S[j] (g_{b(j)} - KL(q || m)),  g = log q - log m
+
+(``dL/ds_j = p_S[j] (dL/dq_b - sum_c q_c dL/dq_c)`` for j in bucket b, from ``dq_b/ds_j = p_S[j] (1[j in b] - q_b)``.)
+For a top-k column the forward-KL gradient is ``p_S[j] - t_j``, as in the full loss; for a tail column
+it is the student's own probability scaled by ``1 - t_tail / q_tail``. With k equal to the vocabulary
+the tail is empty and every formula is the full-vocabulary one. Empty buckets follow ``0 log 0 = 0``.
+
+Under TP each top-k id lives on one rank: that rank gathers its shifted logit, the others contribute
+0 to one all-reduce SUM that also carries the full and the tail normaliser (the tail sum zeroes the
+owned top-k columns before summing, so a tiny tail loses no precision to cancellation). The loss is
+then computed from [n, k + 1] global values, identical on every rank; each rank writes the gradient
+of its own columns. Chunking, padding columns (``vocab_size``) and the backward are ``kd_loss.py``'s.
+
+Shapes: student logits ``[..., v_local]`` (``[b, s, v]`` in the loss function); teacher ids and
+log-probabilities ``[..., k]``; the tail log-mass ``[...]``; ``n`` = tokens in one chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_ddk.distill.kd_loss import KD_KINDS, _ChunkedKDLoss, _reduce_tp
+
+
+def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor, ids: torch.Tensor,
+           log_probs: torch.Tensor, tail: torch.Tensor) -> None:
+    problems = []
+    if kind not in KD_KINDS:
+        problems.append(f"--kd-loss-type {kind!r} is not one of {', '.join(KD_KINDS)}")
+    if not temperature > 0:
+        problems.append(f"--kd-temperature must be > 0, got {temperature}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        problems.append(f"--kd-jsd-beta must be in [0, 1], got {jsd_beta}")
+    if ids.shape != log_probs.shape or ids.shape[:-1] != student.shape[:-1] or tail.shape != student.shape[:-1]:
+        problems.append(f"teacher top-k ids {tuple(ids.shape)}, log-probs {tuple(log_probs.shape)} and tail "
+                        f"{tuple(tail.shape)} do not fit student logits {tuple(student.shape)}")
+    if ids.is_floating_point() or not student.is_floating_point():
+        problems.append(f"expected integer ids and float logits, got {ids.dtype} and {student.dtype}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: float, group, first_column: int,
+                     work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                tuple]:
+    """The student's side of one [n, v_valid] chunk: its k + 1 bucket log-probabilities.
+
+    Returns ``tail_exp`` [n, v_valid] fp32 (one fresh buffer: ``exp(s - max)`` with this rank's top-k
+    columns zeroed, i.e. Z p_S on the tail columns), ``log_z`` [n] (global, relative to the max),
+    ``log_q`` [n, k + 1] (global: top-k, then tail), ``owned`` [n, k] bool (the top-k entries whose
+    column is on this rank) and ``where``, their (row, column) indices in ``owned``'s row-major order.
+    ``work``: an fp32 [n, v_valid] buffer to use instead of a fresh one (the gradient's own storage).
+    """
+    n, v = student.shape
+    if v == 0:  # this rank holds only padding columns
+        row_max = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=student.device)
+    else:
+        row_max = student.amax(dim=-1, keepdim=True).float()
+    _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
+    s = torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)  # fp32: the copy
+    if temperature != 1.0:
+        s.div_(temperature)
+    local = ids - first_column
+    owned = (local >= 0) & (local < v)
+    safe = torch.where(owned, local, 0)
+    sums = torch.zeros(n, ids.shape[1] + 2, dtype=torch.float32, device=student.device)  # [top-k s | total | tail]
+    where = (owned.nonzero(as_tuple=True)[0], safe[owned])
+    if v > 0:
+        sums[:, :-2] = torch.where(owned, s.gather(1, safe), 0.0)
+        e = s.exp_()
+        e[where] = 0.0  # the tail sum never subtracts: no cancellation
+        sums[:, -1] = e.sum(dim=-1)
+        sums[:, -2] = sums[:, -1] + torch.where(owned, sums[:, :-2].exp(), 0.0).sum(dim=-1)  # one pass less
+    else:
+        e = s
+    _reduce_tp(sums, group)
+    log_z = sums[:, -2].log()  # [n]
+    log_q = torch.cat([sums[:, :-2] - log_z[:, None], (sums[:, -1].log() - log_z)[:, None]], dim=1)
+    return e, log_z, log_q, owned, where
+
+
+_LARGE = 1e30
+"""Per-row gradient factors beyond this (a tail the student all but excludes) are applied in float64."""
+
+
+def _divergence(tail_exp: torch.Tensor, log_z: torch.Tensor, log_q: torch.Tensor, log_t: torch.Tensor,
+                owned: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], *, kind: str, beta: float,
+                grad_out: torch.Tensor | None) -> torch.Tensor:
+    """Per-token loss [n] over the buckets; writes dL/ds (without the constant factor) into ``grad_out``.
+
+    Every tail column's gradient is its ``p_S`` times one per-row coefficient ``a``, so it is written
+    as ``tail_exp * (a / Z)`` (no further exponential); the top-k columns are then overwritten.
+    """
+    q, t = log_q.exp(), log_t.exp()  # [n, k + 1]
+    q_empty = q == 0  # the student's tail at k = vocabulary (or underflow): 0 log 0 = 0
+    if kind == "forward_kl":
+        loss = torch.where(t > 0, t * (log_t - log_q), 0.0).sum(dim=-1)
+        if grad_out is None:
+            return loss
+        # tail columns: p_S (1 - t_tail / q_tail); the ratio in float64 (it may exceed float32's range)
+        ratio = torch.exp(log_t[:, -1].double() - log_q[:, -1].double())
+        coef_tail = torch.where(t[:, -1] > 0, 1.0 - ratio, 1.0)
+        coef_tail = torch.where(q_empty[:, -1], 0.0, coef_tail)  # no student mass there: gradient 0
+        top = q[:, :-1] - t[:, :-1]  # p_S - p_T
+    else:
+        if kind == "reverse_kl":
+            g = torch.where(q_empty, 0.0, log_q - log_t)
+            loss = (q * g).sum(dim=-1)
+            reference = loss
+        elif beta in (0.0, 1.0):  # m equals one of the two distributions: the divergence vanishes
+            if grad_out is not None:
+                grad_out.zero_()
+            return log_q.new_zeros(log_q.shape[0])
+        else:
+            log_m = torch.logaddexp(log_t + math.log(beta), log_q + math.log(1.0 - beta))
+            kl_t = torch.where(t > 0, t * (log_t - log_m), 0.0).sum(dim=-1)
+            g = torch.where(q_empty, 0.0, log_q - log_m)
+            reference = (q * g).sum(dim=-1)  # KL(q || m)
+            loss = beta * kl_t + (1.0 - beta) * reference
+        if grad_out is None:
+            return loss
+        coef = g - reference[:, None]  # [n, k + 1]
+        coef_tail = coef[:, -1].double()
+        top = q[:, :-1] * coef[:, :-1]
+    factor = coef_tail * torch.exp(-log_z.double())  # [n]: a / Z
+    extreme = factor.abs() > _LARGE
+    fixed = (tail_exp[extreme].double() * factor[extreme, None]).to(grad_out.dtype) if extreme.any() else None
+    torch.mul(tail_exp, factor.float()[:, None], out=grad_out)  # in place when tail_exp is grad_out's storage
+    if fixed is not None:
+        grad_out[extreme] = fixed
+    grad_out[where] = top[owned].to(grad_out.dtype)
+    return loss
+
+
+class _ChunkedTopKLoss(_ChunkedKDLoss):
+    """Loss and student gradient chunk by chunk in forward; ``_ChunkedKDLoss.backward`` rescales the gradient."""
+
+    @staticmethod
+    def forward(ctx, student, ids, log_probs, tail, kind, temperature, beta, chunk_size, num_valid, first_column,
+                group, need_grad):
+        vocab = student.shape[-1]
+        flat_s = student.reshape(-1, vocab)  # [tokens, v_local]
+        flat_ids = ids.reshape(-1, ids.shape[-1]).long()  # [tokens, k]
+        # the teacher's k + 1 buckets, renormalised (a half-precision cache sums to 1 only to ~1e-3)
+        log_t = torch.cat([log_probs.reshape(-1, ids.shape[-1]).float(), tail.reshape(-1, 1).float()], dim=1)
+        log_t = log_t - torch.logsumexp(log_t, dim=1, keepdim=True)
+        tokens = flat_s.shape[0]
+        loss = torch.empty(tokens, dtype=torch.float32, device=student.device)
+        grad = None
+        if need_grad:
+            grad = torch.empty_like(flat_s) if num_valid == vocab else torch.zeros_like(flat_s)
+        step = tokens if chunk_size <= 0 else chunk_size
+        for start in range(0, tokens, max(step, 1)):
+            stop = min(start + step, tokens)
+            out = grad[start:stop, :num_valid] if need_grad else None
+            work = out if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
+            buckets = _student_buckets(flat_s[start:stop, :num_valid], flat_ids[start:stop], temperature, group,
+                                       first_column, work)
+            loss[start:stop] = _divergence(*buckets[:3], log_t[start:stop], *buckets[3:], kind=kind, beta=beta,
+                                           grad_out=out)
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        ctx.scale = (1.0 - beta if kind == "jsd" else 1.0) / temperature
+        return loss.reshape(student.shape[:-1])
+
+
+def vocab_parallel_topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_tail_log_mass: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    chunk_size: int = 1024,
+    vocab_size: int | None = None,
+    tp_group=None,
+) -> torch.Tensor:
+    """Per-token fp32 divergence ``[...]`` between the teacher's cached top-k and the student, same on every TP rank.
+
+    ``student_logits``: ``[..., v_local]`` shards of the padded vocabulary; ``teacher_ids``: ``[..., k]``
+    global token ids (distinct per token); ``teacher_log_probs``: ``[..., k]`` their log-probabilities
+    at ``temperature``; ``teacher_tail_log_mass``: ``[...]`` log of the rest (``-inf`` when k covers
+    the vocabulary). Other arguments as ``vocab_parallel_kd_loss``. Only the student gets a gradient.
+    """
+    _check(kind, temperature, jsd_beta, student_logits, teacher_ids, teacher_log_probs, teacher_tail_log_mass)
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    local = student_logits.shape[-1]
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    if vocab_size is not None and not 1 <= vocab_size <= local * world:
+        raise ValueError(f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
+                         f"{local} logits per rank x {world} tensor-parallel ranks)")
+    num_valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    return _ChunkedTopKLoss.apply(student_logits, teacher_ids.detach(), teacher_log_probs.detach(),
+                                  teacher_tail_log_mass.detach(), kind, float(temperature), float(jsd_beta),
+                                  int(chunk_size), num_valid, rank * local, group, need_grad)
+
+
+@torch.no_grad()
+def vocab_parallel_topk(logits: torch.Tensor, k: int, *, temperature: float = 1.0, vocab_size: int | None = None,
+                        tp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k of ``[n, v_local]`` vocab-parallel logits: what the cache stores.
+
+    Returns global ids ``[n, k]`` int64 (most likely first), their log-probabilities at
+    ``temperature`` ``[n, k]`` fp32 and the log of the remaining mass ``[n]`` fp32 (``-inf`` when k
+    covers the vocabulary); identical on every TP rank. ``tp_group`` None means no TP.
+    """
+    n, local = logits.shape
+    rank, world = (dist.get_rank(tp_group), dist.get_world_size(tp_group)) if tp_group is not None else (0, 1)
+    valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
+    total_vocab = local * world if vocab_size is None else vocab_size
+    if not 1 <= k <= total_vocab:
+        raise ValueError(f"top-k {k} must be in [1, {total_vocab}] (the vocabulary)")
+    shard = logits[:, :valid]
+    row_max = (shard.amax(dim=-1, keepdim=True).float() if valid
+               else torch.full((n, 1), float("-inf"), device=logits.device))
+    _reduce_tp(row_max, tp_group, op=dist.ReduceOp.MAX)
+    s = torch.sub(shard, row_max)
+    if temperature != 1.0:
+        s.div_(temperature)
+    # local candidates: this shard's best min(k, local) columns (-inf where it has fewer valid ones)
+    width = min(k, local)
+    values = torch.full((n, width), float("-inf"), device=logits.device)
+    columns = torch.zeros(n, width, dtype=torch.long, device=logits.device)
+    if valid:
+        top = torch.topk(s, min(width, valid), dim=-1)
+        values[:, :top.values.shape[1]] = top.values
+        columns[:, :top.indices.shape[1]] = top.indices + rank * local
+    if tp_group is not None:
+        gathered_v = [torch.empty_like(values) for _ in range(world)]
+        gathered_c = [torch.empty_like(columns) for _ in range(world)]
+        dist.all_gather(gathered_v, values, group=tp_group)
+        dist.all_gather(gathered_c, columns, group=tp_group)
+        values, columns = torch.cat(gathered_v, dim=1), torch.cat(gathered_c, dim=1)
+    best = torch.topk(values, k, dim=-1)
+    ids = columns.gather(1, best.indices)  # [n, k]
+    sums = torch.zeros(n, 2, device=logits.device)  # [total | tail]
+    if valid:
+        e = torch.exp(s)
+        sums[:, 0] = e.sum(dim=-1)
+        local_ids = ids - rank * local
+        mine = (local_ids >= 0) & (local_ids < valid)
+        e[mine.nonzero(as_tuple=True)[0], local_ids[mine]] = 0.0
+        sums[:, 1] = e.sum(dim=-1)
+    _reduce_tp(sums, tp_group)
+    log_z = sums[:, 0].log()
+    return ids, best.values - log_z[:, None], sums[:, 1].log() - log_z
+
+
+def reference_topk_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, *,
+                           kind: str = "forward_kl", temperature: float = 1.0, jsd_beta: float = 0.5,
+                           vocab_size: int | None = None) -> torch.Tensor:
+    """The bucketed divergence in plain full-vocabulary PyTorch (autograd, no chunking, no TP): the tests' oracle.
+
+    The teacher's top-k is taken from ``teacher_logits`` at ``temperature``.
+    """
+    if vocab_size is not None:
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    ids = torch.topk(log_pt, k, dim=-1).indices
+    in_top = torch.zeros_like(log_pt, dtype=torch.bool).scatter_(-1, ids, True)
+
+    def buckets(log_p):
+        tail = torch.logsumexp(log_p.masked_fill(in_top, float("-inf")), dim=-1, keepdim=True)
+        return torch.cat([log_p.gather(-1, ids), tail], dim=-1)
+
+    log_q, log_t = buckets(log_ps), buckets(log_pt)
+    q, t = log_q.exp(), log_t.exp()
+
+    def kl(p, log_p, log_r):
+        return torch.where(p > 0, p * (log_p - log_r), 0.0).sum(-1)
+
+    if kind == "forward_kl":
+        return kl(t, log_t, log_q)
+    if kind == "reverse_kl":
+        return kl(q, log_q, log_t)
+    if jsd_beta in (0.0, 1.0):
+        return (log_ps * 0).sum(-1)
+    log_m = torch.logaddexp(log_t + math.log(jsd_beta), log_q + math.log(1.0 - jsd_beta))
+    return jsd_beta * kl(t, log_t, log_m) + (1.0 - jsd_beta) * kl(q, log_q, log_m)

@@ -1,0 +1,119 @@
+"""The sparse top-k KD loss equals the bucketed full-vocabulary reference, and the full KD loss when k = vocabulary."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from megatron_ddk.distill.kd_loss import KD_KINDS, reference_kd_loss
+from megatron_ddk.distill.topk_kd_loss import (
+    reference_topk_kd_loss,
+    vocab_parallel_topk,
+    vocab_parallel_topk_kd_loss,
+)
+
+SHAPE = (7, 2, 40)  # [s, b, v]: 14 tokens, so a chunk of 3 leaves a ragged last chunk
+
+
+def logits(seed, shape=SHAPE, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def cached_topk(teacher, k, temperature, vocab_size=None):
+    ids, logp, tail = vocab_parallel_topk(teacher.reshape(-1, teacher.shape[-1]), k, temperature=temperature,
+                                          vocab_size=vocab_size)
+    lead = teacher.shape[:-1]
+    return ids.reshape(*lead, k), logp.reshape(*lead, k), tail.reshape(lead)
+
+
+def compare(kind, temperature, chunk, k, *, vocab_size=None, beta=0.4, reference=None):
+    student, teacher = logits(0), logits(1)
+    weights = torch.rand(SHAPE[:2], generator=torch.Generator().manual_seed(2))  # non-uniform upstream gradient
+    s_ref = student.clone().requires_grad_()
+    if reference is None:
+        ref = reference_topk_kd_loss(s_ref, teacher, k, kind=kind, temperature=temperature, jsd_beta=beta,
+                                     vocab_size=vocab_size)
+    else:
+        ref = reference(s_ref, teacher, kind=kind, temperature=temperature, jsd_beta=beta, vocab_size=vocab_size)
+    (ref * weights).sum().backward()
+    s_ours = student.clone().requires_grad_()
+    ours = vocab_parallel_topk_kd_loss(s_ours, *cached_topk(teacher, k, temperature, vocab_size), kind=kind,
+                                       temperature=temperature, jsd_beta=beta, chunk_size=chunk,
+                                       vocab_size=vocab_size)
+    (ours * weights).sum().backward()
+    return ref.detach(), ours.detach(), s_ref.grad, s_ours.grad
+
+
+@pytest.mark.parametrize("kind,temperature,chunk,k", list(itertools.product(KD_KINDS, [1.0, 2.0], [0, 3], [1, 5])))
+def test_matches_bucketed_reference(kind, temperature, chunk, k):
+    ref, ours, g_ref, g_ours = compare(kind, temperature, chunk, k)
+    assert ours.dtype == torch.float32 and ours.shape == SHAPE[:2]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+    assert (ours > 0).all()
+
+
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_padding_columns_get_no_mass_and_no_gradient(kind):
+    ref, ours, g_ref, g_ours = compare(kind, 1.0, 4, 6, vocab_size=33)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours[..., :33], g_ref[..., :33], rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(g_ours[..., 33:]) == 0
+
+
+@pytest.mark.parametrize("kind,temperature,vocab_size", [
+    ("forward_kl", 1.0, None), ("forward_kl", 2.0, 33), ("reverse_kl", 1.0, None), ("jsd", 1.5, 33)])
+def test_k_equal_to_vocabulary_is_the_online_loss(kind, temperature, vocab_size):
+    k = vocab_size or SHAPE[-1]
+    ref, ours, g_ref, g_ours = compare(kind, temperature, 5, k, vocab_size=vocab_size, reference=reference_kd_loss)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_topk_extraction():
+    teacher = logits(3).reshape(-1, SHAPE[-1])
+    ids, logp, tail = vocab_parallel_topk(teacher, 4, temperature=2.0, vocab_size=35)
+    log_p = torch.log_softmax(teacher[:, :35] / 2.0, dim=-1)
+    top = torch.topk(log_p, 4, dim=-1)
+    assert torch.equal(ids, top.indices)
+    torch.testing.assert_close(logp, top.values)
+    rest = torch.logsumexp(log_p.scatter(-1, top.indices, float("-inf")), dim=-1)
+    torch.testing.assert_close(tail, rest)
+    _, _, empty = vocab_parallel_topk(teacher, 35, vocab_size=35)
+    assert torch.isinf(empty).all() and (empty < 0).all()
+    with pytest.raises(ValueError, match="top-k 36"):
+        vocab_parallel_topk(teacher, 36, vocab_size=35)
+
+
+def test_half_precision_cache_and_bf16_student():
+    """A cache stored in fp16 (as on disk) against bf16 logits stays close to the fp32 computation."""
+    student, teacher = logits(0), logits(1)
+    ids, logp, tail = cached_topk(teacher, 8, 1.0)
+    exact = vocab_parallel_topk_kd_loss(student, ids, logp, tail)
+    lossy = vocab_parallel_topk_kd_loss(student.bfloat16(), ids.int(), logp.half(), tail.half())
+    torch.testing.assert_close(lossy, exact, rtol=2e-2, atol=1e-2)
+
+
+def test_hand_worked_values():
+    # p_T = softmax([ln 6, ln 3, 0]) = [0.6, 0.3, 0.1], top-1 = {0}, tail 0.4; p_S uniform: q = [1/3, 2/3]
+    student = torch.zeros(1, 3, requires_grad=True)
+    teacher = torch.tensor([[math.log(6.0), math.log(3.0), 0.0]])
+    ids, logp, tail = vocab_parallel_topk(teacher, 1)
+    loss = vocab_parallel_topk_kd_loss(student, ids, logp, tail)
+    assert loss.item() == pytest.approx(0.6 * math.log(0.6 * 3) + 0.4 * math.log(0.4 * 3 / 2), rel=1e-6)
+    loss.sum().backward()
+    # top-1 column: p_S - p_T = 1/3 - 0.6; tail columns: p_S (1 - t_tail / q_tail) = 1/3 (1 - 0.4 / (2/3))
+    torch.testing.assert_close(student.grad, torch.tensor([[1 / 3 - 0.6, 1 / 3 * 0.4, 1 / 3 * 0.4]]))
+
+
+def test_bad_inputs():
+    student = logits(0)
+    ids, logp, tail = cached_topk(logits(1), 3, 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        vocab_parallel_topk_kd_loss(student, ids[:, :1], logp[:, :1], tail[:, :1])
+    with pytest.raises(ValueError, match="kd-loss-type"):
+        vocab_parallel_topk_kd_loss(student, ids, logp, tail, kind="mse")
