@@ -20,6 +20,7 @@ from megatron_ddk.config import (
     KD_LOSS_TYPES,
     LR_DECAY_STYLES,
     MIXING_MODES,
+    MOE_LOAD_BALANCING_TYPES,
     CheckpointConfig,
     DataConfig,
     DDKConfig,
@@ -82,10 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--use-rope-scaling", action="store_true", help="Llama 3.x RoPE frequency scaling")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, help="Llama 3.x: 8 (3.1), 32 (3.2)")
+    g.add_argument("--rope-scaling-low-freq-factor", type=float, default=1.0)
+    g.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0)
+    g.add_argument("--rope-scaling-original-max-position-embeddings", type=int, default=8192)
+
+    g = parser.add_argument_group("mixture of experts (every layer MoE; docs/CONVERT.md)")
+    g.add_argument("--num-experts", type=int, default=None, help="routed experts per layer; default: dense MLP")
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="each expert's hidden size; default "
+                   "--ffn-hidden-size")
+    g.add_argument("--moe-router-pre-softmax", action="store_true",
+                   help="softmax over all experts before top-k, no renormalisation (HF norm_topk_prob=False)")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="hidden size of an always-on shared expert (Qwen2-MoE)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="sigmoid gate on the shared expert's output (Qwen2-MoE)")
+    g.add_argument("--moe-router-load-balancing-type", choices=MOE_LOAD_BALANCING_TYPES, default="aux_loss")
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
+                   help="load-balancing loss weight for an MoE student (a teacher is never trained)")
 
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="EP for MoE models (student and teacher): experts split over EP data-parallel ranks")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved schedule: not supported (refused)")
     g.add_argument("--sequence-parallel", action="store_true")
@@ -196,6 +219,12 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
         dp = 1
     else:
         dp = world_size // (tp * pp)
+    ep = args.expert_model_parallel_size
+    if ep < 1 or (tp >= 1 and pp >= 1 and world_size % (tp * pp * ep)):
+        problems.append(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp} must divide the number of processes ({world_size})")
+    elif args.num_experts is not None and args.num_experts % ep:
+        problems.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {args.num_experts}")
     if args.num_layers % max(pp, 1):
         problems.append(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     if args.num_layers_per_virtual_pipeline_stage is not None:

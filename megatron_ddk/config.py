@@ -18,6 +18,7 @@ KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 
 
 class SetupError(ConfigError, RuntimeError):
@@ -56,6 +57,27 @@ class ModelConfig:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128
+    use_rope_scaling: bool = False
+    """Llama 3.x RoPE frequency scaling (HF ``rope_scaling`` type ``llama3``); the four values below."""
+    rope_scaling_factor: float = 8.0
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position_embeddings: int = 8192
+    num_experts: int | None = None
+    """Routed experts per MoE layer (every layer is MoE); None means a dense MLP."""
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int | None = None
+    """Each routed expert's hidden size; None means ffn_hidden_size."""
+    moe_router_pre_softmax: bool = False
+    """Softmax over all experts, then top-k, without renormalising (HF ``norm_topk_prob=False``);
+    False: top-k, then softmax over the k chosen (Mixtral, ``norm_topk_prob=True``)."""
+    moe_shared_expert_intermediate_size: int | None = None
+    """Hidden size of the always-on shared expert (Qwen2-MoE); None means no shared expert."""
+    moe_shared_expert_gate: bool = False
+    """Scale the shared expert's output by sigmoid(x . w) (Qwen2-MoE's shared_expert_gate)."""
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    """Load-balancing loss weight; applies only when this model is trained (an MoE student)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,8 +97,42 @@ class ModelConfig:
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             problems.append(f"--position-embedding-type must be rope or learned_absolute, got "
                             f"{self.position_embedding_type!r}")
+        problems += self._moe_problems()
+        if self.use_rope_scaling and not (self.rope_scaling_factor >= 1.0
+                                          and 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor):
+            problems.append(f"--rope-scaling-factor {self.rope_scaling_factor} must be >= 1 and the low/high frequency "
+                            f"factors ({self.rope_scaling_low_freq_factor}, {self.rope_scaling_high_freq_factor}) "
+                            "positive and increasing")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _moe_problems(self) -> list[str]:
+        if self.num_experts is None:
+            return ["--moe-shared-expert-intermediate-size needs --num-experts"] \
+                if self.moe_shared_expert_intermediate_size else []
+        problems = []
+        if self.num_experts < 1 or not 1 <= self.moe_router_topk <= self.num_experts:
+            problems.append(f"--moe-router-topk {self.moe_router_topk} must be between 1 and --num-experts "
+                            f"{self.num_experts}")
+        if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
+            problems.append("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core's router: a softmax "
+                            "over one chosen expert has no gradient)")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            problems.append("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        if self.moe_router_load_balancing_type not in MOE_LOAD_BALANCING_TYPES:
+            problems.append(f"--moe-router-load-balancing-type must be one of {', '.join(MOE_LOAD_BALANCING_TYPES)}, "
+                            f"got {self.moe_router_load_balancing_type!r}")
+        if self.add_bias_linear:
+            problems.append("--num-experts needs --disable-bias-linear (megatron-core's experts have no biases)")
+        return problems
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -135,6 +191,8 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    """EP: each MoE model's experts split over this many ranks (carved out of data parallelism)."""
     sequence_parallel: bool = False
     """Needs Transformer Engine's norm (megatron-core's torch norm refuses it)."""
     use_distributed_optimizer: bool = False
