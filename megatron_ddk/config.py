@@ -153,21 +153,39 @@ class ModelConfig:
             raise CheckpointError(f"unknown model config keys {unknown}: the checkpoint was written by a newer version")
         return cls(**values)
 
-    def layer_matmul_parameters(self) -> int:
-        """Weights of one layer's GEMMs (QKV, output projection, MLP): what a token's FLOPs are counted
-        from and what tensor parallelism splits."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        q, kv = self.num_attention_heads * self.head_dim, 2 * self.query_groups * self.head_dim
-        return h * (q + kv) + q * h + h * f * (3 if self.swiglu else 2)
+    def _attention_matmul_parameters(self) -> int:
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, 2 * self.query_groups * self.head_dim
+        return h * (q + kv) + q * h
 
-    def layer_parameters(self, tp: int = 1) -> int:
+    def _mlp_matmul_parameters(self, ffn: int) -> int:
+        return self.hidden_size * ffn * (3 if self.swiglu else 2)
+
+    def _shared_expert_parameters(self) -> int:
+        return self._mlp_matmul_parameters(self.moe_shared_expert_intermediate_size or 0)
+
+    def layer_matmul_parameters(self) -> int:
+        """Weights of one layer's GEMMs that one token goes through (QKV, output projection, MLP; for
+        MoE the router, its top-k experts and the shared expert): what a token's FLOPs are counted from."""
+        if not self.is_moe:
+            return self._attention_matmul_parameters() + self._mlp_matmul_parameters(self.ffn_hidden_size)
+        return (self._attention_matmul_parameters() + self.num_experts * self.hidden_size
+                + self.moe_router_topk * self._mlp_matmul_parameters(self.expert_ffn_hidden_size)
+                + self._shared_expert_parameters())
+
+    def layer_parameters(self, tp: int = 1, ep: int = 1) -> int:
         """Parameters of one transformer layer on one of ``tp`` tensor-parallel ranks: matrices and
-        column-parallel biases are split, norms and row-parallel biases are replicated."""
+        column-parallel biases are split, norms and row-parallel biases are replicated; routed experts
+        are split over ``ep`` x ``tp`` (megatron-core's expert TP is TP), the router is replicated."""
         h, d, f = self.hidden_size, self.head_dim, self.ffn_hidden_size
         q, kv = self.num_attention_heads * d, 2 * self.query_groups * d
         norm = 2 if self.normalization == "LayerNorm" else 1  # weight (+ bias)
-        sharded = self.layer_matmul_parameters()
-        replicated = 2 * norm * h
+        replicated, experts = 2 * norm * h, 0
+        if self.is_moe:
+            sharded = self._attention_matmul_parameters() + self._shared_expert_parameters()
+            experts = self.num_experts * self._mlp_matmul_parameters(self.expert_ffn_hidden_size)
+            replicated += self.num_experts * h + (h if self.moe_shared_expert_gate else 0)  # router, gate
+        else:
+            sharded = self.layer_matmul_parameters()
         if self.add_qkv_bias or self.add_bias_linear:
             sharded += q + kv
         if self.add_bias_linear:
@@ -175,7 +193,7 @@ class ModelConfig:
             replicated += 2 * h  # linear_proj, linear_fc2
         if self.qk_layernorm:
             replicated += 2 * norm * d
-        return sharded // tp + replicated
+        return sharded // tp + experts // (tp * ep) + replicated
 
     def num_parameters(self) -> int:
         """Parameter count (unpadded vocabulary), the way model cards count it."""
