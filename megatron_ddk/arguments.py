@@ -177,6 +177,12 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
     if tp >= 1 and pp >= 1 and world_size % (tp * pp):
         problems.append(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must divide "
                         f"the number of processes ({world_size})")
+    ep = args.expert_model_parallel_size
+    if ep < 1 or (tp >= 1 and pp >= 1 and world_size % (tp * pp * ep)):
+        problems.append(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
+                        f"--pipeline-model-parallel-size {pp} must divide the number of processes ({world_size})")
+    elif args.num_experts is not None and args.num_experts % ep:
+        problems.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {args.num_experts}")
     if pp >= 1 and args.num_layers % pp:
         problems.append(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     if args.num_layers_per_virtual_pipeline_stage is not None:

@@ -23,6 +23,7 @@ MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 
@@ -85,6 +86,25 @@ class ModelConfig:
     attention_dropout: float = option(0.0, help="dropout on the attention probabilities")
     hidden_dropout: float = option(0.0, help="dropout on the hidden states")
     make_vocab_size_divisible_by: int = option(128, help="pad the vocabulary to a multiple of this x TP size")
+    use_rope_scaling: bool = option(False, help="Llama 3.x RoPE frequency scaling (HF rope_scaling type llama3)")
+    rope_scaling_factor: float = option(8.0, help="Llama 3.x RoPE scaling factor: 8 (3.1), 32 (3.2)")
+    rope_scaling_low_freq_factor: float = option(1.0, help="Llama 3.x RoPE scaling: low-frequency factor")
+    rope_scaling_high_freq_factor: float = option(4.0, help="Llama 3.x RoPE scaling: high-frequency factor")
+    rope_scaling_original_max_position_embeddings: int = option(
+        8192, help="Llama 3.x RoPE scaling: the context length of pre-training")
+    num_experts: int | None = option(None, help="routed experts per layer (every layer MoE); default: dense MLP")
+    moe_router_topk: int = option(2, help="experts each token is routed to")
+    moe_ffn_hidden_size: int | None = option(None, help="each routed expert's hidden size (default: --ffn-hidden-size)")
+    moe_router_pre_softmax: bool = option(
+        False, help="softmax over all experts, then top-k, without renormalising (HF norm_topk_prob=False); "
+                    "without the flag: top-k, then softmax over the k chosen (Mixtral)")
+    moe_shared_expert_intermediate_size: int | None = option(
+        None, help="hidden size of an always-on shared expert (Qwen2-MoE); default: none")
+    moe_shared_expert_gate: bool = option(False, help="sigmoid gate on the shared expert's output (Qwen2-MoE)")
+    moe_router_load_balancing_type: str = option("aux_loss", help="load-balancing loss of an MoE student",
+                                                 choices=MOE_LOAD_BALANCING_TYPES)
+    moe_aux_loss_coeff: float = option(0.0, help="load-balancing loss weight; applies only when this model is "
+                                                 "trained (an MoE student, never a teacher)")
 
     def __post_init__(self) -> None:
         problems = []
@@ -104,7 +124,41 @@ class ModelConfig:
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             problems.append(f"--position-embedding-type must be rope or learned_absolute, got "
                             f"{self.position_embedding_type!r}")
+        problems += self._moe_problems()
+        if self.use_rope_scaling and not (self.rope_scaling_factor >= 1.0
+                                          and 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor):
+            problems.append(f"--rope-scaling-factor {self.rope_scaling_factor} must be >= 1 and the low/high frequency "
+                            f"factors ({self.rope_scaling_low_freq_factor}, {self.rope_scaling_high_freq_factor}) "
+                            "positive and increasing")
         _raise_if(problems)
+
+    def _moe_problems(self) -> list[str]:
+        if self.num_experts is None:
+            return ["--moe-shared-expert-intermediate-size needs --num-experts"] \
+                if self.moe_shared_expert_intermediate_size else []
+        problems = []
+        if self.num_experts < 1 or not 1 <= self.moe_router_topk <= self.num_experts:
+            problems.append(f"--moe-router-topk {self.moe_router_topk} must be between 1 and --num-experts "
+                            f"{self.num_experts}")
+        if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
+            problems.append("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core's router: a softmax "
+                            "over one chosen expert has no gradient)")
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            problems.append("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
+        if self.moe_router_load_balancing_type not in MOE_LOAD_BALANCING_TYPES:
+            problems.append(f"--moe-router-load-balancing-type must be one of {', '.join(MOE_LOAD_BALANCING_TYPES)}, "
+                            f"got {self.moe_router_load_balancing_type!r}")
+        if self.add_bias_linear:
+            problems.append("--num-experts needs --disable-bias-linear (megatron-core's experts have no biases)")
+        return problems
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def head_dim(self) -> int:
@@ -125,21 +179,39 @@ class ModelConfig:
             raise CheckpointError(f"unknown model config keys {unknown}: the checkpoint was written by a newer version")
         return cls(**values)
 
-    def layer_matmul_parameters(self) -> int:
-        """Weights of one layer's GEMMs (QKV, output projection, MLP): what a token's FLOPs are counted
-        from and what tensor parallelism splits."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        q, kv = self.num_attention_heads * self.head_dim, 2 * self.query_groups * self.head_dim
-        return h * (q + kv) + q * h + h * f * (3 if self.swiglu else 2)
+    def _attention_matmul_parameters(self) -> int:
+        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, 2 * self.query_groups * self.head_dim
+        return h * (q + kv) + q * h
 
-    def layer_parameters(self, tp: int = 1) -> int:
+    def _mlp_matmul_parameters(self, ffn: int) -> int:
+        return self.hidden_size * ffn * (3 if self.swiglu else 2)
+
+    def _shared_expert_parameters(self) -> int:
+        return self._mlp_matmul_parameters(self.moe_shared_expert_intermediate_size or 0)
+
+    def layer_matmul_parameters(self) -> int:
+        """Weights of one layer's GEMMs that one token goes through (QKV, output projection, MLP; for
+        MoE the router, its top-k experts and the shared expert): what a token's FLOPs are counted from."""
+        if not self.is_moe:
+            return self._attention_matmul_parameters() + self._mlp_matmul_parameters(self.ffn_hidden_size)
+        return (self._attention_matmul_parameters() + self.num_experts * self.hidden_size
+                + self.moe_router_topk * self._mlp_matmul_parameters(self.expert_ffn_hidden_size)
+                + self._shared_expert_parameters())
+
+    def layer_parameters(self, tp: int = 1, ep: int = 1) -> int:
         """Parameters of one transformer layer on one of ``tp`` tensor-parallel ranks: matrices and
-        column-parallel biases are split, norms and row-parallel biases are replicated."""
+        column-parallel biases are split, norms and row-parallel biases are replicated; routed experts
+        are split over ``ep`` x ``tp`` (megatron-core's expert TP is TP), the router is replicated."""
         h, d, f = self.hidden_size, self.head_dim, self.ffn_hidden_size
         q, kv = self.num_attention_heads * d, 2 * self.query_groups * d
         norm = 2 if self.normalization == "LayerNorm" else 1  # weight (+ bias)
-        sharded = self.layer_matmul_parameters()
-        replicated = 2 * norm * h
+        replicated, experts = 2 * norm * h, 0
+        if self.is_moe:
+            sharded = self._attention_matmul_parameters() + self._shared_expert_parameters()
+            experts = self.num_experts * self._mlp_matmul_parameters(self.expert_ffn_hidden_size)
+            replicated += self.num_experts * h + (h if self.moe_shared_expert_gate else 0)  # router, gate
+        else:
+            sharded = self.layer_matmul_parameters()
         if self.add_qkv_bias or self.add_bias_linear:
             sharded += q + kv
         if self.add_bias_linear:
@@ -147,7 +219,7 @@ class ModelConfig:
             replicated += 2 * h  # linear_proj, linear_fc2
         if self.qk_layernorm:
             replicated += 2 * norm * d
-        return sharded // tp + replicated
+        return sharded // tp + experts // (tp * ep) + replicated
 
     def num_parameters(self) -> int:
         """Parameter count (unpadded vocabulary), the way model cards count it."""
@@ -165,6 +237,8 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = option(1, help="tensor-parallel ranks (split each layer's matrices)")
     pipeline_model_parallel_size: int = option(1, help="pipeline stages (split the layers)")
+    expert_model_parallel_size: int = option(1, help="EP for MoE models (student and teacher): each model's experts "
+                                                     "split over this many data-parallel ranks")
     sequence_parallel: bool = option(False, help="shard activations along the sequence between TP ranks; needs "
                                                  "Transformer Engine's norm (megatron-core's torch norm refuses it)")
     use_distributed_optimizer: bool = option(False, help="shard the optimizer state over data-parallel ranks")

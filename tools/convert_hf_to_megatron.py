@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA / Qwen2 / Qwen3 (safetensors) -> a megatron-ddk checkpoint (TP1/PP1, reshards on load).
+"""Hugging Face LLaMA (incl. Llama 3.x RoPE scaling) / Mistral / Qwen2 / Qwen3 and the MoE families Mixtral /
+Qwen2-MoE / Qwen3-MoE (safetensors) -> a megatron-ddk checkpoint (TP1/PP1/EP1, reshards on load).
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-7B --save ckpt/teacher [--bf16 | --fp32] \
         [--vocab-size-from-tokenizer] [--overwrite]
@@ -9,7 +10,7 @@ The model is built once without random init, then the shards are streamed tensor
 their slices, so peak memory is about one model plus one tensor. The result is written next to
 --save and renamed into place at the end: an existing --save is replaced (with --overwrite) only
 once the new checkpoint is complete. Use it as --teacher-load (or --load with --finetune) at any
-TP/PP: dist_checkpointing reshards when loading.
+TP/PP/EP: dist_checkpointing reshards when loading.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def convert(args: argparse.Namespace) -> Path:
         vocab_note = (f"config.json vocab_size {hf_rows} > the tokenizer's {tokens} tokens; the checkpoint keeps all "
                       f"{hf_rows} rows (exact round trip). A student built from this tokenizer pads differently: "
                       "pass --vocab-size-from-tokenizer to keep only the tokenizer's rows")
-    placements = hm.hf_placements(model_cfg, hf_vocab_size=hf_rows)
+    placements = hm.hf_placements(model_cfg, hf_vocab_size=hf_rows, architecture=values["architectures"][0])
     weights = hm.scan_safetensors(hf_dir)
     ignored = hm.check_hf_weights(weights, placements, tied=not model_cfg.untie_embeddings_and_output_weights,
                                   source=hf_dir)

@@ -1,4 +1,4 @@
-"""A megatron-ddk checkpoint (any TP/PP it was saved at) -> a Hugging Face model directory.
+"""A megatron-ddk checkpoint (any TP/PP/EP it was saved at) -> a Hugging Face model directory.
 
     python tools/convert_megatron_to_hf.py --load ckpt/student --output-dir student-hf \
         --tokenizer-dir Qwen2.5-7B [--dtype bf16|fp32] [--architecture Qwen2ForCausalLM] [--max-shard-size 5GB]
@@ -7,7 +7,8 @@ The model is rebuilt from the checkpoint's own config at TP1/PP1 (dist_checkpoin
 shards), split back into HF tensors (q/k/v per query group, gate/up, vocabulary padding dropped)
 and written as safetensors shards of at most --max-shard-size, plus config.json and the tokenizer
 files from --tokenizer-dir. The HF family follows the model: q/k norm -> Qwen3, q/k/v bias -> Qwen2,
-else LLaMA. Everything is written to a staging directory and renamed into place at the end.
+else LLaMA (--architecture MistralForCausalLM writes the same weights as Mistral); MoE: a shared expert
+-> Qwen2-MoE, q/k norm -> Qwen3-MoE, else Mixtral. Everything is written to a staging directory and renamed into place at the end.
 Peak memory is about one model plus one shard.
 """
 
@@ -149,7 +150,7 @@ def convert(args: argparse.Namespace) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        shards = _write_weights(resolved, model_cfg, dtype, max_bytes, staging)
+        shards = _write_weights(resolved, model_cfg, architecture, dtype, max_bytes, staging)
         hf_config.save_pretrained(str(staging))
         for source in copies:
             shutil.copy2(source, staging / source.name)
@@ -162,7 +163,8 @@ def convert(args: argparse.Namespace) -> Path:
     return args.output_dir
 
 
-def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int, staging: Path) -> int:
+def _write_weights(resolved: Path, model_cfg, architecture: str, dtype: torch.dtype, max_bytes: int,
+                   staging: Path) -> int:
     """Load at TP1/PP1 and write the HF tensors shard by shard; returns the number of files."""
     from safetensors.torch import save_file
 
@@ -173,7 +175,7 @@ def _write_weights(resolved: Path, model_cfg, dtype: torch.dtype, max_bytes: int
     with workspace.single_process_model(model_cfg, dtype, purpose="it gathers to TP1/PP1") as model:
         load_model_state(resolved, model, flag="--load")
         params = dict(model.named_parameters())
-        placements = hm.hf_placements(model_cfg)
+        placements = hm.hf_placements(model_cfg, architecture=architecture)
         sizes = {name: math.prod(p.hf_shape) * dtype.itemsize for name, p in placements.items()}
         shards = plan_shards(sizes, max_bytes)
         names = [SAFETENSORS_FILE] if len(shards) == 1 else \

@@ -64,7 +64,35 @@ PRESETS: dict[str, ModelConfig] = {
     "tinyllama-1.1b": ModelConfig(
         num_layers=22, hidden_size=2048, num_attention_heads=32, num_query_groups=4, ffn_hidden_size=5632,
         vocab_size=32000, max_position_embeddings=2048, norm_epsilon=1e-5, rotary_base=1e4),
+    "llama3.1-8b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=14336,
+        vocab_size=128256, max_position_embeddings=131072, norm_epsilon=1e-5, rotary_base=5e5, add_bias_linear=False,
+        use_rope_scaling=True, rope_scaling_factor=8.0),
+    "llama3.1-70b": ModelConfig(
+        num_layers=80, hidden_size=8192, num_attention_heads=64, num_query_groups=8, ffn_hidden_size=28672,
+        vocab_size=128256, max_position_embeddings=131072, norm_epsilon=1e-5, rotary_base=5e5, add_bias_linear=False,
+        use_rope_scaling=True, rope_scaling_factor=8.0),
+    "llama3.2-1b": ModelConfig(
+        num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=8192,
+        vocab_size=128256, max_position_embeddings=131072, norm_epsilon=1e-5, rotary_base=5e5, add_bias_linear=False,
+        untie_embeddings_and_output_weights=False, use_rope_scaling=True, rope_scaling_factor=32.0),
+    "mixtral-8x7b": ModelConfig(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8, ffn_hidden_size=14336,
+        vocab_size=32000, max_position_embeddings=32768, norm_epsilon=1e-5, rotary_base=1e6, add_bias_linear=False,
+        num_experts=8, moe_router_topk=2, moe_aux_loss_coeff=0.02),
+    "qwen3-30b-a3b": ModelConfig(
+        num_layers=48, hidden_size=2048, num_attention_heads=32, num_query_groups=4, kv_channels=128,
+        ffn_hidden_size=6144, vocab_size=151936, max_position_embeddings=40960, norm_epsilon=1e-6, rotary_base=1e6,
+        add_bias_linear=False, qk_layernorm=True, num_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+        moe_aux_loss_coeff=0.001),
+    "qwen3-1.7b": ModelConfig(
+        num_layers=28, hidden_size=2048, num_attention_heads=16, num_query_groups=8, ffn_hidden_size=6144,
+        vocab_size=151936, max_position_embeddings=40960, norm_epsilon=1e-6, rotary_base=1e6, add_bias_linear=False,
+        qk_layernorm=True, untie_embeddings_and_output_weights=False),
 }
+PUBLISHED_PARAMETERS = {"llama3.1-8b": 8.03e9, "llama3.1-70b": 70.6e9, "llama3.2-1b": 1.24e9, "mixtral-8x7b": 46.7e9,
+                        "qwen3-30b-a3b": 30.5e9}
+"""Model-card parameter counts (Meta, Mistral AI, Qwen); the presets' num_parameters() is tested against them."""
 
 
 class EstimateError(ConfigError):
@@ -78,6 +106,8 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1
+    """Expert parallelism for MoE models, carved out of DP: experts split over EP x TP ranks."""
     micro_batch_size: int = 1
     seq_length: int = 2048
     global_batch_size: int | None = None
@@ -94,13 +124,16 @@ class Layout:
 
     def problems(self, models: Sequence[ModelConfig]) -> list[str]:
         out = []
-        for name in ("tp", "pp", "dp", "micro_batch_size", "seq_length", "kd_chunk_size"):
+        for name in ("tp", "pp", "dp", "ep", "micro_batch_size", "seq_length", "kd_chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if out:
             return out
         if self.sequence_parallel and self.tp == 1:
             out.append("--sequence-parallel needs --tp > 1")
+        if self.dp % self.ep:
+            out.append(f"--ep {self.ep} must divide --dp {self.dp} (expert parallelism is carved out of data "
+                       "parallelism: EP x TP x PP divides the GPUs)")
         if self.global_batch_size is not None and self.global_batch_size % (self.micro_batch_size * self.dp):
             out.append(f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch-size "
                        f"{self.micro_batch_size} x --dp {self.dp}")
@@ -110,6 +143,8 @@ class Layout:
             if model.num_attention_heads % self.tp or model.query_groups % self.tp:
                 out.append(f"--tp {self.tp} does not divide the {role}'s {model.num_attention_heads} attention "
                            f"heads / {model.query_groups} key-value groups")
+            if model.is_moe and model.num_experts % self.ep:
+                out.append(f"--ep {self.ep} does not divide the {role}'s {model.num_experts} experts")
         return out
 
     def in_flight(self, stage: int) -> int:
@@ -146,11 +181,11 @@ class Estimate:
 
 
 def stage_parameters(model: ModelConfig, *, tp: int, pp: int, stage: int,
-                     make_vocab_size_divisible_by: int = 128) -> int:
+                     make_vocab_size_divisible_by: int = 128, ep: int = 1) -> int:
     """Parameters one GPU of pipeline ``stage`` holds (embedding rows padded the way Megatron pads)."""
     h = model.hidden_size
     vocab = padded_vocab_size(model.vocab_size, tp, make_vocab_size_divisible_by)
-    total = (model.num_layers // pp) * model.layer_parameters(tp)
+    total = (model.num_layers // pp) * model.layer_parameters(tp, ep)
     first, last = stage == 0, stage == pp - 1
     if first:
         total += vocab * h // tp
@@ -174,13 +209,23 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout, *, element_bytes:
       s b (q + 2kv) the rotated Q, K, V attention reads again in backward          (/TP)
       s b q         attention output = input of the output projection              (/TP)
       s b 3f        SwiGLU: gate and up (fc1 output) and their product (fc2 input) (/TP); GELU: 2f
+    MoE: each token's k expert copies go through a SwiGLU of width Fe (3 k Fe, /TP) plus the shared
+    expert (3 Fs, /TP), and the dispatcher keeps the k permuted inputs and outputs (2 k h) and the
+    fp32 router probabilities (E); on average a rank's experts receive its own share of tokens.
     plus fp32 softmax statistics (flash) or the bf16 [s, s] probabilities per head (unfused).
     """
     s, b, t = layout.seq_length, layout.micro_batch_size, layout.tp
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     heads, q, kv = model.num_attention_heads, model.num_attention_heads * model.head_dim, 2 * model.query_groups * d
     replicated = 4 * h / (t if layout.sequence_parallel else 1)
-    sharded = ((q + kv) + q + (3 if model.swiglu else 2) * f) / t
+    width = 3 if model.swiglu else 2
+    if model.is_moe:
+        k = model.moe_router_topk
+        mlp = width * (k * model.expert_ffn_hidden_size + (model.moe_shared_expert_intermediate_size or 0))
+        replicated += 2 * k * h + model.num_experts * 4 / element_bytes
+    else:
+        mlp = width * f
+    sharded = ((q + kv) + q + mlp) / t
     total = s * b * (replicated + sharded) * element_bytes
     if layout.flash_attention:
         total += s * b * heads / t * 4  # log-sum-exp per query and head, fp32
@@ -215,13 +260,14 @@ def estimate_stage(teacher: ModelConfig | None, student: ModelConfig, layout: La
     t, pp = layout.tp, layout.pp
     elem = 2 if layout.bf16 else 4
     div = layout.make_vocab_size_divisible_by
-    p_student = stage_parameters(student, tp=t, pp=pp, stage=stage, make_vocab_size_divisible_by=div)
+    p_student = stage_parameters(student, tp=t, pp=pp, stage=stage, make_vocab_size_divisible_by=div, ep=layout.ep)
     optimizer_per_param = 12 if layout.bf16 else 8
     optimizer_dp = layout.dp if layout.use_distributed_optimizer else 1
     in_flight = layout.in_flight(stage)
     parts = []
     if teacher is not None:
-        p_teacher = stage_parameters(teacher, tp=t, pp=pp, stage=stage, make_vocab_size_divisible_by=div)
+        p_teacher = stage_parameters(teacher, tp=t, pp=pp, stage=stage, make_vocab_size_divisible_by=div,
+                                     ep=layout.ep)
         parts.append(Component("teacher weights", 2 * p_teacher, f"{p_teacher / 1e9:.3f}B params, bf16, frozen"))
     parts += [
         Component("student weights", elem * p_student, f"{p_student / 1e9:.3f}B params, {'bf16' if layout.bf16 else 'fp32'}"),
@@ -283,7 +329,7 @@ def valid_layouts(teacher: ModelConfig | None, student: ModelConfig, *, num_gpus
 
 def format_estimate(result: Estimate, layout: Layout, *, gpu_memory_gib: float) -> str:
     width = max(len(c.name) for c in result.components)
-    lines = [f"per-GPU memory, TP={layout.tp} PP={layout.pp} DP={layout.dp}, micro-batch {layout.micro_batch_size} x "
+    lines = [f"per-GPU memory, TP={layout.tp} PP={layout.pp} DP={layout.dp} EP={layout.ep}, micro-batch {layout.micro_batch_size} x "
              f"seq {layout.seq_length}, pipeline stage {result.stage} (the largest of {layout.pp})",
              f"{'component':<{width}}  {'GiB':>8}  note", f"{'-' * width}  {'-' * 8}  {'-' * 40}"]
     lines += [f"{c.name:<{width}}  {c.bytes / GIB:8.2f}  {c.note}" for c in result.components]
@@ -306,6 +352,8 @@ def format_sweep(teacher: ModelConfig | None, student: ModelConfig, base: Layout
     for tp, pp in valid_layouts(teacher, student, num_gpus=num_gpus, gpus_per_node=gpus_per_node):
         layout = replace(base, tp=tp, pp=pp, dp=num_gpus // (tp * pp),
                          sequence_parallel=base.sequence_parallel and tp > 1)
+        if layout.dp % layout.ep:
+            continue
         if layout.problems([m for m in (teacher, student) if m is not None]):
             continue
         result = estimate(teacher, student, layout)
@@ -369,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert parallelism for MoE models (divides --dp)")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--global-batch-size", type=int, default=None)
     parser.add_argument("--seq-length", type=int, default=2048)
@@ -399,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (args.teacher or args.teacher_shape) else None
         student = resolve_model(args.student, args.student_shape, "student")
         layout = Layout(
-            tp=args.tp, pp=args.pp, dp=args.dp, micro_batch_size=args.micro_batch_size,
+            tp=args.tp, pp=args.pp, dp=args.dp, ep=args.ep, micro_batch_size=args.micro_batch_size,
             global_batch_size=args.global_batch_size, seq_length=args.seq_length,
             use_distributed_optimizer=args.use_distributed_optimizer, sequence_parallel=args.sequence_parallel,
             bf16=not args.fp32, flash_attention=not args.unfused_attention, kd_chunk_size=args.kd_chunk_size,
@@ -410,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.num_gpus < 1 or args.gpus_per_node < 1 or not whole_nodes:
                 raise EstimateError(f"--num-gpus {args.num_gpus} must be a multiple of --gpus-per-node "
                                     f"{args.gpus_per_node} (or fewer)")
-            base = replace(layout, tp=1, pp=1, dp=1)
+            base = replace(layout, tp=1, pp=1, dp=1)  # --ep is kept: layouts whose DP it does not divide are skipped
             print(format_sweep(teacher, student, base, num_gpus=args.num_gpus,
                                gpus_per_node=min(args.gpus_per_node, args.num_gpus),
                                gpu_memory_gib=args.gpu_memory_gib))

@@ -30,6 +30,8 @@ ddk_check_layout() {
   [ $((TEACHER_LAYERS % PP)) -eq 0 ] || problems+=("PP=$PP does not divide the teacher's $TEACHER_LAYERS layers")
   if [ ${#problems[@]} -eq 0 ]; then
     DP=$((world / (TP * PP)))
+    [ $((DP % ${EP:-1})) -eq 0 ] ||
+      problems+=("EP=${EP:-1} does not divide DP=$DP (expert parallelism is carved out of data parallelism)")
     [ $((GLOBAL_BATCH % (MICRO_BATCH * DP))) -eq 0 ] ||
       problems+=("GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of MICRO_BATCH=$MICRO_BATCH x DP=$DP")
   fi

@@ -17,6 +17,9 @@ from megatron_ddk.errors import DataError, MissingFileError
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>", "<|end_of_text|>")
 """End-of-document tokens looked up, in this order, when a Hugging Face directory names no eos_token."""
+END_OF_TURN_TOKENS = {"<|eot_id|>": "<|end_of_text|>"}
+"""Llama 3.x chat models name their end-of-turn token as eos_token; the documents we train on end with
+the end-of-text token that separated documents in pre-training (it is in the same vocabulary)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ def open_huggingface(path: Path) -> TokenizerFile:
     config = _read_json(tokenizer_json.parent / "tokenizer_config.json")
     special = _read_json(tokenizer_json.parent / "special_tokens_map.json")
     eos = _token_text(config.get("eos_token")) or _token_text(special.get("eos_token"))
+    if eos in END_OF_TURN_TOKENS and tok.token_to_id(END_OF_TURN_TOKENS[eos]) is not None:
+        eos = END_OF_TURN_TOKENS[eos]
     if eos is not None:
         eod = tok.token_to_id(eos)
         if eod is None:

@@ -128,8 +128,75 @@ def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, preci
         recompute_granularity=recompute.granularity,
         recompute_method=recompute.method,
         recompute_num_layers=recompute.num_layers,
+        **moe_transformer_config(model, parallel),
         **fp8,
     )
+
+
+def moe_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """``TransformerConfig`` fields of an MoE model; none for a dense one (which ignores EP).
+
+    The CPU path uses the all-gather token dispatcher and SequentialMLP experts (the all-to-all
+    dispatcher creates CUDA streams); on GPU, all-to-all and Transformer Engine's grouped GEMM.
+    Both expert implementations write the same dist_checkpointing keys, so checkpoints move freely.
+    """
+    if not model.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall" if uses_transformer_engine() else "allgather",
+        moe_grouped_gemm=uses_transformer_engine(),
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+
+
+def expert_parallel_problem(model: ModelConfig, parallel: ParallelConfig, *, role: str = "model") -> str | None:
+    """Why EP cannot split ``model``'s experts evenly (None when it can)."""
+    ep = parallel.expert_model_parallel_size
+    if model.is_moe and model.num_experts % ep:
+        return (f"--expert-model-parallel-size {ep} does not divide the {role}'s {model.num_experts} experts; "
+                "choose an EP size that divides the expert count")
+    return None
+
+
+def check_expert_parallel(model: ModelConfig, parallel: ParallelConfig, *, role: str = "model") -> None:
+    """Raised before any weight is allocated."""
+    problem = expert_parallel_problem(model, parallel, role=role)
+    if problem:
+        raise SetupError(problem)
+
+
+MEGATRON_LLAMA3_ROPE = (1.0, 4.0, 8192)
+"""The low/high frequency factors and original context that megatron-core's RoPE scaling fixes."""
+
+
+def apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
+    """Llama 3.x frequencies for values megatron-core's ``_apply_scaling`` does not take as arguments.
+
+    GPTModel passes only the factor; Llama 3.1/3.2/3.3 use megatron's fixed values, others (e.g. a
+    different original context length) are applied here to the unscaled frequencies, before the
+    first forward (RotaryEmbedding caches its output per sequence length).
+    """
+    rope = getattr(gpt, "rotary_pos_emb", None)
+    fixed = (model.rope_scaling_low_freq_factor, model.rope_scaling_high_freq_factor,
+             model.rope_scaling_original_max_position_embeddings)
+    if rope is None or not model.use_rope_scaling or fixed == MEGATRON_LLAMA3_ROPE:
+        return
+    dim = int(model.head_dim * model.rotary_percent)
+    unscaled = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                         device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(unscaled, factor=model.rope_scaling_factor,
+                                        low_freq_factor=model.rope_scaling_low_freq_factor,
+                                        high_freq_factor=model.rope_scaling_high_freq_factor,
+                                        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
 
 
 def layer_spec(model: ModelConfig):
@@ -140,8 +207,10 @@ def layer_spec(model: ModelConfig):
     )
 
     if uses_transformer_engine():
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, num_experts=model.num_experts,
+                                                          moe_grouped_gemm=model.is_moe)
+    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization,
+                                    num_experts=model.num_experts, moe_grouped_gemm=False)
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
@@ -162,6 +231,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
             f"a model with {model.num_layers} layers cannot be split over --pipeline-model-parallel-size "
             f"{parallel.pipeline_model_parallel_size}; choose a PP size that divides the layer count"
         )
+    check_expert_parallel(model, parallel)
     config = build_transformer_config(model, parallel, precision, use_fp8=use_fp8,
                                       initialize_weights=initialize_weights, recompute=recompute)
     gpt = GPTModel(
@@ -176,7 +246,10 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
         pg_collection=pg,
+        rope_scaling=model.use_rope_scaling,
+        rope_scaling_factor=model.rope_scaling_factor,
     )
+    apply_llama3_rope_scaling(gpt, model)
     if precision.bf16:
         # what megatron's Float16Module does: every parameter in bf16 (the torch norms of the local
         # spec are created in fp32), so the mixed-precision optimizer sees one dtype

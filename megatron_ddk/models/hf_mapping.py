@@ -1,4 +1,4 @@
-"""How a Hugging Face LLaMA / Qwen2 / Qwen3 checkpoint maps onto our megatron-core ``GPTModel``.
+"""How a Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 (dense) or Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint maps onto our megatron-core ``GPTModel``.
 
 Shared by ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to_hf.py``, so both
 directions use one table: HF ``config.json`` <-> ``ModelConfig``, and each HF tensor name <-> the
@@ -9,6 +9,8 @@ Legend: H = hidden size, F = ffn hidden size, d = head dim, nh = query heads, ng
 (key/value heads), r = nh / ng, V = true vocabulary rows, Vp = padded rows. HF linear weights are
 [out, in]. Megatron fuses per query group: linear_qkv rows are [ng, (r + 2) * d] = for each group
 its r query heads, then its key head, then its value head; linear_fc1 rows are [gate (F) | up (F)].
+MoE: E routed experts of hidden size Fe (router [E, H]; expert j's fc1 [2 Fe, H], fc2 [H, Fe]) and,
+for Qwen2-MoE, a shared expert of hidden size Fs with a sigmoid gate [1, H].
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ import torch
 from megatron_ddk.config import ModelConfig
 from megatron_ddk.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+               "Qwen3MoeForCausalLM": "qwen3_moe"}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+QKV_BIAS_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
+QK_NORM_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+ROPE_SCALING_TYPES = ("llama3",)
+"""HF ``rope_scaling`` types reproduced exactly; yarn, dynamic, linear, longrope, ... are refused."""
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 IGNORED_HF_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -85,16 +94,22 @@ def model_config_from_hf(values: dict[str, Any], *, source: Path | str = "config
 
     if values.get("hidden_act") != "silu":
         refuse("hidden_act", "only silu (SwiGLU) is supported")
-    if not _rope_scaling_is_plain(values.get("rope_scaling")):
-        refuse("rope_scaling", "scaled RoPE (llama3, yarn, linear, dynamic, ...) is not implemented here; "
-                               "only null is supported")
+    rope_type = _rope_scaling_type(values.get("rope_scaling"))
+    if rope_type not in (None, *ROPE_SCALING_TYPES):
+        refuse("rope_scaling", f"RoPE scaling type {rope_type!r} is not implemented; only llama3 (Llama 3.x) is "
+                               "reproduced exactly (megatron-core's GPTModel has no yarn/dynamic/linear/longrope "
+                               "equivalent for these HF families)")
     if values.get("mlp_bias"):
         refuse("mlp_bias", "MLP biases are not supported")
-    if architecture != "Qwen2ForCausalLM" and values.get("attention_bias"):
+    if architecture not in QKV_BIAS_ARCHITECTURES and values.get("attention_bias"):
         refuse("attention_bias", "a bias on o_proj has no place in megatron's linear_proj without biases "
                                  "everywhere; only Qwen2's q/k/v bias is supported")
     if values.get("use_sliding_window") or any(t != "full_attention" for t in values.get("layer_types") or ()):
         refuse("use_sliding_window", "sliding-window attention is not supported")
+    elif values.get("sliding_window") is not None:
+        refuse("sliding_window", "sliding-window attention is not supported; only null (full attention) converts")
+    if architecture in MOE_ARCHITECTURES:
+        problems += _moe_refusals(values, architecture)
     if problems:
         raise HFConversionError(f"{source}: cannot convert {architecture}: " + "; ".join(problems))
 
@@ -105,6 +120,57 @@ def model_config_from_hf(values: dict[str, Any], *, source: Path | str = "config
         return _model_config(values, architecture, heads, kv_heads, head_dim)
     except ValueError as err:
         raise HFConversionError(f"{source}: {err}") from err
+
+
+def _moe_refusals(values: dict[str, Any], architecture: str) -> list[str]:
+    """Routing variants megatron-core's router does not reproduce exactly, one entry per field."""
+    problems = []
+    if values.get("router_jitter_noise"):
+        problems.append(f"router_jitter_noise={values['router_jitter_noise']!r} (multiplicative router noise in "
+                        "training has no megatron-core equivalent; set it to 0.0)")
+    if values.get("mlp_only_layers"):
+        problems.append(f"mlp_only_layers={values['mlp_only_layers']!r} (dense layers among MoE layers are not "
+                        "supported; every layer must be MoE)")
+    if values.get("decoder_sparse_step", 1) != 1:
+        problems.append(f"decoder_sparse_step={values['decoder_sparse_step']!r} (only 1, every layer MoE)")
+    renormalised = architecture == "MixtralForCausalLM" or values.get("norm_topk_prob")
+    if values.get("num_experts_per_tok") == 1 and renormalised:
+        field = "num_experts_per_tok" if architecture == "MixtralForCausalLM" else "norm_topk_prob"
+        problems.append(f"{field}={values.get(field)!r} with top-1 routing (a renormalised top-1 weight is always 1; "
+                        "megatron-core's router refuses top-1 without pre-softmax, whose weight is the probability)")
+    if architecture == "Qwen2MoeForCausalLM" and not values.get("shared_expert_intermediate_size"):
+        problems.append(f"shared_expert_intermediate_size={values.get('shared_expert_intermediate_size')!r} "
+                        "(Qwen2-MoE always runs its shared expert; a size of 0 has no megatron-core equivalent)")
+    return problems
+
+
+def _moe_fields(values: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """ModelConfig MoE fields; HF's routing (softmax over all experts, top-k, optional renormalisation)
+    equals megatron's top-k-then-softmax when renormalised and its pre-softmax top-k when not."""
+    if architecture not in MOE_ARCHITECTURES:
+        return {}
+    mixtral = architecture == "MixtralForCausalLM"
+    shared = values.get("shared_expert_intermediate_size") if architecture == "Qwen2MoeForCausalLM" else None
+    return dict(
+        num_experts=values["num_local_experts"] if mixtral else values["num_experts"],
+        moe_router_topk=values["num_experts_per_tok"],
+        moe_ffn_hidden_size=None if mixtral else values["moe_intermediate_size"],
+        moe_router_pre_softmax=False if mixtral else not values.get("norm_topk_prob", False),
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=shared is not None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=float(values.get("router_aux_loss_coef") or 0.0),
+    )
+
+
+def _rope_scaling_fields(values: dict[str, Any]) -> dict[str, Any]:
+    scaling = values.get("rope_scaling")
+    if _rope_scaling_type(scaling) != "llama3":
+        return {}
+    return dict(use_rope_scaling=True, rope_scaling_factor=float(scaling["factor"]),
+                rope_scaling_low_freq_factor=float(scaling["low_freq_factor"]),
+                rope_scaling_high_freq_factor=float(scaling["high_freq_factor"]),
+                rope_scaling_original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
 
 
 def _model_config(values: dict[str, Any], architecture: str, heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
@@ -124,16 +190,25 @@ def _model_config(values: dict[str, Any], architecture: str, heads: int, kv_head
         rotary_base=float(values.get("rope_theta", 10000.0)),
         untie_embeddings_and_output_weights=not values.get("tie_word_embeddings", False),
         add_bias_linear=False,
-        add_qkv_bias=architecture == "Qwen2ForCausalLM",
-        qk_layernorm=architecture == "Qwen3ForCausalLM",
+        add_qkv_bias=architecture == "Qwen2ForCausalLM" or (architecture == "Qwen2MoeForCausalLM"
+                                                            and bool(values.get("qkv_bias", True))),
+        qk_layernorm=architecture in QK_NORM_ARCHITECTURES,
         init_method_std=values.get("initializer_range", 0.02),
         attention_dropout=values.get("attention_dropout", 0.0),
         hidden_dropout=0.0,
+        **_rope_scaling_fields(values),
+        **_moe_fields(values, architecture),
     )
 
 
 def default_architecture(model: ModelConfig) -> str:
-    """The HF family a ``ModelConfig`` came from: q/k norm -> Qwen3, q/k/v bias -> Qwen2, else LLaMA."""
+    """The HF family a ``ModelConfig`` came from: q/k norm -> Qwen3, q/k/v bias -> Qwen2, else LLaMA;
+    for MoE: a shared expert -> Qwen2-MoE, q/k norm -> Qwen3-MoE, else Mixtral. (Mistral without a
+    sliding window is LLaMA's HF form; ask for it with --architecture.)"""
+    if model.is_moe:
+        if model.moe_shared_expert_intermediate_size:
+            return "Qwen2MoeForCausalLM"
+        return "Qwen3MoeForCausalLM" if model.qk_layernorm else "MixtralForCausalLM"
     if model.qk_layernorm:
         return "Qwen3ForCausalLM"
     if model.add_qkv_bias:
@@ -157,13 +232,15 @@ def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtyp
                         f"{model.rotary_percent} (HF needs full RoPE)")
     if model.add_bias_linear:
         problems.append("add_bias_linear=True (the HF families have no MLP/output-projection biases)")
-    wants_bias, wants_norm = architecture == "Qwen2ForCausalLM", architecture == "Qwen3ForCausalLM"
-    if model.add_qkv_bias != wants_bias:
-        problems.append(f"add_qkv_bias={model.add_qkv_bias} but {architecture} "
-                        f"{'always has' if wants_bias else 'has no'} q/k/v biases")
+    wants_norm = architecture in QK_NORM_ARCHITECTURES
+    if architecture == "Qwen2ForCausalLM" and not model.add_qkv_bias:
+        problems.append(f"add_qkv_bias=False but {architecture} always has q/k/v biases")
+    if architecture not in QKV_BIAS_ARCHITECTURES and model.add_qkv_bias:
+        problems.append(f"add_qkv_bias=True but {architecture} has no q/k/v biases")
     if model.qk_layernorm != wants_norm:
         problems.append(f"qk_layernorm={model.qk_layernorm} but {architecture} "
                         f"{'always has' if wants_norm else 'has no'} q/k norms")
+    problems += _moe_export_problems(model, architecture)
     if problems:
         raise HFConversionError(f"this checkpoint cannot be written as {architecture}: " + "; ".join(problems)
                                 + "; pick another --architecture or leave it to the default")
@@ -178,7 +255,6 @@ def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtyp
         max_position_embeddings=model.max_position_embeddings,
         rms_norm_eps=model.norm_epsilon,
         rope_theta=model.rotary_base,
-        rope_scaling=None,
         hidden_act="silu",
         tie_word_embeddings=not model.untie_embeddings_and_output_weights,
         initializer_range=model.init_method_std,
@@ -186,23 +262,75 @@ def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtyp
         torch_dtype=dtype,
         **token_ids,
     )
-    if architecture == "Qwen2ForCausalLM":
+    if architecture in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
         values.update(use_sliding_window=False)
         if model.kv_channels is not None:  # Qwen2 reads head_dim only when given
             values.update(head_dim=model.head_dim)
     else:
         values.update(head_dim=model.head_dim, attention_bias=False)
+    if architecture in ("MistralForCausalLM", "MixtralForCausalLM"):
+        values.update(sliding_window=None)
     if architecture == "LlamaForCausalLM":
         values.update(mlp_bias=False)
+    if architecture != "MistralForCausalLM" or model.use_rope_scaling:  # MistralConfig has no rope_scaling field
+        values.update(rope_scaling=_hf_rope_scaling(model))
+    if model.is_moe:
+        values.update(_hf_moe_values(model, architecture))
     return values
 
 
-def _rope_scaling_is_plain(value: Any) -> bool:
-    if value is None:
-        return True
-    return isinstance(value, dict) and (value.get("rope_type") or value.get("type")) == "default" and \
-        set(value) <= {"rope_type", "type"}
+def _moe_export_problems(model: ModelConfig, architecture: str) -> list[str]:
+    if architecture not in MOE_ARCHITECTURES:
+        return [f"num_experts={model.num_experts} (a dense HF family has no experts; use one of "
+                f"{', '.join(MOE_ARCHITECTURES)})"] if model.is_moe else []
+    if not model.is_moe:
+        return [f"a dense model ({architecture} is a mixture of experts)"]
+    problems = []
+    shared = model.moe_shared_expert_intermediate_size
+    if architecture == "Qwen2MoeForCausalLM":
+        if not (shared and model.moe_shared_expert_gate):
+            problems.append("no gated shared expert (Qwen2-MoE always has one)")
+    elif shared:
+        problems.append(f"a shared expert ({architecture} has none)")
+    if architecture == "MixtralForCausalLM" and model.moe_router_pre_softmax:
+        problems.append("moe_router_pre_softmax=True (Mixtral renormalises the top-k probabilities)")
+    if architecture == "MixtralForCausalLM" and model.moe_ffn_hidden_size not in (None, model.ffn_hidden_size):
+        problems.append(f"moe_ffn_hidden_size={model.moe_ffn_hidden_size} differs from ffn_hidden_size "
+                        f"{model.ffn_hidden_size} (Mixtral has one intermediate_size)")
+    return problems
 
+
+def _hf_moe_values(model: ModelConfig, architecture: str) -> dict[str, Any]:
+    common = dict(num_experts_per_tok=model.moe_router_topk, router_aux_loss_coef=model.moe_aux_loss_coeff)
+    if architecture == "MixtralForCausalLM":
+        return dict(common, num_local_experts=model.num_experts, router_jitter_noise=0.0)
+    values = dict(common, num_experts=model.num_experts, moe_intermediate_size=model.expert_ffn_hidden_size,
+                  norm_topk_prob=not model.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=[])
+    if architecture == "Qwen2MoeForCausalLM":
+        values.update(shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+                      qkv_bias=model.add_qkv_bias)
+    return values
+
+
+def _hf_rope_scaling(model: ModelConfig) -> dict[str, Any] | None:
+    if not model.use_rope_scaling:
+        return None
+    return dict(rope_type="llama3", factor=model.rope_scaling_factor,
+                low_freq_factor=model.rope_scaling_low_freq_factor,
+                high_freq_factor=model.rope_scaling_high_freq_factor,
+                original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
+
+
+def _rope_scaling_type(value: Any) -> str | None:
+    """None for plain RoPE (null, or type "default" without parameters), else the HF rope type."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return repr(value)
+    kind = value.get("rope_type") or value.get("type")
+    if kind == "default" and set(value) <= {"rope_type", "type"}:
+        return None
+    return kind
 
 def _without_meta(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
@@ -231,11 +359,41 @@ class Placement:
         return view[self.index] if self.index else view
 
 
-def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None) -> dict[str, Placement]:
+def _swiglu_placements(hf: str, mc: str, h: int, f: int, names=("gate_proj", "up_proj", "down_proj")):
+    """One SwiGLU MLP: HF gate [F, H] and up [F, H] stacked in megatron's fc1 [2F, H]; down = fc2 [H, F]."""
+    gate, up, down = names
+    fc1 = mc + "linear_fc1.weight"
+    return {hf + f"{gate}.weight": Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(0, f),)),
+            hf + f"{up}.weight": Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(f, 2 * f),)),
+            hf + f"{down}.weight": Placement(megatron_key=mc + "linear_fc2.weight", hf_shape=(h, f))}
+
+
+def _moe_placements(model: ModelConfig, architecture: str, hf: str, mc: str) -> dict[str, Placement]:
+    """Router, routed experts (keys of a TP1/EP1 model: expert j is local expert j) and shared expert."""
+    h, fe, e = model.hidden_size, model.expert_ffn_hidden_size, model.num_experts
+    if architecture == "MixtralForCausalLM":
+        block, names = hf + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        block, names = hf + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    table = {block + "gate.weight": Placement(megatron_key=mc + "mlp.router.weight", hf_shape=(e, h))}
+    for j in range(e):
+        table.update(_swiglu_placements(f"{block}experts.{j}.", f"{mc}mlp.experts.local_experts.{j}.", h, fe, names))
+    if model.moe_shared_expert_intermediate_size:
+        table.update(_swiglu_placements(block + "shared_expert.", mc + "mlp.shared_experts.", h,
+                                        model.moe_shared_expert_intermediate_size))
+        if model.moe_shared_expert_gate:
+            table[block + "shared_expert_gate.weight"] = Placement(megatron_key=mc + "mlp.shared_experts.gate_weight",
+                                                                   hf_shape=(1, h))
+    return table
+
+
+def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None,
+                  architecture: str | None = None) -> dict[str, Placement]:
     """Every HF tensor name of ``model``'s HF form, in HF order, with its megatron placement.
 
     ``hf_vocab_size`` (import only): the HF embedding has this many rows, of which the first
-    ``model.vocab_size`` are kept.
+    ``model.vocab_size`` are kept. ``architecture`` names the MoE tensors (Mixtral's differ from
+    Qwen's); default: ``default_architecture(model)``.
     """
     h, f, d, v = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.vocab_size
     ng, nh = model.query_groups, model.num_attention_heads
@@ -251,7 +409,6 @@ def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None) -> di
     for i in range(model.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = mc + "self_attention.linear_qkv."
-        fc1 = mc + "mlp.linear_fc1.weight"
         table[hf + "input_layernorm.weight"] = Placement(megatron_key=mc + "input_layernorm.weight", hf_shape=(h,))
         for name, rows, heads in (("q", q_rows, nh), ("k", k_rows, ng), ("v", v_rows, ng)):
             # qkv weight [ng * (r + 2) * d, H] viewed [ng, (r + 2) * d, H]; HF [heads * d, H]
@@ -270,9 +427,10 @@ def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None) -> di
                                                           hf_shape=(h, nh * d))
         table[hf + "post_attention_layernorm.weight"] = Placement(megatron_key=mc + "pre_mlp_layernorm.weight",
                                                                   hf_shape=(h,))
-        table[hf + "mlp.gate_proj.weight"] = Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(0, f),))
-        table[hf + "mlp.up_proj.weight"] = Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(f, 2 * f),))
-        table[hf + "mlp.down_proj.weight"] = Placement(megatron_key=mc + "mlp.linear_fc2.weight", hf_shape=(h, f))
+        if model.is_moe:
+            table.update(_moe_placements(model, architecture or default_architecture(model), hf, mc))
+        else:
+            table.update(_swiglu_placements(hf + "mlp.", mc + "mlp.", h, f))
     table["model.norm.weight"] = Placement(megatron_key="decoder.final_layernorm.weight", hf_shape=(h,))
     if model.untie_embeddings_and_output_weights:
         table["lm_head.weight"] = Placement(megatron_key="output_layer.weight", hf_shape=(vocab_rows, h),

@@ -93,6 +93,14 @@ PROXIED_MODULES: dict[str, tuple[str, ...]] = {
         "megatron.core.dist_checkpointing.exchange_utils",
         "megatron.core.dist_checkpointing.tensor_aware_state_dict",
     ),
+    "moe": (
+        "megatron.core.transformer.moe.router",
+        "megatron.core.transformer.moe.moe_utils",
+        "megatron.core.transformer.moe.token_dispatcher",
+        "megatron.core.transformer.moe.experts",
+        "megatron.core.transformer.moe.moe_layer",
+        "megatron.core.transformer.moe.shared_experts",
+    ),
 }
 
 
@@ -214,6 +222,17 @@ def patch_dist_checkpointing() -> None:
     _proxy_modules("dist_checkpointing")
 
 
+def patch_moe() -> None:
+    """The MoE router moves its weight to the CUDA device at each forward; the token dispatchers and
+    expert MLPs allocate counters and buffers there. Without Transformer Engine, moe_utils never
+    defines ``te_general_gemm`` but the router's linear tests it against None: define it as None."""
+    from megatron.core.transformer.moe import moe_utils
+
+    _proxy_modules("moe")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def patch_clip_grads() -> None:
     """clip_grad_by_total_norm_fp32 asserts each grad is a torch.cuda.FloatTensor."""
     from megatron.core.optimizer import clip_grads
@@ -285,6 +304,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "tensor_parallel": patch_tensor_parallel,
     "activation_recompute": patch_activation_recompute,
     "dist_checkpointing": patch_dist_checkpointing,
+    "moe": patch_moe,
     "clip_grads": patch_clip_grads,
     "optimizer_type_checks": patch_optimizer_type_checks,
 }

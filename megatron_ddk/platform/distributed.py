@@ -30,17 +30,31 @@ class ParallelLayout:
     world_size: int
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    """EP, carved out of data parallelism: experts are split over EP ranks, each with TP x PP."""
 
     def __post_init__(self) -> None:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
-            raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size) < 1:
+            raise ConfigError("--tensor-model-parallel-size, --pipeline-model-parallel-size and "
+                              "--expert-model-parallel-size must be >= 1")
         if self.world_size % model_parallel != 0:
             raise ConfigError(
                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
                 f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
                 f"({self.pipeline_model_parallel_size}); change the sizes or the number of processes"
             )
+        if self.world_size % (model_parallel * self.expert_model_parallel_size) != 0:
+            raise ConfigError(
+                f"world size {self.world_size} is not divisible by --expert-model-parallel-size "
+                f"({self.expert_model_parallel_size}) x --tensor-model-parallel-size ({self.tensor_model_parallel_size}) "
+                f"x --pipeline-model-parallel-size ({self.pipeline_model_parallel_size}); change the sizes or the "
+                "number of processes"
+            )
+
+    @property
+    def ep_enabled(self) -> bool:
+        return self.expert_model_parallel_size > 1
 
     @property
     def data_parallel_size(self) -> int:
@@ -100,6 +114,7 @@ def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_model_parallel_size,
             pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+            expert_model_parallel_size=layout.expert_model_parallel_size,
         )
     return ProcessGroupCollection.use_mpu_process_groups()
 

@@ -50,6 +50,7 @@ from megatron_ddk.models.gpt import (
     check_context_parallel_supported,
     check_fp8_supported,
     check_sequence_parallel_supported,
+    expert_parallel_problem,
 )
 from megatron_ddk.platform import distributed
 from megatron_ddk.training import nonfinite, report
@@ -87,6 +88,7 @@ class Trainer:
             world_size=distributed.world_size_from_env(),
             tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+            expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
         )
         # ---- cheap checks first: nothing expensive has happened if any of these fails
         teacher = (read_metadata(cfg.distill.teacher_load, flag="--teacher-load")
@@ -161,6 +163,8 @@ class Trainer:
             problems.append(f"teacher logits have {t_rows} (padded) vocabulary columns at TP={tp} but the student's have "
                             f"{s_rows}; the student's vocabulary ({cfg.model.vocab_size}) must pad like the teacher's "
                             f"({meta.model.vocab_size}): adjust --make-vocab-size-divisible-by")
+        if ep_problem := expert_parallel_problem(meta.model, cfg.parallel, role="teacher"):
+            problems.append(ep_problem)
         if pp > 1 and cfg.teacher_precision.bf16 != cfg.precision.bf16:
             problems.append("--teacher-bf16 must match --bf16 with pipeline parallelism (one p2p dtype for both models)")
         if problems:

@@ -135,3 +135,56 @@ def test_flag_defaults_are_the_field_defaults():
             if flag_default is not dataclasses.MISSING or field.name in ("add_bias_linear", "mode", "domains"):
                 continue  # derived or given (checked in test_megatron_flags_fill_the_typed_configs)
             assert getattr(part, field.name) == field.default, (cls.__name__, field.name)
+
+
+def test_rope_scaling_and_moe_flags_fill_the_model_config():
+    cfg = parse("--ddk-mode", "cpt", "--use-rope-scaling", "--rope-scaling-factor", "32", "--num-experts", "4",
+                "--moe-router-topk", "1", "--moe-router-pre-softmax", "--moe-ffn-hidden-size", "48",
+                "--moe-shared-expert-intermediate-size", "96", "--moe-shared-expert-gate", "--disable-bias-linear",
+                "--moe-aux-loss-coeff", "0.01", "--expert-model-parallel-size", "2", world_size=2)
+    model = cfg.model
+    assert model.use_rope_scaling and model.rope_scaling_factor == 32.0
+    assert model.rope_scaling_original_max_position_embeddings == 8192  # Llama 3.x's, megatron-core's fixed value
+    assert (model.num_experts, model.moe_router_topk, model.expert_ffn_hidden_size) == (4, 1, 48)
+    assert model.moe_shared_expert_gate and model.moe_aux_loss_coeff == 0.01 and model.is_moe
+    assert cfg.parallel.expert_model_parallel_size == 2
+
+
+@pytest.mark.parametrize("extra,world_size,needle", [
+    (["--expert-model-parallel-size", "2"], 1,
+     "--expert-model-parallel-size 2 x --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1 must divide"),
+    (["--expert-model-parallel-size", "2", "--num-experts", "3", "--disable-bias-linear"], 2,
+     "--expert-model-parallel-size 2 does not divide --num-experts 3"),
+])
+def test_expert_parallel_layout_is_checked_before_any_process_group(extra, world_size, needle):
+    with pytest.raises(ArgumentError, match=needle):
+        parse("--ddk-mode", "cpt", *extra, world_size=world_size)
+
+
+@pytest.mark.parametrize("values,needle", [
+    (dict(num_experts=4, moe_router_topk=1), "--moe-router-topk 1 needs --moe-router-pre-softmax"),
+    (dict(num_experts=4, moe_router_topk=5), "--moe-router-topk 5 must be between 1 and --num-experts 4"),
+    (dict(num_experts=4, add_bias_linear=True), "--num-experts needs --disable-bias-linear"),
+    (dict(moe_shared_expert_intermediate_size=8), "needs --num-experts"),
+    (dict(use_rope_scaling=True, rope_scaling_factor=0.5), "--rope-scaling-factor 0.5 must be >= 1"),
+])
+def test_model_config_refuses_inconsistent_moe_and_rope_values(values, needle):
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=100,
+                    max_position_embeddings=32, **values)
+
+
+def test_teacher_experts_not_divisible_by_ep_and_layout_products():
+    from megatron_ddk.config import ParallelConfig
+    from megatron_ddk.models.gpt import expert_parallel_problem
+    from megatron_ddk.platform.distributed import ParallelLayout
+
+    teacher = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=100,
+                          max_position_embeddings=32, num_experts=6, add_bias_linear=False)
+    assert expert_parallel_problem(teacher, ParallelConfig(expert_model_parallel_size=4), role="teacher") == (
+        "--expert-model-parallel-size 4 does not divide the teacher's 6 experts; choose an EP size that divides "
+        "the expert count")
+    assert expert_parallel_problem(teacher, ParallelConfig(expert_model_parallel_size=3)) is None
+    with pytest.raises(ValueError, match="not divisible by --expert-model-parallel-size"):
+        ParallelLayout(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_size=4)
+    assert ParallelLayout(world_size=8, tensor_model_parallel_size=2, expert_model_parallel_size=4).ep_enabled

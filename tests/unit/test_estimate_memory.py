@@ -19,6 +19,7 @@ GIB = 1024**3
 
 @pytest.mark.parametrize(("name", "billions"), [
     ("qwen1.5-1.8b", 1.84), ("tinyllama-1.1b", 1.10), ("llama2-13b", 13.0), ("qwen1.5-14b", 14.2),
+    ("qwen3-1.7b", 1.7),  # the card rounds to 1.7B (1.4B without the tied embedding)
 ])
 def test_preset_parameter_counts_match_the_published_totals(name, billions):
     assert em.PRESETS[name].num_parameters() == pytest.approx(billions * 1e9, rel=0.03)
@@ -31,7 +32,9 @@ def test_stages_add_up_to_the_model(name):
     assert model.vocab_size % 128 == 0
     for pp in (1, 2):
         total = sum(em.stage_parameters(model, tp=1, pp=pp, stage=s) for s in range(pp))
-        assert total == model.num_parameters()
+        tied_copy = model.vocab_size * model.hidden_size if pp > 1 and not model.untie_embeddings_and_output_weights \
+            else 0  # a tied output layer lives on the last stage too
+        assert total == model.num_parameters() + tied_copy
 
 
 def test_layer_parameters_of_a_small_model_by_hand():
@@ -169,3 +172,33 @@ def test_cli_errors_are_one_line():
     proc = python("tools/estimate_memory.py", "--student", "tinyllama-1.1b", "--pp", "3", check=False, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("estimate_memory.py: error: --pp 3 does not divide")
+
+
+@pytest.mark.parametrize("name", sorted(em.PUBLISHED_PARAMETERS))
+def test_llama3_mixtral_qwen3_presets_within_one_percent_of_the_model_cards(name):
+    assert em.PRESETS[name].num_parameters() == pytest.approx(em.PUBLISHED_PARAMETERS[name], rel=0.01)
+
+
+def test_moe_layer_parameters_by_hand_and_expert_parallel_split():
+    model = ModelConfig(num_layers=1, hidden_size=8, num_attention_heads=2, ffn_hidden_size=12, vocab_size=128,
+                        max_position_embeddings=16, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=6,
+                        moe_shared_expert_intermediate_size=10, moe_shared_expert_gate=True, add_bias_linear=False)
+    attention, expert, shared = 8 * 24 + 8 * 8, 3 * 8 * 6, 3 * 8 * 10
+    replicated = 2 * 8 + 4 * 8 + 8  # two RMSNorms, router [4, 8], shared-expert gate [1, 8]
+    assert model.layer_parameters() == attention + 4 * expert + shared + replicated
+    assert model.layer_parameters(tp=2, ep=2) == (attention + shared) // 2 + 4 * expert // 4 + replicated
+    assert model.layer_matmul_parameters() == attention + 4 * 8 + 2 * expert + shared  # active per token
+    assert model.num_parameters() == model.layer_parameters() + 2 * 128 * 8 + 8
+
+
+def test_expert_parallelism_divides_only_the_teachers_experts():
+    teacher, student = em.PRESETS["qwen3-30b-a3b"], em.PRESETS["qwen3-1.7b"]
+    base = em.Layout(dp=8, micro_batch_size=1, seq_length=2048, use_distributed_optimizer=True)
+    ep1, ep8 = em.estimate(teacher, student, base), em.estimate(teacher, student, replace(base, ep=8))
+    assert ep1.by_name("teacher weights") / GIB == pytest.approx(56.9, abs=0.1)
+    assert ep8.by_name("teacher weights") / GIB == pytest.approx(9.6, abs=0.1)
+    assert ep8.by_name("student weights") == ep1.by_name("student weights")  # dense student: EP changes nothing
+    with pytest.raises(em.EstimateError, match="--ep 16 must divide --dp 8"):
+        em.estimate(teacher, student, replace(base, ep=16))
+    with pytest.raises(em.EstimateError, match="--ep 3 does not divide the teacher's 128 experts"):
+        em.estimate(teacher, student, replace(base, dp=3, ep=3))

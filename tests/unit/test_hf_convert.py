@@ -1,4 +1,5 @@
-"""HF <-> megatron-ddk converters: tiny random LLaMA / Qwen2 / Qwen3 models built here (no download).
+"""HF <-> megatron-ddk converters: tiny random LLaMA (3.x RoPE scaling) / Mistral / Qwen2 / Qwen3 and
+Mixtral / Qwen2-MoE / Qwen3-MoE models built here (no download).
 
 Each HF model is converted, loaded into our GPTModel at TP1 and must give transformers' logits; it is
 then exported back and must give the original tensors, bit for bit, and the same logits. Bad inputs
@@ -26,12 +27,27 @@ import convert_megatron_to_hf as to_hf  # noqa: E402
 VOCAB, SEQ = 300, 16
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=50000.0)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+QWEN_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}
 CASES = {
     # name: (family, config overrides, save_pretrained max_shard_size, with a tokenizer.json)
     "llama_gqa_sharded": ("llama", {}, "20KB", False),
     "qwen2_qkv_bias": ("qwen2", {}, None, True),
     "qwen3_qk_norm_tied": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}, None, False),
+    # Llama 3.1 values except a short original context, so our own scaling path runs (megatron fixes 8192)
+    "llama31_rope_scaling": ("llama", {"rope_scaling": dict(LLAMA3_ROPE, original_max_position_embeddings=32)},
+                             None, False),
+    # Llama 3.2: factor 32 with megatron-core's fixed frequency factors; tied embeddings, 4:1 GQA
+    "llama32_rope_tied": ("llama", {"rope_scaling": dict(LLAMA3_ROPE, factor=32.0), "tie_word_embeddings": True,
+                                    "num_key_value_heads": 1}, None, False),
+    "mistral_head_dim": ("mistral", {"head_dim": 32, "sliding_window": None}, None, False),
+    "mixtral_top2": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, None, False),
+    "qwen3_moe_top2_unnormalised": ("qwen3_moe", {**QWEN_MOE, "norm_topk_prob": False, "head_dim": 24}, None, False),
+    "qwen2_moe_shared_top1": ("qwen2_moe", {**QWEN_MOE, "num_experts_per_tok": 1, "norm_topk_prob": False,
+                                            "shared_expert_intermediate_size": 48}, None, False),
 }
+MOE_CASES = ("mixtral_top2", "qwen3_moe_top2_unnormalised", "qwen2_moe_shared_top1")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,8 +62,12 @@ def hf_classes(family: str):
     import transformers
 
     return {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+            "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+            "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+            "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[family]
 
 
 def random_hf_model(family: str, overrides: dict, seed: int = 0):
@@ -142,11 +162,18 @@ def test_converted_model_gives_transformers_logits(name, converted):
     assert (logits[..., :VOCAB] - reference).abs().max().item() <= 1e-4
     assert torch.all(logits[..., VOCAB:] == 0)  # zero padding rows -> zero logits
     assert meta.ddk_mode == "hf-import" and meta.iteration == 0 and meta.tensor_model_parallel_size == 1
-    cfg = meta.model
-    assert (cfg.num_query_groups, cfg.vocab_size, cfg.rotary_base, cfg.norm_epsilon) == (2, VOCAB, 50000.0, 1e-6)
+    cfg, overrides = meta.model, CASES[name][1]
+    groups = overrides.get("num_key_value_heads", 2)
+    assert (cfg.query_groups, cfg.vocab_size, cfg.rotary_base, cfg.norm_epsilon) == (groups, VOCAB, 50000.0, 1e-6)
     assert cfg.add_qkv_bias == name.startswith("qwen2") and cfg.qk_layernorm == name.startswith("qwen3")
     assert cfg.untie_embeddings_and_output_weights == ("tied" not in name)
-    assert cfg.kv_channels == (24 if name.startswith("qwen3") else None)
+    assert cfg.kv_channels == overrides.get("head_dim")
+    assert cfg.use_rope_scaling == ("rope_scaling" in overrides)
+    if cfg.use_rope_scaling:
+        rope = overrides["rope_scaling"]
+        assert (cfg.rope_scaling_factor, cfg.rope_scaling_original_max_position_embeddings) == \
+            (rope["factor"], rope["original_max_position_embeddings"])
+    assert cfg.is_moe == (name in MOE_CASES)
 
 
 def test_sharded_input_is_read_through_its_index(converted):
@@ -212,20 +239,24 @@ def test_round_trip_gives_identical_tensors_and_logits(name, converted, tmp_path
     family = CASES[name][0]
     out = tmp_path / "exported"
     argv = ["--load", str(ckpt), "--output-dir", str(out)]
-    if name.startswith("llama"):
+    if "sharded" in name:
         argv += ["--max-shard-size", "30KB"]
+    if family == "mistral":  # without a sliding window, Mistral's HF form is LLaMA's: ask for it by name
+        argv += ["--architecture", "MistralForCausalLM"]
     if CASES[name][3]:
         argv += ["--tokenizer-dir", str(hf_dir)]
     assert to_hf.main(argv) == 0
     back, info = hf_classes(family)[1].from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
+    assert back.config.architectures == hf_model.config.architectures
+    assert getattr(back.config, "rope_scaling", None) == getattr(hf_model.config, "rope_scaling", None)
     original, restored = hf_model.state_dict(), back.state_dict()
     assert sorted(original) == sorted(restored)
     assert all(torch.equal(original[k], restored[k]) for k in original)
     ids, _ = tokens()
     with torch.no_grad():
         assert torch.equal(back.eval()(ids).logits, hf_model(ids).logits)
-    if name.startswith("llama"):
+    if "sharded" in name:
         index = json.loads((out / "model.safetensors.index.json").read_text())
         files = sorted(set(index["weight_map"].values()))
         assert len(files) > 1 and all((out / f).is_file() for f in files)
@@ -249,19 +280,24 @@ def test_export_copies_the_tokenizer_and_sets_its_ids(converted, tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "out")("w3 w7")["input_ids"] == [6, 10]
 
 
-def test_placements_cover_each_megatron_parameter_exactly_once():
+@pytest.mark.parametrize("architecture, extra", [
+    ("Qwen2ForCausalLM", {}),
+    ("Qwen2MoeForCausalLM", {**QWEN_MOE, "shared_expert_intermediate_size": 48, "moe_intermediate_size": 40}),
+    ("MixtralForCausalLM", {"num_local_experts": 3, "num_experts_per_tok": 2}),
+])
+def test_placements_cover_each_megatron_parameter_exactly_once(architecture, extra):
     """Every element of every parameter is written by exactly one HF tensor, except the padding rows (never)."""
     from megatron_ddk.config import ParallelConfig, PrecisionConfig
     from megatron_ddk.models.gpt import build_gpt_model
-    from megatron_ddk.models.hf_mapping import vocab_padding_rows
+    from megatron_ddk.models.hf_mapping import MODEL_TYPES, vocab_padding_rows
 
-    values = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", **BASE,
-              "num_key_value_heads": 1}  # multi-query: one group holding all 4 query heads
+    values = {"architectures": [architecture], "model_type": MODEL_TYPES[architecture], "hidden_act": "silu", **BASE,
+              "num_key_value_heads": 1, **extra}  # multi-query: one group holding all 4 query heads
     cfg = model_config_from_hf(values)
     model = build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
                             padded_vocab_size=padded_rows(cfg), pg=world_groups(), initialize_weights=False)
     counts = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
-    for placement in hf_placements(cfg).values():
+    for placement in hf_placements(cfg, architecture=architecture).values():
         placement.select(counts[placement.megatron_key]).add_(1)
     for rows in vocab_padding_rows(cfg, counts):
         rows.add_(1)
@@ -269,6 +305,11 @@ def test_placements_cover_each_megatron_parameter_exactly_once():
 
 
 # ------------------------------------------------------------------------------------------ errors
+
+
+def one_error_line(err: str) -> bool:
+    """Our message is one line (transformers may log its own warnings before it)."""
+    return len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
 
 
 def write_config(directory: Path, values: dict) -> Path:
@@ -279,8 +320,8 @@ def write_config(directory: Path, values: dict) -> Path:
 
 @pytest.mark.parametrize("values, expected", [
     ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "['GPT2LMHeadModel'] is not supported"),
-    ({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096},
-     "['MistralForCausalLM'] is not supported; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+    ({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"},
+     "['DeepseekV3ForCausalLM'] is not supported; supported: LlamaForCausalLM, MistralForCausalLM"),
 ])
 def test_refuses_unsupported_architectures(values, expected, tmp_path, capsys):
     hf_dir = write_config(tmp_path / "hf", values)
@@ -290,10 +331,43 @@ def test_refuses_unsupported_architectures(values, expected, tmp_path, capsys):
 
 def test_refuses_scaled_rope_and_other_options_in_one_message(tmp_path, capsys):
     values = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **BASE, "hidden_act": "gelu",
-              "mlp_bias": True, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+              "mlp_bias": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 32}}
     err = failure(to_megatron, ["--hf-dir", write_config(tmp_path / "hf", values), "--save", tmp_path / "o"], capsys)
-    assert "rope_scaling=" in err and "llama3" in err and "hidden_act='gelu'" in err and "mlp_bias=True" in err
+    assert "rope_scaling=" in err and "'yarn' is not implemented" in err and "hidden_act='gelu'" in err
+    assert "mlp_bias=True" in err and one_error_line(err)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}, {"type": "linear", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8,
+                                   "original_max_position_embeddings": 32}])
+def test_refuses_each_unimplemented_rope_scaling_type(rope, tmp_path, capsys):
+    values = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", **BASE,
+              "rope_scaling": rope}
+    hf_dir = write_config(tmp_path / "hf", values)
+    (hf_dir / "model.safetensors").write_bytes(b"not read")  # refused before any weight is opened
+    err = failure(to_megatron, ["--hf-dir", hf_dir, "--save", tmp_path / "o"], capsys)
+    kind = rope.get("rope_type") or rope["type"]
+    assert f"RoPE scaling type {kind!r} is not implemented" in err and one_error_line(err)
+
+
+@pytest.mark.parametrize("architecture, model_type, extra, expected", [
+    ("MistralForCausalLM", "mistral", {"sliding_window": 4096}, "sliding_window=4096"),
+    ("MixtralForCausalLM", "mixtral", {"sliding_window": 32}, "sliding_window=32"),
+    ("MixtralForCausalLM", "mixtral", {"router_jitter_noise": 0.01}, "router_jitter_noise=0.01"),
+    ("MixtralForCausalLM", "mixtral", {"num_experts_per_tok": 1}, "num_experts_per_tok=1 with top-1 routing"),
+    ("Qwen3MoeForCausalLM", "qwen3_moe", {**QWEN_MOE, "num_experts_per_tok": 1}, "norm_topk_prob=True with top-1"),
+    ("Qwen3MoeForCausalLM", "qwen3_moe", {**QWEN_MOE, "mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
+    ("Qwen2MoeForCausalLM", "qwen2_moe", {**QWEN_MOE, "decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("Qwen2MoeForCausalLM", "qwen2_moe", {**QWEN_MOE, "shared_expert_intermediate_size": 0},
+     "shared_expert_intermediate_size=0"),
+])
+def test_refuses_sliding_windows_and_inexact_routing(architecture, model_type, extra, expected, tmp_path, capsys):
+    values = {"architectures": [architecture], "model_type": model_type, "hidden_act": "silu", **BASE, **extra}
+    hf_dir = write_config(tmp_path / "hf", values)
+    (hf_dir / "model.safetensors").write_bytes(b"not read")
+    err = failure(to_megatron, ["--hf-dir", hf_dir, "--save", tmp_path / "o"], capsys)
+    assert expected in err and one_error_line(err) and not (tmp_path / "o").exists()
 
 
 def test_refuses_sliding_window_qwen(tmp_path, capsys):

@@ -26,16 +26,19 @@ import estimate_memory  # noqa: E402
 SLURM_DIR = REPO_ROOT / "examples" / "slurm"
 SCRIPTS = sorted(SLURM_DIR.glob("*.sbatch"))
 
-# script -> (student preset, teacher preset, tokenizer vocabulary size)
+# script -> (student preset, teacher preset, tokenizer vocabulary size, nodes of 8 GPUs, teacher embedding rows
+# after conversion: the preset's, or the tokenizer's with --vocab-size-from-tokenizer)
 SETUPS = {
-    "qwen1.5-14b_to_1.8b.sbatch": ("qwen1.5-1.8b", "qwen1.5-14b", 151646),
-    "llama2-13b_to_tinyllama-1.1b.sbatch": ("tinyllama-1.1b", "llama2-13b", 32000),
+    "qwen1.5-14b_to_1.8b.sbatch": ("qwen1.5-1.8b", "qwen1.5-14b", 151646, 2, 152064),
+    "llama2-13b_to_tinyllama-1.1b.sbatch": ("tinyllama-1.1b", "llama2-13b", 32000, 2, 32000),
+    "llama3.1-8b_to_llama3.2-1b.sbatch": ("llama3.2-1b", "llama3.1-8b", 128256, 1, 128256),
+    "qwen3-30b-a3b_to_qwen3-1.7b.sbatch": ("qwen3-1.7b", "qwen3-30b-a3b", 151669, 1, 151669),
 }
 
 
 def run_script(script: Path, tmp_path: Path, *, dry_run: bool = True, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    base.update({"NNODES": "2", "CKPT_DIR": str(tmp_path / "ckpt"), "PATH": "/usr/bin:/bin"})
+    base.update({"NNODES": str(SETUPS[script.name][3]), "CKPT_DIR": str(tmp_path / "ckpt"), "PATH": "/usr/bin:/bin"})
     if dry_run:
         base["DRY_RUN"] = "1"
     base.update(env)
@@ -74,7 +77,7 @@ def test_bash_syntax(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
-def test_both_paper_setups_are_shipped():
+def test_paper_setups_and_llama3_qwen3_recipes_are_shipped():
     assert {p.name for p in SCRIPTS} == set(SETUPS)
 
 
@@ -93,12 +96,13 @@ def test_sbatch_header_requeues_and_signals(script):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_dry_run_prints_a_valid_multi_node_torchrun_line(script, tmp_path):
-    student_name, teacher_name, vocab = SETUPS[script.name]
+    student_name, teacher_name, vocab, nodes, teacher_rows = SETUPS[script.name]
     launch = launch_line(script, tmp_path)
     assert launch["srun"][0] == "srun" and "--ntasks-per-node=1" in launch["srun"]
+    assert f"#SBATCH --nodes={nodes}" in script.read_text().splitlines()
     opts = launch["torchrun"]
     nnodes, nproc = int(opts["--nnodes"]), int(opts["--nproc-per-node"])
-    assert (nnodes, nproc) == (2, 8)
+    assert (nnodes, nproc) == (nodes, 8)
     assert opts["--rdzv-backend"] == "c10d" and opts["--rdzv-id"] == "dryrun"
     assert opts["--rdzv-endpoint"].rsplit(":", 1)[1].isdigit()
     assert Path(launch["entry"]) == REPO_ROOT / "pretrain_ddk.py"
@@ -106,20 +110,24 @@ def test_dry_run_prints_a_valid_multi_node_torchrun_line(script, tmp_path):
     world = nnodes * nproc
     cfg = parse_run_config(launch["flags"], vocab_size=vocab, world_size=world)  # raises on a bad combination
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
-    assert world % (tp * pp) == 0
+    ep = cfg.parallel.expert_model_parallel_size
+    assert world % (tp * pp * ep) == 0
     teacher = estimate_memory.PRESETS[teacher_name]
     assert cfg.model.num_layers % pp == 0 and teacher.num_layers % pp == 0
+    assert not teacher.is_moe or teacher.num_experts % ep == 0
 
     # The student's architecture is the published one.
     preset = estimate_memory.PRESETS[student_name]
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "norm_epsilon",
                   "rotary_base", "add_qkv_bias", "add_bias_linear", "untie_embeddings_and_output_weights",
-                  "max_position_embeddings", "swiglu", "normalization", "position_embedding_type"):
+                  "max_position_embeddings", "swiglu", "normalization", "position_embedding_type", "qk_layernorm",
+                  "use_rope_scaling", "rope_scaling_factor", "rope_scaling_original_max_position_embeddings",
+                  "num_experts"):
         assert getattr(cfg.model, field) == getattr(preset, field), field
     assert cfg.model.query_groups == preset.query_groups
     # ... and its logits are exactly as wide as the teacher's.
     assert padded_vocab_size(vocab, tp, cfg.model.make_vocab_size_divisible_by) == \
-        padded_vocab_size(teacher.vocab_size, tp, 128)
+        padded_vocab_size(teacher_rows, tp, 128)
 
     # The paper's hyperparameters.
     t, d, k = cfg.training, cfg.distill, cfg.ddk
@@ -136,12 +144,13 @@ def test_dry_run_prints_a_valid_multi_node_torchrun_line(script, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_fits_80_gib_by_the_estimator(script, tmp_path):
-    student_name, teacher_name, vocab = SETUPS[script.name]
-    cfg = parse_run_config(launch_line(script, tmp_path)["flags"], vocab_size=vocab, world_size=16)
+    student_name, teacher_name, vocab, nodes, _ = SETUPS[script.name]
+    world = 8 * nodes
+    cfg = parse_run_config(launch_line(script, tmp_path)["flags"], vocab_size=vocab, world_size=world)
     p = cfg.parallel
     layout = estimate_memory.Layout(
-        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size,
-        dp=16 // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size),
+        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, ep=p.expert_model_parallel_size,
+        dp=world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size),
         micro_batch_size=cfg.training.micro_batch_size, global_batch_size=cfg.training.global_batch_size,
         seq_length=cfg.data.seq_length, use_distributed_optimizer=p.use_distributed_optimizer,
         sequence_parallel=p.sequence_parallel, kd_chunk_size=cfg.distill.kd_chunk_size)
@@ -268,3 +277,20 @@ def test_dockerfile_installs_the_exact_megatron_core_pin_of_pyproject():
     assert any("--no-deps" in line and f"megatron-core=={version}" in line for line in installs)
     assert any("--no-deps" in line and "-e ." in line for line in installs)
     assert not any(re.search(r"\btorch\b|transformer.engine|\[cpu\]|\.\[", line) for line in installs), installs
+
+
+def test_moe_recipe_refuses_ep_not_dividing_dp(tmp_path):
+    proc = run_script(SLURM_DIR / "qwen3-30b-a3b_to_qwen3-1.7b.sbatch", tmp_path, EP="16")
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert "EP=16 does not divide DP=8" in proc.stderr
+
+
+def test_moe_recipe_needs_expert_parallelism_to_fit(tmp_path):
+    """Without EP the Qwen3-30B-A3B teacher alone takes 57 GiB per GPU: the estimator says it does not fit."""
+    cfg = parse_run_config(launch_line(SLURM_DIR / "qwen3-30b-a3b_to_qwen3-1.7b.sbatch", tmp_path, EP="1")["flags"],
+                           vocab_size=151669, world_size=8)
+    layout = estimate_memory.Layout(dp=8, micro_batch_size=cfg.training.micro_batch_size,
+                                    seq_length=cfg.data.seq_length, use_distributed_optimizer=True,
+                                    kd_chunk_size=cfg.distill.kd_chunk_size)
+    presets = estimate_memory.PRESETS
+    assert estimate_memory.estimate(presets["qwen3-30b-a3b"], presets["qwen3-1.7b"], layout).total > 80 * 1024**3

@@ -249,3 +249,24 @@ def test_padded_vocab_size_follows_megatron():
     assert padded_vocab_size(500, 1, 64) == 512 and padded_vocab_size(513, 1, 1) == 513
     with pytest.raises(ValueError, match="must be >= 1"):
         padded_vocab_size(0, 1)
+
+
+@pytest.mark.parametrize("instruct", [False, True], ids=["base", "instruct"])
+def test_llama3_tokenizer_ends_documents_with_end_of_text(tmp_path, instruct):
+    """Byte-level BPE with Llama 3's special tokens after the merges: ids match transformers, no
+    <|begin_of_text|> is added, and EOD is <|end_of_text|> even when an instruct model names <|eot_id|>."""
+    from transformers import AutoTokenizer
+
+    from tests.corpus import write_llama3_tokenizer
+
+    raw = write_llama3_tokenizer(tmp_path, DOCS * 4, vocab_size=300, instruct=instruct)
+    tok = build_tokenizer("HuggingFaceTokenizer", tmp_path)
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    end_of_text = raw.token_to_id("<|end_of_text|>")
+    assert end_of_text == raw.token_to_id("<|begin_of_text|>") + 1 and raw.token_to_id("<|eot_id|>") == end_of_text + 8
+    assert tok.eod == tok.pad == end_of_text and tok.vocab_size == len(reference)
+    assert reference.eos_token == ("<|eot_id|>" if instruct else "<|end_of_text|>")
+    for text in DOCS:
+        assert tok.tokenize(text) == reference(text, add_special_tokens=False)["input_ids"]
+        assert reference(text)["input_ids"][0] == raw.token_to_id("<|begin_of_text|>")  # HF's own template
+    assert tok.tokenize("a<|eot_id|>b")[1] == end_of_text + 8  # special tokens stay single ids
