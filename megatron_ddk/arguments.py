@@ -160,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddk-interval", type=int, default=1000, help="K: iterations between weight updates")
     g.add_argument("--ddk-alpha", type=float, default=0.5)
     g.add_argument("--ddk-val-samples", type=int, default=500, help="validation samples per domain")
-    g.add_argument("--ddk-mixing", choices=MIXING_MODES, default="ddk")
+    g.add_argument("--ddk-mixing", choices=MIXING_MODES, default="ddk",
+                   help="ddk: the paper's Eq. 1/2; ddk-robust: recommended when ratios differ by more than ~1 "
+                        "(docs/DDK.md)")
+    g.add_argument("--ddk-temperature", type=float, default=1.0,
+                   help="tau of ddk-tempered, ddk-log and ddk-robust: Eq. 1/2's exponent is divided by it")
+    g.add_argument("--ddk-max-step", type=float, default=0.25,
+                   help="ddk-bounded: the most one update moves the mixture (total variation distance)")
     g.add_argument("--ddk-log-file", default=None, help="JSONL of every update (default <save>/ddk_log.jsonl)")
     return parser
 
@@ -234,6 +240,10 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append(f"--ddk-interval must be >= 1, got {args.ddk_interval}")
     if not 0.0 <= args.ddk_alpha <= 1.0:
         problems.append(f"--ddk-alpha must be in [0, 1], got {args.ddk_alpha}")
+    if not args.ddk_temperature > 0:
+        problems.append(f"--ddk-temperature must be > 0, got {args.ddk_temperature}")
+    if not 0 < args.ddk_max_step <= 1:
+        problems.append(f"--ddk-max-step must be in (0, 1], got {args.ddk_max_step}")
     if args.ddk_val_samples < 1:
         problems.append(f"--ddk-val-samples must be >= 1, got {args.ddk_val_samples}")
     if args.save_interval is not None and not args.save:

@@ -15,7 +15,9 @@ from megatron_ddk.errors import CheckpointError, ConfigError
 
 DDK_MODES = ("cpt", "kd", "ddk")
 KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
-MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
+MIXING_MODES = ("ddk", "no-smoothing", "equal", "static", "ddk-smooth0", "ddk-tempered", "ddk-log", "ddk-bounded",
+                "ddk-robust")
+"""``ddk`` is the paper's exact Eq. 1/2; the ``ddk-*`` modes are this project's variants (docs/DDK.md)."""
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
 
@@ -235,6 +237,10 @@ class DDKConfig:
     alpha: float = 0.5
     val_samples: int = 500
     mixing: str = "ddk"
+    temperature: float = 1.0
+    """tau of ``ddk-tempered`` / ``ddk-log`` / ``ddk-robust``: the exponent of Eq. 1/2 is divided by it."""
+    max_step: float = 0.25
+    """``ddk-bounded`` / ``ddk-robust``: the most one update may move the mixture (total variation distance)."""
     log_file: str | None = None
     """JSONL of every update; defaults to <save>/ddk_log.jsonl."""
 

@@ -57,6 +57,8 @@ def test_every_problem_is_reported_at_once():
     (["--ddk-mode", "cpt", "--save-interval", "3"], "--save-interval needs --save"),
     (["--ddk-mode", "cpt", "--num-query-groups", "3"], "--num-query-groups 3"),
     (["--ddk-mode", "cpt", "--lr-warmup-iters", "10"], "--lr-warmup-iters 10"),
+    (["--ddk-mode", "cpt", "--ddk-temperature", "0"], "--ddk-temperature must be > 0"),
+    (["--ddk-mode", "cpt", "--ddk-max-step", "1.5"], "--ddk-max-step must be in"),
 ])
 def test_bad_combinations(extra, needle):
     with pytest.raises(ArgumentError, match=needle.replace("(", r"\(")):
@@ -86,3 +88,10 @@ def test_parser_help_lists_megatron_names():
     for flag in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--num-query-groups",
                  "--lr-warmup-iters", "--lr-decay-style", "--tensorboard-dir", "--kd-weight", "--ddk-interval"):
         assert flag in text
+
+
+def test_mixing_modes_and_their_parameters():
+    cfg = parse("--ddk-mode", "cpt", "--ddk-mixing", "ddk-robust", "--ddk-temperature", "2", "--ddk-max-step", "0.1")
+    assert (cfg.ddk.mixing, cfg.ddk.temperature, cfg.ddk.max_step) == ("ddk-robust", 2.0, 0.1)
+    with pytest.raises(SystemExit):  # argparse: unknown --ddk-mixing choice
+        parse("--ddk-mode", "cpt", "--ddk-mixing", "greedy")
