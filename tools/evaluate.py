@@ -1,6 +1,6 @@
 """Per-domain evaluation of a checkpoint: student CE / perplexity, and with a teacher its CE and the ratio.
 
-    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/student [--teacher-load ckpt/teacher] \\
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/student [ckpt/other ...] [--teacher-load ckpt/teacher] \\
         --domains domains.yaml --split test [--num-samples 256] --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model tok.model --seq-length 128 [--tensor-model-parallel-size 2] [--output eval.json]
 
@@ -9,8 +9,10 @@ checkpoints, so no model or training flags are needed, and nothing (optimizer, D
 built that evaluation does not use. Any TP / PP / DP layout (checkpoints reshard on load); the
 validation / test samples are split over DP ranks without overlap. ``--split test`` needs a registry
 whose every domain has a test split (``test`` / ``test_fraction``, docs/DATA.md); a ``test`` dataset
-that shares a document with the domain's training or validation data is refused. Prints a table and,
-with ``--output``, writes the numbers as JSON (atomically).
+that shares a document with the domain's training or validation data is refused. Several ``--load``
+checkpoints are evaluated one after the other (the teacher once) and printed side by side. Prints a
+table and, with ``--output``, writes the numbers as JSON (atomically): the first student's at the top
+level, every student's under ``students``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+import numpy as np
 
 from megatron_ddk.errors import ConfigError, DataError, UserError
 
@@ -34,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tools/evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--load", required=True, help="student checkpoint (a --save directory or one iter_* in it)"
+        "--load",
+        required=True,
+        nargs="+",
+        help="student checkpoint(s) (a --save directory or one iter_* in it); several: side by side",
     )
     parser.add_argument(
         "--teacher-load", default=None, help="teacher checkpoint: adds teacher CE and the ratio S/T"
@@ -129,10 +135,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     world_size = distributed.world_size_from_env()
     _check_args(args, world_size)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    student_meta = read_metadata(args.load, flag="--load")
+    student_metas = [read_metadata(path, flag="--load") for path in args.load]
     teacher_meta = read_metadata(args.teacher_load, flag="--teacher-load") if args.teacher_load else None
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    for flag, meta in (("--load", student_meta), ("--teacher-load", teacher_meta)):
+    checked = [(f"--load {path}", meta) for path, meta in zip(args.load, student_metas)]
+    for flag, meta in [*checked, ("--teacher-load", teacher_meta)]:
         if meta is None:
             continue
         if meta.model.vocab_size != tokenizer.vocab_size:
@@ -145,11 +152,11 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
                 f"{flag} has {meta.model.num_layers} layers, not divisible by "
                 f"--pipeline-model-parallel-size {pp}"
             )
-    if teacher_meta is not None and padded_vocab_size(
-        teacher_meta.model.vocab_size, tp, teacher_meta.model.make_vocab_size_divisible_by
-    ) != padded_vocab_size(
-        student_meta.model.vocab_size, tp, student_meta.model.make_vocab_size_divisible_by
-    ):
+    rows = {
+        padded_vocab_size(m.model.vocab_size, tp, m.model.make_vocab_size_divisible_by)
+        for m in [*student_metas, *([teacher_meta] if teacher_meta else [])]
+    }
+    if len(rows) > 1:
         raise ConfigError(
             "--load and --teacher-load pad their vocabularies differently "
             "(--make-vocab-size-divisible-by); they cannot be evaluated side by side"
@@ -166,10 +173,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     precision = PrecisionConfig(bf16=args.bf16)
-    student = build_gpt_model(
-        student_meta.model, parallel, precision, pre_process=pre, post_process=post, initialize_weights=False
-    )
-    load_model_state(args.load, student, flag="--load")
     teacher = None
     if teacher_meta is not None:
         teacher = build_gpt_model(
@@ -181,7 +184,6 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             initialize_weights=False,
         )
         load_model_state(args.teacher_load, teacher, flag="--teacher-load")
-    model = DistillationModel(student, teacher, pre_process=pre, post_process=post)
     cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk")
     domains = build_domain_datasets(
         registry, tokenizer=tokenizer, seq_length=args.seq_length, seed=args.seed, cache_dir=cache
@@ -189,26 +191,35 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     sets = [d.test if args.split == "test" else d.valid for d in domains]
     num_samples = args.num_samples or max(len(s) for s in sets)
     start = time.time()
-    evaluation = evaluate_domains(
-        model,
-        model,
-        sets,
-        num_samples=num_samples,
-        micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length,
-        settings=LossSettings(num_domains=len(sets), vocab_size=tokenizer.vocab_size),
-        with_teacher=teacher is not None,
-        shape_adjuster=pipeline_shape_adjuster(teacher_meta.model.hidden_size)
-        if teacher and pp > 1
-        else None,
-    )
-    ratio = (
-        None
-        if evaluation.ce_teacher is None
-        else factor.perplexity_ratio(evaluation.ce_student, evaluation.ce_teacher)
-    )
+    students, ce_teacher, tokens = [], None, None
+    for index, (path, meta) in enumerate(zip(args.load, student_metas)):
+        student = build_gpt_model(
+            meta.model, parallel, precision, pre_process=pre, post_process=post, initialize_weights=False
+        )
+        load_model_state(path, student, flag="--load")
+        model = DistillationModel(student, teacher, pre_process=pre, post_process=post)
+        with_teacher = (
+            teacher is not None and index == 0
+        )  # frozen: its numbers are the same for every student
+        evaluation = evaluate_domains(
+            model,
+            model,
+            sets,
+            num_samples=num_samples,
+            micro_batch_size=args.micro_batch_size,
+            seq_length=args.seq_length,
+            settings=LossSettings(num_domains=len(sets), vocab_size=tokenizer.vocab_size),
+            with_teacher=with_teacher,
+            shape_adjuster=pipeline_shape_adjuster(teacher_meta.model.hidden_size)
+            if with_teacher and pp > 1
+            else None,
+        )
+        if index == 0:
+            ce_teacher, tokens = evaluation.ce_teacher, evaluation.tokens
+        students.append(_student_result(str(path), evaluation.ce_student, ce_teacher, factor))
+    first = students[0]
     result = {
-        "student": str(args.load),
+        "student": first["student"],
         "teacher": args.teacher_load,
         "split": args.split,
         "samples_per_domain": [min(num_samples, len(s)) for s in sets],
@@ -218,22 +229,36 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             "data_parallel_size": layout.data_parallel_size,
         },
         "domains": registry.names,
-        "tokens": [int(t) for t in evaluation.tokens],
-        "ce_student": [float(v) for v in evaluation.ce_student],
-        "ppl_student": [float(v) for v in evaluation.ppl_student],
-        "ce_teacher": None if ratio is None else [float(v) for v in evaluation.ce_teacher],
-        "ppl_teacher": None if ratio is None else [float(v) for v in evaluation.ppl_teacher],
-        "ratio": None if ratio is None else [float(v) for v in ratio],
+        "tokens": [int(t) for t in tokens],
+        "ce_teacher": None if ce_teacher is None else [float(v) for v in ce_teacher],
+        "ppl_teacher": None if ce_teacher is None else [float(v) for v in np.exp(ce_teacher)],
+        **{k: v for k, v in first.items() if k != "student"},
+        "students": students,
         "seconds": time.time() - start,
     }
-    if ratio is not None:
-        result["worst_ratio"] = float(ratio.max())
-        result["mean_ratio"] = float(ratio.mean())
+    return result
+
+
+def _student_result(path: str, ce_student, ce_teacher, factor) -> dict:
+    result = {
+        "student": path,
+        "ce_student": [float(v) for v in ce_student],
+        "ppl_student": [float(v) for v in np.exp(ce_student)],
+        "ratio": None,
+    }
+    if ce_teacher is not None:
+        ratio = factor.perplexity_ratio(ce_student, ce_teacher)
+        result.update(
+            ratio=[float(v) for v in ratio], worst_ratio=float(ratio.max()), mean_ratio=float(ratio.mean())
+        )
     return result
 
 
 def format_table(result: dict) -> str:
-    """One row per domain (tokens, student ppl, teacher ppl, ratio), then worst and mean ratio."""
+    """One row per domain (tokens, student ppl, teacher ppl, ratio), then worst and mean ratio; with
+    several students, their perplexities and ratios side by side."""
+    if len(result.get("students", [])) > 1:
+        return _side_by_side(result)
     teacher = result["ratio"] is not None
     header = f"{'domain':>20s} | {'tokens':>8s} | {'student CE':>10s} | {'student ppl':>11s}"
     if teacher:
@@ -258,6 +283,48 @@ def format_table(result: dict) -> str:
     if teacher:
         rows.append(f"worst-domain ratio {result['worst_ratio']:.3f} | mean ratio {result['mean_ratio']:.3f}")
     return "\n".join(rows)
+
+
+def _side_by_side(result: dict) -> str:
+    students, teacher = result["students"], result["ratio"] is not None
+    labels = [_label(s["student"]) for s in students]
+    width = max(9, *(len(label) for label in labels))
+    header = f"{'domain':>20s}" + (f" | {'teacher ppl':>11s}" if teacher else "")
+    header += "".join(f" | {label + ' ppl':>{width + 4}s}" for label in labels)
+    if teacher:
+        header += "".join(f" | {label + ' S/T':>{width + 4}s}" for label in labels)
+    rule = "-" * len(header)
+    rows = [
+        f"{result['split']} split" + (f", teacher {result['teacher']}" if teacher else ""),
+        rule,
+        header,
+        rule,
+    ]
+    for i, name in enumerate(result["domains"]):
+        row = f"{name:>20s}" + (f" | {result['ppl_teacher'][i]:11.3f}" if teacher else "")
+        row += "".join(f" | {s['ppl_student'][i]:{width + 4}.3f}" for s in students)
+        if teacher:
+            row += "".join(f" | {s['ratio'][i]:{width + 4}.3f}" for s in students)
+        rows.append(row)
+    rows.append(rule)
+    if teacher:
+        rows += [
+            f"{'worst-domain ratio':>20s}"
+            + " " * 14
+            + " " * (7 + width) * len(students)
+            + "".join(f" | {s['worst_ratio']:{width + 4}.3f}" for s in students),
+            f"{'mean ratio':>20s}"
+            + " " * 14
+            + " " * (7 + width) * len(students)
+            + "".join(f" | {s['mean_ratio']:{width + 4}.3f}" for s in students),
+        ]
+    return "\n".join(rows)
+
+
+def _label(path: str) -> str:
+    """A checkpoint's column name: its directory (the --save name), not the iter_* inside it."""
+    parts = Path(path).resolve().parts
+    return parts[-2] if parts[-1].startswith("iter_") and len(parts) > 1 else parts[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
