@@ -592,7 +592,21 @@ def summarize(
         if "consumed_mixture" in runs[0]:
             entry["consumed_mixture"] = np.mean([r["consumed_mixture"] for r in runs], axis=0).tolist()
         summary["methods"][method.spec] = entry
+    for method in methods:  # the dynamic mixture against replaying its own average as a static one
+        if method.source:
+            dynamic, static = (
+                results_by_seed(results, method.source, seeds),
+                results_by_seed(results, method.spec, seeds),
+            )
+            summary["methods"][method.source]["vs_hindsight"] = {
+                "worst": _mean_se([d["worst_ratio"] - h["worst_ratio"] for d, h in zip(dynamic, static)]),
+                "mean": _mean_se([d["mean_ratio"] - h["mean_ratio"] for d, h in zip(dynamic, static)]),
+            }
     return summary
+
+
+def results_by_seed(results: dict, spec: str, seeds: list[int]) -> list[dict]:
+    return [results[(spec, s)] for s in seeds]
 
 
 def format_summary(summary: dict) -> str:
@@ -620,6 +634,13 @@ def format_summary(summary: dict) -> str:
             f" | {_pm(e['diff_worst'], 15, '+'):>15s} | {_pm(e['diff_mean'], 15, '+'):>15s}"
         )
     rows.append(rule)
+    for spec, e in summary["methods"].items():
+        if "vs_hindsight" in e:
+            h = e["vs_hindsight"]
+            rows.append(
+                f"{spec} - hindsight:{spec} (its own average mixture, static): worst "
+                f"{_pm(h['worst'], 7, '+')}, average {_pm(h['mean'], 7, '+')}"
+            )
     return "\n".join(rows)
 
 

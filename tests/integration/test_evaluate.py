@@ -66,6 +66,6 @@ def test_layouts_match_tp1(tiny_corpus, setup, teacher, reference, layout):  # n
 def test_registry_without_test_split_is_refused(tiny_corpus, setup, teacher):  # noqa: F811
     tmp, _ = setup
     run = evaluate(tiny_corpus, tmp, tiny_corpus["registry"], teacher, 1, output="none.json", check=False)
-    assert run.returncode == 2 and not (tmp / "none.json").exists()
-    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode != 0 and not (tmp / "none.json").exists()  # torchrun reports the child's 2 as 1
+    errors = [line for line in run.stderr.splitlines() if line.startswith("tools/evaluate.py: error:")]
     assert len(errors) == 1 and "have no test split" in errors[0], run.stderr[-2000:]
