@@ -209,9 +209,11 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[str], list[float], list
     specs = {m.spec for m in methods}
     if REFERENCE not in specs:
         raise ConfigError(f"--methods must include {REFERENCE} (the reference of the differences)")
-    for method in methods:
-        if method.source and method.source not in specs:
-            raise ConfigError(f"--methods {method.spec}: also list {method.source} (its mixture is replayed)")
+    for index, method in enumerate(methods):
+        if method.source and method.source not in [m.spec for m in methods[:index]]:
+            raise ConfigError(
+                f"--methods {method.spec}: list {method.source} before it (its mixture is replayed)"
+            )
     if len(set(args.seeds)) != len(args.seeds) or not args.seeds:
         raise ConfigError(f"--seeds {args.seeds}: give distinct seeds")
     registry = load_domain_registry(args.domains)
@@ -430,6 +432,13 @@ def consumed_mixture(ddk_log: Path, train_iters: int, interval: int) -> list[flo
         contribution = np.asarray(record["weights"]) * max(length, 0)
         total = contribution if total is None else total + contribution
     return (total / total.sum()).tolist()
+
+
+def _after(dependency, function, *args):
+    """``function(*args)`` once ``dependency`` (a future, or None) has finished successfully."""
+    if dependency is not None:
+        dependency.result()
+    return function(*args)
 
 
 def _interval(method: Method, default: int) -> int:
@@ -734,16 +743,18 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results: dict[tuple[str, int], dict] = {}
-    phases = [
-        [m for m in methods if m.mixture != "hindsight"],
-        [m for m in methods if m.mixture == "hindsight"],
-    ]
-    for phase in phases:
-        jobs = [(m, s) for s in args.seeds for m in phase]
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {job: pool.submit(run_method, plan, job[0], job[1], teacher, student) for job in jobs}
-            for (method, seed), future in futures.items():
-                results[(method.spec, seed)] = future.result()
+    # method by method, in the order given (a study cut short has whole methods); hindsight:M waits for M's
+    # run of the same seed, which was submitted before it (sources come first in the list: check_inputs)
+    jobs = [(m, s) for m in methods for s in args.seeds]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures: dict = {}
+        for method, seed in jobs:
+            source = futures.get((method.source, seed))
+            futures[(method.spec, seed)] = pool.submit(
+                _after, source, run_method, plan, method, seed, teacher, student
+            )
+        for key, future in futures.items():
+            results[key] = future.result()
     summary = summarize(names, methods, results, args.seeds)
     summary["student_init_ratio"] = initial["ratio"]
     summary["natural_mixture"] = natural
