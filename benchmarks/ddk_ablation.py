@@ -82,15 +82,15 @@ DEFAULT_METHODS = [
 ]
 TEACHER_MODEL = [
     "--num-layers",
-    "4",
-    "--hidden-size",
-    "192",
-    "--num-attention-heads",
-    "6",
-    "--num-query-groups",
     "3",
+    "--hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
     "--ffn-hidden-size",
-    "512",
+    "352",
 ]
 STUDENT_MODEL = [
     "--num-layers",
