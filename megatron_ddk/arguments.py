@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddk-alpha", type=float, default=0.5)
     g.add_argument("--ddk-val-samples", type=int, default=500, help="validation samples per domain")
     g.add_argument("--ddk-mixing", choices=MIXING_MODES, default="ddk",
-                   help="ddk: the paper's Eq. 1/2; ddk-robust: recommended when ratios differ by more than ~1 "
-                        "(docs/DDK.md)")
+                   help="ddk: the paper's Eq. 1/2; ddk-log (ratios in log space): recommended when the ratios "
+                        "differ by more than ~1 (docs/DDK.md)")
     g.add_argument("--ddk-temperature", type=float, default=1.0,
                    help="tau of ddk-tempered, ddk-log and ddk-robust: Eq. 1/2's exponent is divided by it")
     g.add_argument("--ddk-max-step", type=float, default=0.25,
