@@ -126,10 +126,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     from megatron_ddk.data.datasets import build_domain_datasets
     from megatron_ddk.data.tokenizer import build_tokenizer, padded_vocab_size
     from megatron_ddk.ddk import factor
-    from megatron_ddk.ddk.evaluation import evaluate_domains
     from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform import distributed
+    from megatron_ddk.training.evaluation import evaluate_domains
     from megatron_ddk.training.step import LossSettings
 
     world_size = distributed.world_size_from_env()
@@ -166,11 +166,9 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     layout = distributed.ParallelLayout(
         world_size=world_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
     )
-    distributed.initialize(layout)
-    distributed.set_seed(args.seed)
-    from megatron.core import parallel_state
-
-    pre, post = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    pg = distributed.initialize(layout)
+    distributed.set_seed(args.seed, pg)
+    pre, post = distributed.is_pp_first_stage(pg), distributed.is_pp_last_stage(pg)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     precision = PrecisionConfig(bf16=args.bf16)
     teacher = None
@@ -179,6 +177,8 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             teacher_meta.model,
             parallel,
             precision,
+            padded_vocab_size=_rows(teacher_meta.model, tp),
+            pg=pg,
             pre_process=pre,
             post_process=post,
             initialize_weights=False,
@@ -194,7 +194,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
     students, ce_teacher, tokens = [], None, None
     for index, (path, meta) in enumerate(zip(args.load, student_metas)):
         student = build_gpt_model(
-            meta.model, parallel, precision, pre_process=pre, post_process=post, initialize_weights=False
+            meta.model,
+            parallel,
+            precision,
+            padded_vocab_size=_rows(meta.model, tp),
+            pg=pg,
+            pre_process=pre,
+            post_process=post,
+            initialize_weights=False,
         )
         load_model_state(path, student, flag="--load")
         model = DistillationModel(student, teacher, pre_process=pre, post_process=post)
@@ -213,6 +220,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             shape_adjuster=pipeline_shape_adjuster(teacher_meta.model.hidden_size)
             if with_teacher and pp > 1
             else None,
+            pg=pg,
         )
         if index == 0:
             ce_teacher, tokens = evaluation.ce_teacher, evaluation.tokens
@@ -237,6 +245,12 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         "seconds": time.time() - start,
     }
     return result
+
+
+def _rows(model, tp: int) -> int:
+    from megatron_ddk.data.tokenizer import padded_vocab_size
+
+    return padded_vocab_size(model.vocab_size, tp, model.make_vocab_size_divisible_by)
 
 
 def _student_result(path: str, ce_student, ce_teacher, factor) -> dict:
@@ -288,6 +302,8 @@ def format_table(result: dict) -> str:
 def _side_by_side(result: dict) -> str:
     students, teacher = result["students"], result["ratio"] is not None
     labels = [_label(s["student"]) for s in students]
+    if len(set(labels)) < len(labels):  # same directory names: add the parent directory
+        labels = [f"{Path(s['student']).resolve().parent.name}/{label}" for s, label in zip(students, labels)]
     width = max(9, *(len(label) for label in labels))
     header = f"{'domain':>20s}" + (f" | {'teacher ppl':>11s}" if teacher else "")
     header += "".join(f" | {label + ' ppl':>{width + 4}s}" for label in labels)
@@ -330,11 +346,13 @@ def _label(path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_ddk.platform import distributed
+    from megatron_ddk.platform.startup import prepare_process
 
     rank0 = distributed.rank_from_env() == 0
     try:
+        prepare_process()
         result = evaluate_checkpoint(args)
-    except (UserError, FileNotFoundError, ValueError) as err:
+    except UserError as err:
         if os.environ.get("MEGATRON_DDK_TRACEBACK"):
             raise
         if rank0:
