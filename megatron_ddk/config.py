@@ -19,7 +19,9 @@ from megatron_ddk.errors import CheckpointError, ConfigError
 
 DDK_MODES = ("cpt", "kd", "ddk")
 KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
-MIXING_MODES = ("ddk", "no-smoothing", "equal", "static")
+MIXING_MODES = ("ddk", "no-smoothing", "equal", "static", "ddk-smooth0", "ddk-tempered", "ddk-log", "ddk-bounded",
+                "ddk-robust")
+"""``ddk`` is the paper's exact Eq. 1/2; the ``ddk-*`` modes are this project's variants (docs/DDK.md)."""
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -442,8 +444,14 @@ class DDKConfig:
     interval: int = option(1000, help="K: iterations between domain-weight updates")
     alpha: float = option(0.5, help="smoothing of Eq. 2: weight of the new factor against the uniform mixture")
     val_samples: int = option(500, help="validation samples per domain for each DDK evaluation")
-    mixing: str = option("ddk", help="ddk (Eq. 1-2), no-smoothing (Eq. 1 every K), equal, or static (registry "
-                                     "weights)", choices=MIXING_MODES)
+    mixing: str = option("ddk", help="ddk (the paper's Eq. 1-2), no-smoothing (Eq. 1 every K), equal, static "
+                                     "(registry weights), or a variant beyond the paper: ddk-log (ratios in log "
+                                     "space; recommended when the ratios differ by more than ~1, docs/DDK.md), "
+                                     "ddk-smooth0, ddk-tempered, ddk-bounded, ddk-robust", choices=MIXING_MODES)
+    temperature: float = option(1.0, help="tau of ddk-tempered, ddk-log and ddk-robust: Eq. 1/2's exponent is "
+                                          "divided by it")
+    max_step: float = option(0.25, help="ddk-bounded / ddk-robust: the most one update may move the mixture (total "
+                                        "variation distance)")
     log_file: str | None = option(None, help="JSONL of every update (default <save>/ddk_log.jsonl)")
 
     def __post_init__(self) -> None:
@@ -454,6 +462,10 @@ class DDKConfig:
             problems.append(f"--ddk-alpha must be in [0, 1], got {self.alpha}")
         if self.val_samples < 1:
             problems.append(f"--ddk-val-samples must be >= 1, got {self.val_samples}")
+        if not self.temperature > 0:
+            problems.append(f"--ddk-temperature must be > 0, got {self.temperature}")
+        if not 0 < self.max_step <= 1:
+            problems.append(f"--ddk-max-step must be in (0, 1], got {self.max_step}")
         _raise_if(problems)
 
 

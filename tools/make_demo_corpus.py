@@ -155,7 +155,7 @@ def write_domain(path: Path, documents: Iterator[str], budget_bytes: int) -> tup
     return count, size
 
 
-def registry_yaml(names: tuple[str, ...], valid_fraction: float) -> str:
+def registry_yaml(names: tuple[str, ...], valid_fraction: float, test_fraction: float = 0.0) -> str:
     lines = [
         "# Written by tools/make_demo_corpus.py; the datasets come from tools/preprocess_data.py.",
         "# Format: docs/DATA.md. Relative prefixes resolve against this file's directory.",
@@ -166,6 +166,7 @@ def registry_yaml(names: tuple[str, ...], valid_fraction: float) -> str:
             f"  - name: {name}",
             f"    train: {name}_text_document",
             f"    valid_fraction: {valid_fraction}",
+            *([f"    test_fraction: {test_fraction}"] if test_fraction else []),
             "    weight: 1.0",
         ]
     return "\n".join(lines) + "\n"
@@ -181,11 +182,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--valid-fraction", type=float, default=0.05, help="written into domains.yaml")
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.0, help="held-out test documents (domains.yaml); 0: none"
+    )
     args = parser.parse_args(argv)
     if args.size_mb <= 0:
         parser.error(f"--size-mb must be > 0, got {args.size_mb}")
     if not 0 < args.valid_fraction < 1:
         parser.error(f"--valid-fraction must be in (0, 1), got {args.valid_fraction}")
+    if not 0 <= args.test_fraction < 1 - args.valid_fraction:
+        parser.error(f"--test-fraction must be in [0, 1 - --valid-fraction), got {args.test_fraction}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -196,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         count, size = write_domain(out / f"{name}.jsonl", GENERATORS[name](rng), budget)
         summary.append(f"{name}={count} docs/{size / 1e6:.2f} MB")
     tmp = out / ".domains.yaml.tmp"
-    tmp.write_text(registry_yaml(DOMAINS, args.valid_fraction), encoding="utf-8")
+    tmp.write_text(registry_yaml(DOMAINS, args.valid_fraction, args.test_fraction), encoding="utf-8")
     os.replace(tmp, out / "domains.yaml")
     print(
         f"demo corpus in {out}: {', '.join(summary)}; registry {out / 'domains.yaml'} "

@@ -42,6 +42,8 @@ class DomainData:
     name: str
     train: Samples
     valid: Samples
+    test: Samples | None = None
+    """Only when the registry gives the domain a test split (``test`` / ``test_fraction``)."""
 
 
 class ConcatSamples(Dataset[dict[str, Any]]):
@@ -68,9 +70,10 @@ class ConcatSamples(Dataset[dict[str, Any]]):
         return self.parts[part][index - start]
 
 
-def split_string(valid_fraction: float) -> str:
+def split_string(valid_fraction: float, test_fraction: float = 0.0) -> str:
     """megatron's "train,valid,test" split string, fixed-point: megatron's parser cannot read ``1e-05``."""
-    return f"{1.0 - valid_fraction:.10f},{valid_fraction:.10f},0"
+    test = f"{test_fraction:.10f}" if test_fraction > 0 else "0"
+    return f"{1.0 - valid_fraction - test_fraction:.10f},{valid_fraction:.10f},{test}"
 
 
 def _build_splits(prefix: str, split: str, *, tokenizer: Any, seq_length: int, seed: int,
@@ -144,23 +147,31 @@ def build_domain_datasets(
             for prefix in domain.train_prefixes:
                 _check_split(domain, prefix)
         common = dict(tokenizer=tokenizer, seq_length=seq_length, seed=seed, cache_dir=str(cache_dir))
-        train_parts, valid_parts = [], []
+        train_parts, valid_parts, test_parts = [], [], []
+        held_test = domain.test_fraction if domain.test_prefix is None else 0.0
         for prefix in domain.train_prefixes:
             if domain.valid_prefix is None:
-                train, valid, _ = _build_splits(prefix, split_string(domain.valid_fraction), **common)
+                train, valid, test = _build_splits(prefix, split_string(domain.valid_fraction, held_test), **common)
                 valid_parts.append(valid)
             else:
-                train = _build_splits(prefix, "1,0,0", **common)[0]
+                train, _, test = _build_splits(prefix, split_string(0.0, held_test) if held_test else "1,0,0", **common)
             train_parts.append(train)
+            test_parts.append(test)
         if domain.valid_prefix is not None:
             valid_parts.append(_build_splits(domain.valid_prefix, "0,1,0", **common)[1])
+        if domain.test_prefix is not None:
+            test_parts = [_build_splits(domain.test_prefix, "0,0,1", **common)[2]]
         train, valid = _join(train_parts), _join(valid_parts)
+        test = _join(test_parts) if any(p is not None for p in test_parts) else None
         if len(train) == 0 or len(valid) == 0:
             raise DataError(
                 f"domain {domain.name!r} has {len(train)} training and {len(valid)} validation samples of "
                 f"{seq_length} tokens; add data, lower --seq-length or raise its valid_fraction"
             )
-        result.append(DomainData(domain.name, train, valid))
+        if (domain.test_prefix is not None or domain.test_fraction > 0) and (test is None or len(test) == 0):
+            raise ValueError(f"domain {domain.name!r} has no test samples of {seq_length} tokens; add data, lower "
+                             "--seq-length or raise its test_fraction")
+        result.append(DomainData(domain.name, train, valid, test))
     return result
 
 

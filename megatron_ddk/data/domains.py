@@ -7,6 +7,8 @@ A registry file (YAML, or JSON by its ``.json`` extension) names the domains DDK
         train: [data/code_a_text_document, data/code_b_text_document]   # one prefix or a list
         valid: data/code_valid_text_document    # optional; else a held-out document split:
         valid_fraction: 0.02                    # (default 0.01) never shares a document with training
+        test: data/code_test_text_document      # optional test set (never read by training or DDK), or:
+        test_fraction: 0.02                     # hold out the last 2% of the training documents
         weight: 1.0                             # initial / static weight, > 0
 
 Relative prefixes resolve against the registry file's directory (stored absolute). Megatron's static
@@ -17,6 +19,7 @@ itself (missing files, weights, splits, token ids) at once, before any model is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +33,7 @@ from megatron_ddk.errors import DataError
 DEFAULT_VALID_FRACTION = 0.01
 DOCUMENT_SUFFIXES = ("_text_document", "_document")
 """Stripped from a prefix's file name to name its domain in the ``--data-path`` form."""
-_KEYS = ("name", "train", "valid", "valid_fraction", "weight")
+_KEYS = ("name", "train", "valid", "valid_fraction", "test", "test_fraction", "weight")
 
 
 class DataConfigError(DataError, ValueError):
@@ -45,6 +48,10 @@ class Domain:
     valid_prefix: str | None = None
     """A separate validation dataset; when None, ``valid_fraction`` of the training documents is held out."""
     valid_fraction: float = DEFAULT_VALID_FRACTION
+    test_prefix: str | None = None
+    """A separate test dataset (held-out evaluation: ``tools/evaluate.py --split test``); never trained on."""
+    test_fraction: float = 0.0
+    """Without ``test_prefix``: this fraction of the training documents (the last ones) is held out as test."""
     weight: float = 1.0
     """Initial (DDK) or fixed (static mixing) sampling weight; normalized over domains."""
 
@@ -58,6 +65,10 @@ class DomainRegistry:
     @property
     def names(self) -> list[str]:
         return [d.name for d in self.domains]
+
+    @property
+    def has_test_split(self) -> bool:
+        return all(d.test_prefix is not None or d.test_fraction > 0 for d in self.domains)
 
     @property
     def initial_weights(self) -> np.ndarray:
@@ -128,9 +139,15 @@ def _parse_domain(entry: object, source: str, index: int, base: Path) -> tuple[D
         problems.append(f"{where}: 'valid' must be one dataset prefix")
     if valid is not None and "valid_fraction" in entry:
         problems.append(f"{where}: give either 'valid' or 'valid_fraction', not both")
+    test = entry.get("test")
+    if test is not None and (not isinstance(test, str) or not test):
+        problems.append(f"{where}: 'test' must be one dataset prefix")
+    if test is not None and "test_fraction" in entry:
+        problems.append(f"{where}: give either 'test' or 'test_fraction', not both")
     weight = entry.get("weight", 1.0)
     valid_fraction = entry.get("valid_fraction", DEFAULT_VALID_FRACTION)
-    for key, value in (("weight", weight), ("valid_fraction", valid_fraction)):
+    test_fraction = entry.get("test_fraction", 0.0)
+    for key, value in (("weight", weight), ("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             problems.append(f"{where}: {key} {value!r} is not a number")
     if problems or not isinstance(name, str) or not isinstance(train, list):
@@ -140,6 +157,8 @@ def _parse_domain(entry: object, source: str, index: int, base: Path) -> tuple[D
         train_prefixes=tuple(_resolve(base, p) for p in train),
         valid_prefix=_resolve(base, valid) if valid else None,
         valid_fraction=float(valid_fraction),
+        test_prefix=_resolve(base, test) if test else None,
+        test_fraction=float(test_fraction),
         weight=float(weight),
     ), []
 
@@ -225,14 +244,56 @@ def validate_registry(registry: DomainRegistry, *, vocab_size: int, scan_token_i
                 f"{at}: valid prefix {domain.valid_prefix} is also a training prefix; validation "
                 "data must be held out (drop 'valid' to split off valid_fraction instead)"
             )
-        prefixes = list(
-            dict.fromkeys(domain.train_prefixes + ((domain.valid_prefix,) if domain.valid_prefix else ()))
-        )
+        problems += _test_split_problems(domain, at)
+        extra = tuple(p for p in (domain.valid_prefix, domain.test_prefix) if p)
+        prefixes = list(dict.fromkeys(domain.train_prefixes + extra))
         for prefix in prefixes:
             if prefix not in checked:
                 checked[prefix] = _check_dataset(prefix, vocab_size if scan_token_ids else None)
             if checked[prefix]:
                 problems.append(f"{at}: {checked[prefix]}")
+    if problems:
+        raise DataConfigError("\n".join(problems))
+
+
+def _test_split_problems(domain: Domain, at: str) -> list[str]:
+    """The test split must be held out from training and validation (checked by prefix; the document
+    contents are compared by ``check_test_documents_disjoint``)."""
+    problems = []
+    held_out = (domain.valid_fraction if domain.valid_prefix is None else 0.0) + domain.test_fraction
+    if domain.test_prefix is None and domain.test_fraction != 0 and not (0 < domain.test_fraction and held_out < 1):
+        problems.append(f"{at}: test_fraction {domain.test_fraction} must be in [0, 1) and leave training "
+                        "documents (with valid_fraction)")
+    test = domain.test_prefix and os.path.realpath(domain.test_prefix)
+    if test and test in {os.path.realpath(p) for p in domain.train_prefixes}:
+        problems.append(f"{at}: test prefix {domain.test_prefix} is also a training prefix; the test split "
+                        "must be held out (drop 'test' and use test_fraction instead)")
+    if test and domain.valid_prefix and test == os.path.realpath(domain.valid_prefix):
+        problems.append(f"{at}: test prefix {domain.test_prefix} is also the 'valid' prefix; DDK reads the "
+                        "validation set, so the test set must be a different one")
+    return problems
+
+
+def check_test_documents_disjoint(registry: DomainRegistry) -> None:
+    """Refuse (``DataConfigError``, one line per domain) a separate ``test`` dataset sharing a document
+    with the domain's training or validation datasets: compares the token sequences by hash."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    def digests(prefix: str) -> set[bytes]:
+        dataset = IndexedDataset(prefix, mmap=True)
+        return {hashlib.sha1(np.asarray(dataset[i]).tobytes()).digest() for i in range(len(dataset))}
+
+    problems = []
+    for domain in registry.domains:
+        if domain.test_prefix is None:
+            continue  # a test_fraction is a document split of the training prefixes: disjoint by construction
+        test = digests(domain.test_prefix)
+        others = domain.train_prefixes + ((domain.valid_prefix,) if domain.valid_prefix else ())
+        shared = sum(len(test & digests(p)) for p in others)
+        if shared:
+            problems.append(f"{registry.source}: domain {domain.name!r}: test set {domain.test_prefix} shares "
+                            f"{shared} documents with its training/validation data; rebuild the splits without "
+                            "overlap (e.g. tools/make_local_corpus.py de-duplicates before splitting)")
     if problems:
         raise DataConfigError("\n".join(problems))
 

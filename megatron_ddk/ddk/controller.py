@@ -32,9 +32,12 @@ from megatron_ddk.errors import CheckpointError
 
 class DDKController:
     def __init__(self, *, mixing: str, alpha: float, interval: int, domain_names: Sequence[str],
-                 static_weights: Sequence[float], log_file: str | None, dynamic: bool):
+                 static_weights: Sequence[float], log_file: str | None, dynamic: bool,
+                 temperature: float = 1.0, max_step: float = 1.0):
         self.mixing = mixing
         self.alpha = alpha
+        self.temperature = temperature
+        self.max_step = max_step
         self.interval = interval
         self.domain_names = list(domain_names)
         self.static_weights = np.asarray(static_weights, dtype=np.float64)
@@ -68,7 +71,7 @@ class DDKController:
         weights = self.initial_weights()
         if self.dynamic and self.ce_teacher is not None:
             weights = factor.next_weights(self.mixing, r_prev=None, ce_student=ce_student, ce_teacher=self.ce_teacher,
-                                          alpha=self.alpha, static_weights=self.static_weights)
+                                          alpha=self.alpha, static_weights=self.static_weights, **self._variant)
         self._log(iteration, window=0, ce_student=ce_student, weights=weights)
         return weights
 
@@ -78,9 +81,14 @@ class DDKController:
             raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
         self.ce_student_last = ce_student
         weights = factor.next_weights(self.mixing, r_prev=r_prev, ce_student=ce_student, ce_teacher=self.ce_teacher,
-                                      alpha=self.alpha, static_weights=self.static_weights)
+                                      alpha=self.alpha, static_weights=self.static_weights, **self._variant)
         self._log(iteration, window=self.window_of(iteration), ce_student=ce_student, weights=weights)
         return weights
+
+    @property
+    def _variant(self) -> dict[str, float]:
+        """The ``ddk-*`` modes' parameters (docs/DDK.md)."""
+        return {"temperature": self.temperature, "max_step": self.max_step}
 
     def finish(self, ce_student: np.ndarray) -> None:
         self.ce_student_last = ce_student

@@ -290,6 +290,7 @@ class Trainer:
             mixing=cfg.ddk.mixing, alpha=cfg.ddk.alpha, interval=cfg.ddk.interval,
             domain_names=self.registry.names, static_weights=self.registry.initial_weights,
             log_file=log_file if distributed.is_rank_0() else None, dynamic=cfg.distill.mode == "ddk",
+            temperature=cfg.ddk.temperature, max_step=cfg.ddk.max_step,
         )
 
     def _tensorboard(self):

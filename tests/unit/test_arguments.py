@@ -65,6 +65,8 @@ def test_every_problem_is_reported_at_once():
     (["--ddk-mode", "cpt", "--save-interval", "3"], "--save-interval needs --save"),
     (["--ddk-mode", "cpt", "--num-query-groups", "3"], "--num-query-groups 3"),
     (["--ddk-mode", "cpt", "--lr-warmup-iters", "10"], "--lr-warmup-iters 10"),
+    (["--ddk-mode", "cpt", "--ddk-temperature", "0"], "--ddk-temperature must be > 0"),
+    (["--ddk-mode", "cpt", "--ddk-max-step", "1.5"], "--ddk-max-step must be in"),
 ])
 def test_bad_combinations(extra, needle):
     with pytest.raises(ArgumentError, match=needle.replace("(", r"\(")):
@@ -188,3 +190,10 @@ def test_teacher_experts_not_divisible_by_ep_and_layout_products():
     with pytest.raises(ValueError, match="not divisible by --expert-model-parallel-size"):
         ParallelLayout(world_size=4, tensor_model_parallel_size=2, expert_model_parallel_size=4)
     assert ParallelLayout(world_size=8, tensor_model_parallel_size=2, expert_model_parallel_size=4).ep_enabled
+
+
+def test_mixing_modes_and_their_parameters():
+    cfg = parse("--ddk-mode", "cpt", "--ddk-mixing", "ddk-robust", "--ddk-temperature", "2", "--ddk-max-step", "0.1")
+    assert (cfg.ddk.mixing, cfg.ddk.temperature, cfg.ddk.max_step) == ("ddk-robust", 2.0, 0.1)
+    with pytest.raises(SystemExit):  # argparse: unknown --ddk-mixing choice
+        parse("--ddk-mode", "cpt", "--ddk-mixing", "greedy")

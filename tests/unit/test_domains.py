@@ -13,6 +13,7 @@ from megatron_ddk.data.domains import (
     DataConfigError,
     Domain,
     DomainRegistry,
+    check_test_documents_disjoint,
     dataset_summary,
     load_domain_registry,
     registry_from_data_path,
@@ -62,6 +63,32 @@ def test_yaml_registry(data, monkeypatch):
     assert prose.valid_prefix == str(data / "prose_valid_text_document") and prose.weight == 1.0
     assert registry.source == "--domains domains.yaml"
     validate_registry(registry, vocab_size=400)
+
+
+def test_test_splits(data):
+    write_dataset(data / "code_test_text_document", [[30, 31, 2]])
+    write_dataset(data / "leaky_test_text_document", [[31, 2], [8, 9, 2]])  # [8, 9, 2] is a training document
+    (data / "domains.yaml").write_text(
+        "domains:\n"
+        "  - {name: code, train: code_text_document, test: code_test_text_document}\n"
+        "  - {name: prose, train: prose_text_document, valid: prose_valid_text_document, test_fraction: 0.2}\n"
+    )
+    registry = load_domain_registry(data / "domains.yaml")
+    code, prose = registry.domains
+    assert code.test_prefix == str(data / "code_test_text_document") and code.test_fraction == 0.0
+    assert prose.test_prefix is None and prose.test_fraction == 0.2
+    assert registry.has_test_split
+    validate_registry(registry, vocab_size=400)
+    check_test_documents_disjoint(registry)
+    leaky = DomainRegistry(domains=(Domain(name="code", train_prefixes=(str(data / "code_text_document"),),
+                                           test_prefix=str(data / "leaky_test_text_document")),), source="--domains r")
+    with pytest.raises(DataConfigError, match="shares 1 documents with its training/validation data") as err:
+        check_test_documents_disjoint(leaky)
+    assert len(str(err.value).splitlines()) == 1
+    assert not DomainRegistry(domains=(Domain(name="x", train_prefixes=("p",)),)).has_test_split
+    (data / "bad.yaml").write_text("domains:\n  - {name: c, train: code_text_document, test: t, test_fraction: 0.1}\n")
+    with pytest.raises(DataConfigError, match="either 'test' or 'test_fraction'"):
+        load_domain_registry(data / "bad.yaml")
 
 
 def test_json_registry_by_extension(data):
@@ -133,6 +160,9 @@ def test_validation_reports_every_problem(data):
             Domain(name="code", train_prefixes=(str(data / "missing_text_document"),), weight=float("nan")),
             Domain(name="prose", train_prefixes=(prose,), valid_fraction=1.5),
             Domain(name="both", train_prefixes=(code,), valid_prefix=code),
+            Domain(name="tested", train_prefixes=(code,), valid_prefix=prose, test_prefix=code),
+            Domain(name="peeking", train_prefixes=(code,), valid_prefix=prose, test_prefix=prose),
+            Domain(name="greedy", train_prefixes=(code,), valid_fraction=0.5, test_fraction=0.6),
         ),
         source="--domains reg.yaml",
     )
@@ -148,8 +178,11 @@ def test_validation_reports_every_problem(data):
         "domain 'prose': valid_fraction 1.5 must be in (0, 1)",
         f"domain 'prose': {prose} holds token id 399 but the tokenizer has 100 tokens",
         f"domain 'both': valid prefix {code} is also a training prefix",
+        f"domain 'tested': test prefix {code} is also a training prefix",
+        f"domain 'peeking': test prefix {prose} is also the 'valid' prefix",
+        "domain 'greedy': test_fraction 0.6 must be in [0, 1) and leave training documents",
     ]
-    assert len(lines) == len(expected)
+    assert len(lines) == len(expected) + 2  # prose's token ids, reported again for the two domains validating on it
     for needle in expected:
         assert any(needle in line for line in lines), needle
     with pytest.raises(DataConfigError, match="no domains"):
@@ -242,3 +275,19 @@ def test_demo_corpus_is_deterministic_and_writes_its_registry(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
         [f"{n}.jsonl" for n in DOMAINS] + ["domains.yaml"]
     )
+
+
+def test_local_corpus_splits_documents_without_overlap(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import make_local_corpus
+
+    documents = [f"document {i} " * 30 for i in range(40)] + ["document 0 " * 30]  # one duplicate
+    rng = __import__("random").Random(3)
+    kept = make_local_corpus.collect(lambda: iter(documents), rng, budget_bytes=10**9)
+    assert len(kept) == 40  # de-duplicated before the split
+    splits = make_local_corpus.split_documents(kept, 0.1, 0.1)
+    assert [len(splits[k]) for k in ("train", "valid", "test")] == [32, 4, 4]
+    assert not set(splits["test"]) & (set(splits["train"]) | set(splits["valid"]))
+    assert make_local_corpus.collect(lambda: iter(documents), __import__("random").Random(3), 10**9) == kept

@@ -106,7 +106,7 @@ def test_modes():
     assert factor.first_weights("ddk", static, 2).tolist() == [0.75, 0.25]
     assert factor.first_weights("no-smoothing", static, 2).tolist() == [0.75, 0.25]
     assert factor.first_weights("static", static, 2).tolist() == [0.75, 0.25]
-    assert factor.MIXING_MODES == ("ddk", "no-smoothing", "equal", "static")
+    assert factor.MIXING_MODES[:4] == ("ddk", "no-smoothing", "equal", "static")
 
 
 @pytest.mark.parametrize("call,needle", [
@@ -122,7 +122,74 @@ def test_modes():
                                  static_weights=[1]), "--ddk-mixing"),
     (lambda: factor.first_weights("static", [1.0, -1.0], 2), "positive"),
     (lambda: factor.first_weights("ddk", [1.0], 2), "2 positive numbers"),
+    (lambda: factor.next_weights("ddk-log", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5,
+                                 static_weights=[1], temperature=0.0), "--ddk-temperature"),
+    (lambda: factor.next_weights("ddk-tempered", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5,
+                                 static_weights=[1], temperature=-1.0), "--ddk-temperature"),
+    (lambda: factor.bounded_step([0.5, 0.5], [0.1, 0.9], 0.0), "--ddk-max-step"),
 ])
 def test_bad_input(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
+
+
+# ------------------------------------------------------------------ the ddk-* modes (beyond the paper)
+def weights(mode, ratios, r_prev=None, **kw):
+    s, t = ce_for_ratios(ratios)
+    return factor.next_weights(mode, r_prev=r_prev, ce_student=s, ce_teacher=t, alpha=kw.pop("alpha", 0.5),
+                               static_weights=kw.pop("static", [1.0] * len(ratios)), **kw)
+
+
+def test_smooth0_mixes_window_0_with_uniform():
+    # Eq. 1 on ratios [1, 2] = [0.268941, 0.731059]; 0.5 * that + 0.25 = [0.384471, 0.615529]
+    np.testing.assert_allclose(weights("ddk-smooth0", [1.0, 2.0]), [0.38447071068499755, 0.6155292893150024],
+                               rtol=1e-12)
+    # later windows: Eq. 2 unchanged
+    np.testing.assert_allclose(weights("ddk-smooth0", [1.0, 2.0], r_prev=[0.5, 0.5]), [0.384471, 0.615529],
+                               atol=1e-6)
+
+
+def test_tempered_divides_the_ratios():
+    # tau = 2: softmax([0.5, 1.0]) = [1, e^0.5] / (1 + e^0.5) = [0.377541, 0.622459]
+    np.testing.assert_allclose(weights("ddk-tempered", [1.0, 2.0], temperature=2.0), [0.377541, 0.622459],
+                               atol=1e-6)
+    np.testing.assert_allclose(weights("ddk-tempered", [1.0, 2.0]), factor.initial_factor(*ce_for_ratios([1, 2])))
+
+
+def test_log_space_weights_are_proportional_to_the_ratio():
+    # g = log ratio: softmax(log [1, 2]) = [1/3, 2/3]; tau = 2: ~ sqrt(ratio) = [1, 1.414214] / 2.414214
+    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0]), [1 / 3, 2 / 3], rtol=1e-12)
+    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0], temperature=2.0), [0.414214, 0.585786], atol=1e-6)
+    # Eq. 2 in log space: psi = r_t * ratio = [0.5, 1.0] -> [1/3, 2/3]; 0.5 * that + 0.25
+    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0], r_prev=[0.5, 0.5]), [5 / 12, 7 / 12], rtol=1e-12)
+    # from r = [0.8, 0.2]: psi = [0.8, 0.4] -> [2/3, 1/3] -> [0.583333, 0.416667]
+    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0], r_prev=[0.8, 0.2]), [7 / 12, 5 / 12], rtol=1e-12)
+
+
+def test_robust_on_the_issue_ratios():
+    # issue #16's iteration-0 ratios: the paper's Eq. 1 puts 99.6% on one domain
+    ratios = [2.1, 4.9, 2.8, 10.6]
+    paper = weights("ddk", ratios)
+    assert paper[3] > 0.995 and paper[1] == pytest.approx(0.004, abs=1e-3)
+    # log space: ratio / sum = [2.1, 4.9, 2.8, 10.6] / 20.4; robust adds Eq. 2's uniform term: 0.5 w + 0.125
+    proportional = np.array(ratios) / 20.4
+    np.testing.assert_allclose(weights("ddk-log", ratios), proportional, rtol=1e-12)
+    np.testing.assert_allclose(weights("ddk-robust", ratios), 0.5 * proportional + 0.125, rtol=1e-12)
+    np.testing.assert_allclose(weights("ddk-robust", ratios), [0.176471, 0.245098, 0.193627, 0.384804], atol=1e-6)
+    # its updates are ddk-log's
+    prev = [0.1, 0.2, 0.3, 0.4]
+    np.testing.assert_allclose(weights("ddk-robust", ratios, r_prev=prev), weights("ddk-log", ratios, r_prev=prev))
+
+
+def test_bounded_moves_at_most_max_step():
+    # window 0 starts from the registry's weights [0.5, 0.5]; Eq. 1 wants [0.268941, 0.731059] (TV 0.231059);
+    # a step of 0.1 goes 0.1 / 0.231059 of the way: [0.4, 0.6]
+    np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], max_step=0.1), [0.4, 0.6], rtol=1e-12)
+    np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], static=[3.0, 1.0], max_step=0.1), [0.65, 0.35],
+                               rtol=1e-12)
+    # a step larger than the distance reaches the paper's weights
+    np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], max_step=0.5), weights("ddk", [1.0, 2.0]))
+    # an update: Eq. 2 from [0.5, 0.5] wants [0.384471, 0.615529] (TV 0.115529); a step of 0.05: [0.45, 0.55]
+    np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], r_prev=[0.5, 0.5], max_step=0.05), [0.45, 0.55],
+                               rtol=1e-12)
+    assert factor.total_variation([0.5, 0.5], [0.45, 0.55]) == pytest.approx(0.05)
