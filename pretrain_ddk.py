@@ -1,6 +1,6 @@
 """Distil a teacher GPT into a student with DDK on megatron-core (or run the CPT / KD baselines).
 
-    torchrun --nproc-per-node 8 pretrain_ddk.py --ddk-mode ddk --teacher-load TEACHER ... (see README.md)
+torchrun --nproc-per-node 8 pretrain_ddk.py --ddk-mode ddk --teacher-load TEACHER ... (see README.md)
 """
 
 from __future__ import annotations

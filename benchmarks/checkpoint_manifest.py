@@ -21,52 +21,125 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddk_overhead import ROOT, sh  # noqa: E402
 
-SAVE = re.compile(r"successfully saved checkpoint at iteration\s+(\d+) .*\[ ([0-9.]+)s, manifest ([0-9.]+)s \]")
-TEACHER = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--num-query-groups", "4",
-           "--ffn-hidden-size", "704", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-           "--seq-length", "128", "--micro-batch-size", "8", "--global-batch-size", "16", "--lr", "3e-3",
-           "--ddk-mode", "cpt", "--ddk-val-samples", "8", "--log-interval", "1"]
+SAVE = re.compile(
+    r"successfully saved checkpoint at iteration\s+(\d+) .*\[ ([0-9.]+)s, manifest ([0-9.]+)s \]"
+)
+TEACHER = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "256",
+    "--num-attention-heads",
+    "8",
+    "--num-query-groups",
+    "4",
+    "--ffn-hidden-size",
+    "704",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--seq-length",
+    "128",
+    "--micro-batch-size",
+    "8",
+    "--global-batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+    "--ddk-mode",
+    "cpt",
+    "--ddk-val-samples",
+    "8",
+    "--log-interval",
+    "1",
+]
 
 
 def prepare(work: Path) -> list[str]:
     corpus = work / "corpus"
     if not (corpus / "domains.yaml").exists():
         sh("tools/make_demo_corpus.py", "--output-dir", str(corpus), "--size-mb", "1")
-    names = [line.split(":")[1].strip() for line in (corpus / "domains.yaml").read_text().splitlines()
-             if line.strip().startswith("- name:")]
+    names = [
+        line.split(":")[1].strip()
+        for line in (corpus / "domains.yaml").read_text().splitlines()
+        if line.strip().startswith("- name:")
+    ]
     tok = work / "tok.model"
     if not tok.exists():
-        sh("tools/train_tokenizer.py", "--input", *[str(corpus / f"{n}.jsonl") for n in names],
-           "--output-prefix", str(work / "tok"), "--vocab-size", "4096", "--model-type", "bpe")
+        sh(
+            "tools/train_tokenizer.py",
+            "--input",
+            *[str(corpus / f"{n}.jsonl") for n in names],
+            "--output-prefix",
+            str(work / "tok"),
+            "--vocab-size",
+            "4096",
+            "--model-type",
+            "bpe",
+        )
     for n in names:
         if not (corpus / f"{n}_text_document.idx").exists():
-            sh("tools/preprocess_data.py", "--input", str(corpus / f"{n}.jsonl"), "--output-prefix", str(corpus / n),
-               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tok), "--append-eod",
-               "--no-progress")
-    return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tok),
-            "--domains", str(corpus / "domains.yaml"), "--data-cache-path", str(work / "cache")]
+            sh(
+                "tools/preprocess_data.py",
+                "--input",
+                str(corpus / f"{n}.jsonl"),
+                "--output-prefix",
+                str(corpus / n),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                str(tok),
+                "--append-eod",
+                "--no-progress",
+            )
+    return [
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(tok),
+        "--domains",
+        str(corpus / "domains.yaml"),
+        "--data-cache-path",
+        str(work / "cache"),
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--saves", type=int, default=8)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_manifest_"))
     data = prepare(work)
-    out = sh("pretrain_ddk.py", *TEACHER, *data, "--train-iters", str(args.saves), "--save", str(work / "ckpt"),
-             "--save-interval", "1", cwd=ROOT)
+    out = sh(
+        "pretrain_ddk.py",
+        *TEACHER,
+        *data,
+        "--train-iters",
+        str(args.saves),
+        "--save",
+        str(work / "ckpt"),
+        "--save-interval",
+        "1",
+        cwd=ROOT,
+    )
     saves = [(int(i), float(total), float(manifest)) for i, total, manifest in SAVE.findall(out)]
     size = sum(p.stat().st_size for p in (work / "ckpt" / f"iter_{args.saves:07d}").iterdir())
-    print(f"quickstart teacher checkpoint: {size / 1e6:.1f} MB in "
-          f"{len(list((work / 'ckpt' / f'iter_{args.saves:07d}').iterdir()))} files")
+    print(
+        f"quickstart teacher checkpoint: {size / 1e6:.1f} MB in "
+        f"{len(list((work / 'ckpt' / f'iter_{args.saves:07d}').iterdir()))} files"
+    )
     print(f"{'save':>5} {'total s':>8} {'manifest s':>11} {'manifest / rest':>16}")
     ratios = []
     for iteration, total, manifest in saves:
         ratios.append(manifest / (total - manifest))
         print(f"{iteration:5d} {total:8.3f} {manifest:11.4f} {ratios[-1]:15.1%}")
-    print(f"median added save time: {statistics.median(ratios):.1%} (first save included: it also creates the "
-          f"directory tree)")
+    print(
+        f"median added save time: {statistics.median(ratios):.1%} (first save included: it also creates the "
+        f"directory tree)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,13 @@ LINE = re.compile(r"iteration\s+\d+/\s*\d+ \|.*?elapsed time per iteration \(ms\
 
 
 def sh(*cmd: str, cwd: Path = ROOT) -> str:
-    proc = subprocess.run([sys.executable, *cmd], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, *cmd],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"},
+    )
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd[:2])} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout
@@ -42,17 +47,37 @@ def prepare(work: Path) -> tuple[Path, Path]:
     corpus = work / "corpus"
     if not (corpus / "domains.yaml").exists():
         sh("tools/make_demo_corpus.py", "--output-dir", str(corpus), "--size-mb", "2")
-    names = [line.split(":")[1].strip() for line in (corpus / "domains.yaml").read_text().splitlines()
-             if line.strip().startswith("- name:")]
+    names = [
+        line.split(":")[1].strip()
+        for line in (corpus / "domains.yaml").read_text().splitlines()
+        if line.strip().startswith("- name:")
+    ]
     tok = work / "tok.model"
     if not tok.exists():
-        sh("tools/train_tokenizer.py", "--input", *[str(corpus / f"{n}.jsonl") for n in names],
-           "--output-prefix", str(work / "tok"), "--vocab-size", "2048")
+        sh(
+            "tools/train_tokenizer.py",
+            "--input",
+            *[str(corpus / f"{n}.jsonl") for n in names],
+            "--output-prefix",
+            str(work / "tok"),
+            "--vocab-size",
+            "2048",
+        )
     for n in names:
         if not (corpus / f"{n}_text_document.idx").exists():
-            sh("tools/preprocess_data.py", "--input", str(corpus / f"{n}.jsonl"), "--output-prefix", str(corpus / n),
-               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tok), "--append-eod",
-               "--no-progress")
+            sh(
+                "tools/preprocess_data.py",
+                "--input",
+                str(corpus / f"{n}.jsonl"),
+                "--output-prefix",
+                str(corpus / n),
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                str(tok),
+                "--append-eod",
+                "--no-progress",
+            )
     return corpus / "domains.yaml", tok
 
 
@@ -62,7 +87,9 @@ def per_iteration_ms(stdout: str, log_interval: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work-dir", default=None, help="reused between runs (default: a temp dir)")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--interval", type=int, default=50)
@@ -72,25 +99,82 @@ def main() -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ddk_overhead_"))
     work.mkdir(parents=True, exist_ok=True)
     registry, tok = prepare(work)
-    data = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tok), "--domains", str(registry),
-            "--data-cache-path", str(work / "cache"), "--seq-length", "128"]
-    common = ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--micro-batch-size", "8",
-              "--global-batch-size", "16", "--seed", "1234", "--lr", "1e-3", "--ddk-val-samples", str(args.val_samples)]
+    data = [
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(tok),
+        "--domains",
+        str(registry),
+        "--data-cache-path",
+        str(work / "cache"),
+        "--seq-length",
+        "128",
+    ]
+    common = [
+        "--swiglu",
+        "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights",
+        "--micro-batch-size",
+        "8",
+        "--global-batch-size",
+        "16",
+        "--seed",
+        "1234",
+        "--lr",
+        "1e-3",
+        "--ddk-val-samples",
+        str(args.val_samples),
+    ]
     teacher = work / "teacher"
     if not (teacher / "latest_checkpointed_iteration.txt").exists():
-        sh("pretrain_ddk.py", "--ddk-mode", "cpt", *data, *common, "--num-layers", "4", "--hidden-size", "256",
-           "--num-attention-heads", "8", "--ffn-hidden-size", "704", "--train-iters", "20", "--save", str(teacher))
-    student = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "352",
-               "--teacher-load", str(teacher), "--train-iters", str(args.iters), "--log-interval", str(args.interval),
-               "--ddk-interval", str(args.interval)]
+        sh(
+            "pretrain_ddk.py",
+            "--ddk-mode",
+            "cpt",
+            *data,
+            *common,
+            "--num-layers",
+            "4",
+            "--hidden-size",
+            "256",
+            "--num-attention-heads",
+            "8",
+            "--ffn-hidden-size",
+            "704",
+            "--train-iters",
+            "20",
+            "--save",
+            str(teacher),
+        )
+    student = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "128",
+        "--num-attention-heads",
+        "4",
+        "--ffn-hidden-size",
+        "352",
+        "--teacher-load",
+        str(teacher),
+        "--train-iters",
+        str(args.iters),
+        "--log-interval",
+        str(args.interval),
+        "--ddk-interval",
+        str(args.interval),
+    ]
     times = {"kd": [], "ddk": []}
     for _ in range(args.repeats):
         for mode in ("kd", "ddk"):  # alternate, so drifting machine load hits both alike
             out = sh("pretrain_ddk.py", "--ddk-mode", mode, *data, *common, *student)
             times[mode].append(per_iteration_ms(out, args.interval))
     kd, ddk = statistics.median(times["kd"]), statistics.median(times["ddk"])
-    print(f"{args.iters} iterations, K={args.interval}, {args.val_samples} validation samples/domain, "
-          f"GBS 16 x seq 128; runs per mode: {args.repeats} (alternating)")
+    print(
+        f"{args.iters} iterations, K={args.interval}, {args.val_samples} validation samples/domain, "
+        f"GBS 16 x seq 128; runs per mode: {args.repeats} (alternating)"
+    )
     print(f"{'mode':>5s} | {'ms / iteration (median)':>24s} | runs")
     print(f"{'kd':>5s} | {kd:24.1f} | {', '.join(f'{t:.1f}' for t in times['kd'])}")
     print(f"{'ddk':>5s} | {ddk:24.1f} | {', '.join(f'{t:.1f}' for t in times['ddk'])}")

@@ -41,16 +41,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk of the chunked loss")
     p.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes (median reported)")
-    p.add_argument("--warmup", type=int, default=0,
-                   help="untimed full-size passes first (their memory still counts); the kernels are always "
-                   "warmed on 4 tokens before the baseline")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: the CPU, then CUDA too when available")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="untimed full-size passes first (their memory still counts); the kernels are always "
+        "warmed on 4 tokens before the baseline",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: the CPU, then CUDA too when available",
+    )
     p.add_argument("--child", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--child-device", default="cpu", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    problems = [f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
-                for name in ("tokens", "vocab", "repeats") if getattr(args, name) < 1]
+    problems = [
+        f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+        for name in ("tokens", "vocab", "repeats")
+        if getattr(args, name) < 1
+    ]
     if args.warmup < 0:
         problems.append(f"--warmup must be >= 0, got {args.warmup}")
     if not args.temperature > 0:
@@ -98,8 +109,9 @@ def run_child(args: argparse.Namespace) -> dict:
     def loss_fn(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if args.child == "naive":
             return reference_kd_loss(s, t, kind=args.kind, temperature=args.temperature)
-        return vocab_parallel_kd_loss(s, t, kind=args.kind, temperature=args.temperature,
-                                      chunk_size=args.chunk_size)
+        return vocab_parallel_kd_loss(
+            s, t, kind=args.kind, temperature=args.temperature, chunk_size=args.chunk_size
+        )
 
     # page in the kernels' code (it counts in RSS) on a few tokens before taking the baseline
     tiny = student[:4].detach().clone().requires_grad_()
@@ -124,24 +136,50 @@ def run_child(args: argparse.Namespace) -> dict:
         loss_sum = loss.item()
         del loss
     peak = torch.cuda.max_memory_allocated() - base if cuda else _peak_rss_bytes() - base
-    return {"peak_bytes": peak, "time_s": statistics.median(times), "loss_sum": loss_sum,
-            "baseline_ok": cuda or base_peak <= base + 64 * 2**20,
-            "grad_bytes": student.grad.numel() * student.grad.element_size(),
-            "threads": torch.get_num_threads()}
+    return {
+        "peak_bytes": peak,
+        "time_s": statistics.median(times),
+        "loss_sum": loss_sum,
+        "baseline_ok": cuda or base_peak <= base + 64 * 2**20,
+        "grad_bytes": student.grad.numel() * student.grad.element_size(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def measure(args: argparse.Namespace, impl: str, device: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", impl, "--child-device", device,
-           "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--dtype", args.dtype, "--kind", args.kind,
-           "--temperature", str(args.temperature), "--chunk-size", str(args.chunk_size),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        impl,
+        "--child-device",
+        device,
+        "--tokens",
+        str(args.tokens),
+        "--vocab",
+        str(args.vocab),
+        "--dtype",
+        args.dtype,
+        "--kind",
+        args.kind,
+        "--temperature",
+        str(args.temperature),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+    ]
     # a fixed glibc mmap threshold: every buffer >= 64 KiB goes back to the OS when freed, so the peak
     # RSS follows live tensors, not what glibc's adaptive threshold would keep in its heap
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{impl} on {device} failed (exit {proc.returncode}); out of memory? try fewer --tokens\n"
-                         f"{proc.stderr[-3000:]}")
+        raise SystemExit(
+            f"{impl} on {device} failed (exit {proc.returncode}); out of memory? try fewer --tokens\n"
+            f"{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -150,25 +188,35 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(run_child(args)))
         return
-    devices = [args.device] if args.device != "auto" else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = (
+        [args.device] if args.device != "auto" else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    )
     input_mib = 2 * args.tokens * args.vocab * DTYPES[args.dtype].itemsize / 2**20
-    print(f"KD loss {args.kind}, T={args.temperature}: {args.tokens} tokens x {args.vocab} vocab, {args.dtype} "
-          f"logits ({input_mib:.0f} MiB of inputs), chunk {args.chunk_size} tokens, TP=1, forward+backward, "
-          f"median of {args.repeats} after {args.warmup} warm-up")
-    header = (f"{'device':<7}{'naive MiB':>11}{'chunked MiB':>13}{'mem ratio':>11}"
-              f"{'naive s':>10}{'chunked s':>11}{'time ratio':>12}{'|dloss|/loss':>14}")
+    print(
+        f"KD loss {args.kind}, T={args.temperature}: {args.tokens} tokens x {args.vocab} vocab, {args.dtype} "
+        f"logits ({input_mib:.0f} MiB of inputs), chunk {args.chunk_size} tokens, TP=1, forward+backward, "
+        f"median of {args.repeats} after {args.warmup} warm-up"
+    )
+    header = (
+        f"{'device':<7}{'naive MiB':>11}{'chunked MiB':>13}{'mem ratio':>11}"
+        f"{'naive s':>10}{'chunked s':>11}{'time ratio':>12}{'|dloss|/loss':>14}"
+    )
     print(header)
     print("-" * len(header))
     for device in devices:
         naive, chunked = (measure(args, impl, device) for impl in IMPLS)
         rel = abs(naive["loss_sum"] - chunked["loss_sum"]) / max(abs(naive["loss_sum"]), 1e-30)
-        print(f"{device:<7}{naive['peak_bytes'] / 2**20:>11.0f}{chunked['peak_bytes'] / 2**20:>13.0f}"
-              f"{chunked['peak_bytes'] / naive['peak_bytes']:>11.3f}{naive['time_s']:>10.3f}"
-              f"{chunked['time_s']:>11.3f}{chunked['time_s'] / naive['time_s']:>12.3f}{rel:>14.1e}")
+        print(
+            f"{device:<7}{naive['peak_bytes'] / 2**20:>11.0f}{chunked['peak_bytes'] / 2**20:>13.0f}"
+            f"{chunked['peak_bytes'] / naive['peak_bytes']:>11.3f}{naive['time_s']:>10.3f}"
+            f"{chunked['time_s']:>11.3f}{chunked['time_s'] / naive['time_s']:>12.3f}{rel:>14.1e}"
+        )
         if not (naive["baseline_ok"] and chunked["baseline_ok"]):
             print(f"  warning ({device}): the peak before the run exceeded the inputs; memory is understated")
-    print(f"(peak memory above the inputs; the student gradient is {chunked['grad_bytes'] / 2**20:.0f} MiB of "
-          f"it in both; torch threads: {chunked['threads']})")
+    print(
+        f"(peak memory above the inputs; the student gradient is {chunked['grad_bytes'] / 2**20:.0f} MiB of "
+        f"it in both; torch threads: {chunked['threads']})"
+    )
 
 
 if __name__ == "__main__":

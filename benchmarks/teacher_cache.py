@@ -28,10 +28,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's megatron_ddk
-TEACHER = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--num-query-groups", "4",
-           "--ffn-hidden-size", "704"]
-STUDENT = ["--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--num-query-groups", "2",
-           "--ffn-hidden-size", "352"]
+TEACHER = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "256",
+    "--num-attention-heads",
+    "8",
+    "--num-query-groups",
+    "4",
+    "--ffn-hidden-size",
+    "704",
+]
+STUDENT = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "352",
+]
 COMMON = ["--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--seed", "1234"]
 
 
@@ -52,8 +72,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(*cmd, torchrun_nproc: int | None = None) -> str:
-    full = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun_nproc}"]
-                              if torchrun_nproc else []), *map(str, cmd)]
+    full = [
+        sys.executable,
+        *(
+            ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun_nproc}"]
+            if torchrun_nproc
+            else []
+        ),
+        *map(str, cmd),
+    ]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run(full, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -69,7 +96,7 @@ def ms_per_iteration(stdout: str) -> float:
 def final_ce(stdout: str) -> dict[str, float]:
     """Per-domain final student CE from the result table (``student ppl after``)."""
     rows = {}
-    table = stdout[stdout.rindex("student ppl after"):]
+    table = stdout[stdout.rindex("student ppl after") :]
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.split("|")]
         if len(cells) == 6:
@@ -83,44 +110,152 @@ def main(argv=None) -> None:
     corpus = work / "corpus"
     if not (work / "tokenizer.model").exists():
         run("tools/make_demo_corpus.py", "--output-dir", corpus, "--size-mb", args.size_mb, "--seed", "1234")
-        names = [line.split(":", 1)[1].strip() for line in (corpus / "domains.yaml").read_text().splitlines()
-                 if line.strip().startswith("- name:")]
-        run("tools/train_tokenizer.py", "--input", *[corpus / f"{n}.jsonl" for n in names], "--output-prefix",
-            work / "tokenizer", "--vocab-size", args.vocab_size, "--model-type", "bpe", "--num-threads", "2")
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in (corpus / "domains.yaml").read_text().splitlines()
+            if line.strip().startswith("- name:")
+        ]
+        run(
+            "tools/train_tokenizer.py",
+            "--input",
+            *[corpus / f"{n}.jsonl" for n in names],
+            "--output-prefix",
+            work / "tokenizer",
+            "--vocab-size",
+            args.vocab_size,
+            "--model-type",
+            "bpe",
+            "--num-threads",
+            "2",
+        )
         for n in names:
-            run("tools/preprocess_data.py", "--input", corpus / f"{n}.jsonl", "--output-prefix", corpus / n,
-                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", work / "tokenizer.model",
-                "--append-eod", "--workers", "1")
-    data = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", work / "tokenizer.model",
-            "--domains", corpus / "domains.yaml", "--data-cache-path", work / "data_cache",
-            "--seq-length", args.seq_length]
+            run(
+                "tools/preprocess_data.py",
+                "--input",
+                corpus / f"{n}.jsonl",
+                "--output-prefix",
+                corpus / n,
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                work / "tokenizer.model",
+                "--append-eod",
+                "--workers",
+                "1",
+            )
+    data = [
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        work / "tokenizer.model",
+        "--domains",
+        corpus / "domains.yaml",
+        "--data-cache-path",
+        work / "data_cache",
+        "--seq-length",
+        args.seq_length,
+    ]
     batch = ["--micro-batch-size", args.micro_batch_size, "--global-batch-size", args.global_batch_size]
     if not (work / "teacher" / "latest_checkpointed_iteration.txt").exists():
-        run("pretrain_ddk.py", "--ddk-mode", "cpt", *data, *COMMON, *TEACHER, *batch, "--train-iters",
-            args.teacher_iters, "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "10", "--log-interval", "50",
-            "--ddk-val-samples", args.val_samples, "--save", work / "teacher", torchrun_nproc=args.nproc)
+        run(
+            "pretrain_ddk.py",
+            "--ddk-mode",
+            "cpt",
+            *data,
+            *COMMON,
+            *TEACHER,
+            *batch,
+            "--train-iters",
+            args.teacher_iters,
+            "--lr",
+            "3e-3",
+            "--min-lr",
+            "3e-4",
+            "--lr-warmup-iters",
+            "10",
+            "--log-interval",
+            "50",
+            "--ddk-val-samples",
+            args.val_samples,
+            "--save",
+            work / "teacher",
+            torchrun_nproc=args.nproc,
+        )
     cache = work / f"cache_k{args.top_k}"
-    tool_out = run("tools/cache_teacher_logits.py", "--output", cache, "--teacher-load", work / "teacher", *data,
-                   "--top-k", args.top_k, "--micro-batch-size", args.micro_batch_size, "--val-samples",
-                   args.val_samples, "--train-iters", args.student_iters, "--global-batch-size",
-                   args.global_batch_size, "--ddk-mode", "kd", "--no-progress", torchrun_nproc=args.nproc)
+    tool_out = run(
+        "tools/cache_teacher_logits.py",
+        "--output",
+        cache,
+        "--teacher-load",
+        work / "teacher",
+        *data,
+        "--top-k",
+        args.top_k,
+        "--micro-batch-size",
+        args.micro_batch_size,
+        "--val-samples",
+        args.val_samples,
+        "--train-iters",
+        args.student_iters,
+        "--global-batch-size",
+        args.global_batch_size,
+        "--ddk-mode",
+        "kd",
+        "--no-progress",
+        torchrun_nproc=args.nproc,
+    )
     tool_rate = float(re.findall(r"\(([0-9.]+) tokens/s over all ranks\)", tool_out)[-1])
 
-    student = [*data, *COMMON, *STUDENT, *batch, "--train-iters", args.student_iters, "--lr", "1e-3", "--min-lr",
-               "1e-4", "--lr-warmup-iters", "5", "--log-interval", args.student_iters // 2, "--kd-weight", "0.5",
-               "--ddk-val-samples", args.val_samples]
+    student = [
+        *data,
+        *COMMON,
+        *STUDENT,
+        *batch,
+        "--train-iters",
+        args.student_iters,
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+        "--lr-warmup-iters",
+        "5",
+        "--log-interval",
+        args.student_iters // 2,
+        "--kd-weight",
+        "0.5",
+        "--ddk-val-samples",
+        args.val_samples,
+    ]
     results = {}
-    for name, extra in [("cpt", ["--ddk-mode", "cpt"]),
-                        ("kd online", ["--ddk-mode", "kd", "--teacher-load", work / "teacher"]),
-                        ("kd cache", ["--ddk-mode", "kd", "--teacher-cache", cache])]:
+    for name, extra in [
+        ("cpt", ["--ddk-mode", "cpt"]),
+        ("kd online", ["--ddk-mode", "kd", "--teacher-load", work / "teacher"]),
+        ("kd cache", ["--ddk-mode", "kd", "--teacher-cache", cache]),
+    ]:
         results[name] = run("pretrain_ddk.py", *student, *extra, torchrun_nproc=args.nproc)
     ddk_logs = {}
-    for name, extra in [("online", ["--teacher-load", work / "teacher"]), ("cache", ["--teacher-cache", cache])]:
+    for name, extra in [
+        ("online", ["--teacher-load", work / "teacher"]),
+        ("cache", ["--teacher-cache", cache]),
+    ]:
         log = work / f"ddk_{name}.jsonl"
         log.unlink(missing_ok=True)
-        run("pretrain_ddk.py", *student, "--ddk-mode", "ddk",  # the later flags win: 2 iterations
-            "--train-iters", "2", "--log-interval", "1", "--lr-warmup-iters", "1", "--ddk-log-file", log, *extra,
-            torchrun_nproc=args.nproc)
+        run(
+            "pretrain_ddk.py",
+            *student,
+            "--ddk-mode",
+            "ddk",  # the later flags win: 2 iterations
+            "--train-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--lr-warmup-iters",
+            "1",
+            "--ddk-log-file",
+            log,
+            *extra,
+            torchrun_nproc=args.nproc,
+        )
         ddk_logs[name] = json.loads(log.read_text().splitlines()[0])
 
     ms = {name: ms_per_iteration(out) for name, out in results.items()}
@@ -132,30 +267,46 @@ def main(argv=None) -> None:
     cached_tokens = sum(s["stop"] - s["start"] for s in index["shards"]) * args.seq_length
     tokens_per_iteration = args.global_batch_size * args.seq_length
     teacher_ms = ms["kd online"] - ms["cpt"]
-    print(f"teacher cache benchmark: {args.nproc} process(es), seq {args.seq_length}, global batch "
-          f"{args.global_batch_size}, {args.student_iters} iterations, vocab {args.vocab_size}, k {args.top_k}")
-    print(f"  storage: {shard_bytes / cached_tokens:.1f} B/token on disk ({cached_tokens} tokens, {shard_bytes} B); "
-          f"layout at k=32: vocab {args.vocab_size} "
-          f"{CacheLayout.for_vocabulary(seq_length=2048, top_k=32, vocab_size=args.vocab_size).bytes_per_token():.1f}, "
-          f"vocab 151936 {CacheLayout.for_vocabulary(seq_length=2048, top_k=32, vocab_size=151936).bytes_per_token():.1f}")
-    print(f"  ms/iteration: cpt {ms['cpt']:.1f} | kd online {ms['kd online']:.1f} | kd cache {ms['kd cache']:.1f}")
-    print(f"  ratios: kd cache / cpt {ms['kd cache'] / ms['cpt']:.3f} (target <= 1.10) | "
-          f"kd online / cpt {ms['kd online'] / ms['cpt']:.3f} | kd cache / kd online "
-          f"{ms['kd cache'] / ms['kd online']:.3f}")
+    print(
+        f"teacher cache benchmark: {args.nproc} process(es), seq {args.seq_length}, global batch "
+        f"{args.global_batch_size}, {args.student_iters} iterations, vocab {args.vocab_size}, k {args.top_k}"
+    )
+    print(
+        f"  storage: {shard_bytes / cached_tokens:.1f} B/token on disk ({cached_tokens} tokens, {shard_bytes} B); "
+        f"layout at k=32: vocab {args.vocab_size} "
+        f"{CacheLayout.for_vocabulary(seq_length=2048, top_k=32, vocab_size=args.vocab_size).bytes_per_token():.1f}, "
+        f"vocab 151936 {CacheLayout.for_vocabulary(seq_length=2048, top_k=32, vocab_size=151936).bytes_per_token():.1f}"
+    )
+    print(
+        f"  ms/iteration: cpt {ms['cpt']:.1f} | kd online {ms['kd online']:.1f} | kd cache {ms['kd cache']:.1f}"
+    )
+    print(
+        f"  ratios: kd cache / cpt {ms['kd cache'] / ms['cpt']:.3f} (target <= 1.10) | "
+        f"kd online / cpt {ms['kd online'] / ms['cpt']:.3f} | kd cache / kd online "
+        f"{ms['kd cache'] / ms['kd online']:.3f}"
+    )
     for domain in ce_online:
         rel = (ce_cache[domain] - ce_online[domain]) / ce_online[domain]
-        print(f"  final CE {domain:>12}: online {ce_online[domain]:.4f} | cache {ce_cache[domain]:.4f} | "
-              f"{100 * rel:+.3f}% (target within 0.5%)")
+        print(
+            f"  final CE {domain:>12}: online {ce_online[domain]:.4f} | cache {ce_cache[domain]:.4f} | "
+            f"{100 * rel:+.3f}% (target within 0.5%)"
+        )
     w_online, w_cache = ddk_logs["online"]["weights"], ddk_logs["cache"]["weights"]
-    print(f"  DDK first-window weights: online {[round(w, 6) for w in w_online]} | cache "
-          f"{[round(w, 6) for w in w_cache]} | max abs diff {max(abs(a - b) for a, b in zip(w_online, w_cache)):.2e}")
+    print(
+        f"  DDK first-window weights: online {[round(w, 6) for w in w_online]} | cache "
+        f"{[round(w, 6) for w in w_cache]} | max abs diff {max(abs(a - b) for a, b in zip(w_online, w_cache)):.2e}"
+    )
     if teacher_ms > 0:
         teacher_rate = tokens_per_iteration / (teacher_ms / 1000)
-        print(f"  build: tool {tool_rate:.0f} tokens/s | teacher forward in training ~{teacher_rate:.0f} tokens/s "
-              f"(tokens/iteration / (kd online - cpt)) | ratio {tool_rate / teacher_rate:.2f}")
+        print(
+            f"  build: tool {tool_rate:.0f} tokens/s | teacher forward in training ~{teacher_rate:.0f} tokens/s "
+            f"(tokens/iteration / (kd online - cpt)) | ratio {tool_rate / teacher_rate:.2f}"
+        )
     else:
-        print(f"  build: tool {tool_rate:.0f} tokens/s | teacher forward in training: not measurable in this run "
-              "(kd online was not slower than cpt: timing noise exceeds the teacher's cost)")
+        print(
+            f"  build: tool {tool_rate:.0f} tokens/s | teacher forward in training: not measurable in this run "
+            "(kd online was not slower than cpt: timing noise exceeds the teacher's cost)"
+        )
 
 
 if __name__ == "__main__":

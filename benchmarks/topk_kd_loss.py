@@ -55,8 +55,11 @@ def main(argv=None) -> None:
     teacher = (torch.randn(args.tokens, 1, args.vocab, generator=g) * 3).to(dtype)
     labels = torch.randint(0, args.vocab, (args.tokens, 1), generator=g)
     ids, logp, tail = vocab_parallel_topk(teacher.reshape(args.tokens, -1).float(), args.top_k)
-    ids, logp, tail = ids.int().reshape(args.tokens, 1, -1), logp.half().reshape(args.tokens, 1, -1), \
-        tail.half().reshape(args.tokens, 1)
+    ids, logp, tail = (
+        ids.int().reshape(args.tokens, 1, -1),
+        logp.half().reshape(args.tokens, 1, -1),
+        tail.half().reshape(args.tokens, 1),
+    )
     chunk = default_chunk_size(args.vocab)
 
     def step(kind: str) -> float:
@@ -78,8 +81,10 @@ def main(argv=None) -> None:
         for kind in names:
             times[kind].append(step(kind))
     median = {kind: statistics.median(t) * 1000 for kind, t in times.items()}
-    print(f"KD loss cost: {args.tokens} tokens x {args.vocab} vocab, {args.dtype}, k {args.top_k}, chunk {chunk}, "
-          f"median of {args.repeats}")
+    print(
+        f"KD loss cost: {args.tokens} tokens x {args.vocab} vocab, {args.dtype}, k {args.top_k}, chunk {chunk}, "
+        f"median of {args.repeats}"
+    )
     for kind, name in names.items():
         print(f"  {name:>15}: {median[kind]:8.1f} ms | x{median[kind] / median['ce']:.2f} of ce")
     print(f"  sparse / full KD loss step: {median['sparse'] / median['full']:.2f}")

@@ -51,7 +51,11 @@ class ArgumentError(ConfigError, ValueError):
 CONFIG_GROUPS: tuple[tuple[str, type, str], ...] = (
     ("model (the student's; the teacher's comes from its checkpoint)", ModelConfig, ""),
     ("parallelism", ParallelConfig, ""),
-    ("activation recomputation (the student's; the teacher keeps no activations)", RecomputeConfig, "recompute-"),
+    (
+        "activation recomputation (the student's; the teacher keeps no activations)",
+        RecomputeConfig,
+        "recompute-",
+    ),
     ("precision", PrecisionConfig, ""),
     ("training", TrainingConfig, ""),
     ("checkpointing", CheckpointConfig, ""),
@@ -63,15 +67,26 @@ CONFIG_GROUPS: tuple[tuple[str, type, str], ...] = (
 
 # Megatron flags that set no field: accepted for compatibility, or refused with a reason (_check)
 _COMPAT_FLAGS: dict[type, tuple[tuple[str, dict[str, Any]], ...]] = {
-    ModelConfig: (("--group-query-attention", {"action": "store_true",
-                                               "help": "accepted for Megatron compatibility"}),),
-    ParallelConfig: (("--num-layers-per-virtual-pipeline-stage", {"type": int, "default": None,
-                                                                  "help": "interleaved schedule: not supported "
-                                                                          "(refused)"}),),
+    ModelConfig: (
+        ("--group-query-attention", {"action": "store_true", "help": "accepted for Megatron compatibility"}),
+    ),
+    ParallelConfig: (
+        (
+            "--num-layers-per-virtual-pipeline-stage",
+            {"type": int, "default": None, "help": "interleaved schedule: not supported (refused)"},
+        ),
+    ),
     PrecisionConfig: (("--fp16", {"action": "store_true", "help": "not supported (refused); use --bf16"}),),
-    TrainingConfig: (("--no-check-for-nan-in-loss-and-grad", {"action": "store_false",
-                                                               "dest": "check_for_nan_in_loss_and_grad",
-                                                               "help": "do not stop on a non-finite loss or grad norm"}),),
+    TrainingConfig: (
+        (
+            "--no-check-for-nan-in-loss-and-grad",
+            {
+                "action": "store_false",
+                "dest": "check_for_nan_in_loss_and_grad",
+                "help": "do not stop on a non-finite loss or grad norm",
+            },
+        ),
+    ),
 }
 
 
@@ -101,7 +116,9 @@ def _flag_kwargs(config_field: dataclasses.Field, annotation: Any) -> dict[str, 
     meta = config_field.metadata
     kwargs: dict[str, Any] = {"help": meta["help"], **meta.get("parser", {})}
     has_default = config_field.default is not dataclasses.MISSING
-    default = meta["flag_default"] if meta["flag_default"] is not dataclasses.MISSING else config_field.default
+    default = (
+        meta["flag_default"] if meta["flag_default"] is not dataclasses.MISSING else config_field.default
+    )
     base = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
     if "action" in kwargs:
         pass  # an explicit action (a switch whose default is on): no type
@@ -175,31 +192,50 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
     problems: list[str] = []
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp >= 1 and pp >= 1 and world_size % (tp * pp):
-        problems.append(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must divide "
-                        f"the number of processes ({world_size})")
+        problems.append(
+            f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} must divide "
+            f"the number of processes ({world_size})"
+        )
     ep = args.expert_model_parallel_size
     if ep < 1 or (tp >= 1 and pp >= 1 and world_size % (tp * pp * ep)):
-        problems.append(f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
-                        f"--pipeline-model-parallel-size {pp} must divide the number of processes ({world_size})")
+        problems.append(
+            f"--expert-model-parallel-size {ep} x --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} must divide the number of processes ({world_size})"
+        )
     elif args.num_experts is not None and args.num_experts % ep:
         problems.append(f"--expert-model-parallel-size {ep} does not divide --num-experts {args.num_experts}")
     if pp >= 1 and args.num_layers % pp:
-        problems.append(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+        problems.append(
+            f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}"
+        )
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        problems.append("--num-layers-per-virtual-pipeline-stage: the interleaved pipeline schedule cannot carry the "
-                        "teacher's hidden states (megatron-core's adjust_tensor_shapes_fn is 1F1B only); drop it")
+        problems.append(
+            "--num-layers-per-virtual-pipeline-stage: the interleaved pipeline schedule cannot carry the "
+            "teacher's hidden states (megatron-core's adjust_tensor_shapes_fn is 1F1B only); drop it"
+        )
     if args.fp16:
         problems.append("--fp16 is not supported (no loss scaling here); use --bf16")
-    problems += recompute_problems(granularity=args.recompute_granularity, method=args.recompute_method,
-                                   num_layers=args.recompute_num_layers, model_layers=args.num_layers,
-                                   pipeline_size=pp)
-    problems += context_parallel_problems(context_parallel_size=args.context_parallel_size, tensor_size=tp,
-                                          pipeline_size=pp, world_size=world_size, seq_length=args.seq_length)
+    problems += recompute_problems(
+        granularity=args.recompute_granularity,
+        method=args.recompute_method,
+        num_layers=args.recompute_num_layers,
+        model_layers=args.num_layers,
+        pipeline_size=pp,
+    )
+    problems += context_parallel_problems(
+        context_parallel_size=args.context_parallel_size,
+        tensor_size=tp,
+        pipeline_size=pp,
+        world_size=world_size,
+        seq_length=args.seq_length,
+    )
     dp = _data_parallel_size(args, world_size)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if args.micro_batch_size >= 1 and gbs % (args.micro_batch_size * dp):
-        problems.append(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size "
-                        f"{args.micro_batch_size} x data-parallel size {dp}")
+        problems.append(
+            f"--global-batch-size {gbs} must be a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp}"
+        )
     return problems
 
 
@@ -217,8 +253,11 @@ def _to_config(args: argparse.Namespace, vocab_size: int | None, world_size: int
     dp = _data_parallel_size(args, world_size)
 
     def build(cls: type, prefix: str = "", **derived: Any) -> Any:
-        values = {f.name: getattr(args, _dest(flag)) for f in dataclasses.fields(cls)
-                  if f.name not in derived and (flag := flag_of(f, prefix)) is not None}
+        values = {
+            f.name: getattr(args, _dest(flag))
+            for f in dataclasses.fields(cls)
+            if f.name not in derived and (flag := flag_of(f, prefix)) is not None
+        }
         try:
             return cls(**values, **derived)
         except ConfigError as err:
@@ -236,7 +275,9 @@ def _to_config(args: argparse.Namespace, vocab_size: int | None, world_size: int
         "parallel": lambda: build(ParallelConfig),
         "recompute": lambda: build(RecomputeConfig, prefix="recompute-"),
         "precision": lambda: build(PrecisionConfig),
-        "training": lambda: build(TrainingConfig, global_batch_size=args.global_batch_size or args.micro_batch_size * dp),
+        "training": lambda: build(
+            TrainingConfig, global_batch_size=args.global_batch_size or args.micro_batch_size * dp
+        ),
         "checkpoint": lambda: build(CheckpointConfig),
         "logging": lambda: build(LoggingConfig),
         "data": lambda: build(DataConfig, data_path=tuple(args.data_path or ())),

@@ -48,7 +48,9 @@ def describe(directory: Path, names: Iterable[str]) -> dict[str, dict[str, int |
     names = list(names)
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))) as pool:
         sums = list(pool.map(file_checksum, [directory / name for name in names]))
-    return {name: {"size": (directory / name).stat().st_size, ALGORITHM: crc} for name, crc in zip(names, sums)}
+    return {
+        name: {"size": (directory / name).stat().st_size, ALGORITHM: crc} for name, crc in zip(names, sums)
+    }
 
 
 def own_shard_files(directory: Path, rank: int) -> list[str]:
@@ -59,8 +61,11 @@ def own_shard_files(directory: Path, rank: int) -> list[str]:
 
 def write_manifest(directory: Path, entries: dict[str, dict]) -> None:
     """Complete ``entries`` with every file not yet described, then write the manifest (rank 0)."""
-    missing = sorted(p.name for p in directory.iterdir()
-                     if p.is_file() and p.name != MANIFEST_FILENAME and p.name not in entries)
+    missing = sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.is_file() and p.name != MANIFEST_FILENAME and p.name not in entries
+    )
     files = {**entries, **describe(directory, missing)}
     body = {"format": MANIFEST_FORMAT, "algorithm": ALGORITHM, "files": dict(sorted(files.items()))}
     tmp = directory / (MANIFEST_FILENAME + ".tmp")
@@ -78,10 +83,16 @@ def read_manifest(directory: Path) -> dict[str, dict] | None:
     try:
         body = json.loads(path.read_text())
         files = body["files"]
-        if body.get("format") != MANIFEST_FORMAT or body.get("algorithm") != ALGORITHM or not isinstance(files, dict):
+        if (
+            body.get("format") != MANIFEST_FORMAT
+            or body.get("algorithm") != ALGORITHM
+            or not isinstance(files, dict)
+        ):
             raise ValueError(f"format {body.get('format')!r}, algorithm {body.get('algorithm')!r}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not a readable manifest ({err}); the checkpoint is damaged") from err
+        raise CheckpointError(
+            f"{path} is not a readable manifest ({err}); the checkpoint is damaged"
+        ) from err
     return files
 
 

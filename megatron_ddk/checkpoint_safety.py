@@ -38,19 +38,31 @@ DCP_METADATA_FILENAME = ".metadata"
 
 # What torch.distributed.checkpoint's ``Metadata`` is built from (torch 2.x, as written by torch's and
 # megatron-core's writers); found by disassembling real ``.metadata`` files (pickletools.genops).
-ALLOWED_METADATA_GLOBALS = frozenset({
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.planner", name) for name in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # torch.strided & co. pickle as _get_layout("torch.strided")
-    ("collections", "OrderedDict"),
-})
+ALLOWED_METADATA_GLOBALS = frozenset(
+    {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.planner", name)
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # torch.strided & co. pickle as _get_layout("torch.strided")
+        ("collections", "OrderedDict"),
+    }
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -62,15 +74,19 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) in ALLOWED_METADATA_GLOBALS or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise CheckpointError(
             f"{self.source} refers to {module}.{name}, which is not part of a torch.distributed.checkpoint index; "
-            "refusing to load it (it could run code): use a checkpoint from a source you trust")
+            "refusing to load it (it could run code): use a checkpoint from a source you trust"
+        )
 
     def persistent_load(self, pid):
-        raise CheckpointError(f"{self.source} holds a persistent reference ({pid!r}), which a checkpoint index "
-                              "never does; refusing to load it")
+        raise CheckpointError(
+            f"{self.source} holds a persistent reference ({pid!r}), which a checkpoint index "
+            "never does; refusing to load it"
+        )
 
 
 def read_dcp_metadata(checkpoint_dir: str | Path) -> Metadata:
@@ -84,10 +100,13 @@ def read_dcp_metadata(checkpoint_dir: str | Path) -> Metadata:
     except CheckpointError:
         raise
     except Exception as err:  # truncated or garbled bytes surface as many exception types
-        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is damaged") \
-            from err
+        raise CheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is damaged"
+        ) from err
     if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{path} holds a {type(metadata).__name__}, not a checkpoint index; it is damaged")
+        raise CheckpointError(
+            f"{path} holds a {type(metadata).__name__}, not a checkpoint index; it is damaged"
+        )
     if getattr(metadata, "storage_meta", None) is None:
         metadata.storage_meta = StorageMeta()
     return metadata
@@ -119,8 +138,10 @@ class SafeLoadPlanner(mcore_torch.MCoreLoadPlanner):
         try:
             obj = torch.load(value, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CheckpointError(f"{self.checkpoint_dir}: stored object {fqn!r} is not plain data "
-                                  f"({_weights_only_reason(err)}); refusing to load it (it could run code)") from err
+            raise CheckpointError(
+                f"{self.checkpoint_dir}: stored object {fqn!r} is not plain data "
+                f"({_weights_only_reason(err)}); refusing to load it (it could run code)"
+            ) from err
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
@@ -134,7 +155,9 @@ def _safe_reading(checkpoint_dir):
     The index is read first, here, so that a refusal is raised as is (not inside torch's collectives)."""
     metadata = read_dcp_metadata(checkpoint_dir)
     saved = mcore_torch._get_filesystem_reader, mcore_torch.MCoreLoadPlanner
-    mcore_torch._get_filesystem_reader = lambda path, cache_metadata=False: SafeFileSystemReader(path, metadata)
+    mcore_torch._get_filesystem_reader = lambda path, cache_metadata=False: SafeFileSystemReader(
+        path, metadata
+    )
     mcore_torch.MCoreLoadPlanner = partial(SafeLoadPlanner, checkpoint_dir=checkpoint_dir)
     try:
         yield
@@ -166,10 +189,14 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing: {path.parent} is not a complete dist checkpoint") from None
+            raise CheckpointError(
+                f"{path} is missing: {path.parent} is not a complete dist checkpoint"
+            ) from None
         except Exception as err:
-            raise CheckpointError(f"{path} cannot be loaded as plain data ({_weights_only_reason(err)}); refusing it "
-                                  "(it could run code or is damaged)") from err
+            raise CheckpointError(
+                f"{path} cannot be loaded as plain data ({_weights_only_reason(err)}); refusing it "
+                "(it could run code or is damaged)"
+            ) from err
 
     def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
         raise CheckpointError(f"{checkpoint_dir}: stored objects must be read by the torch_dist strategy")
@@ -178,6 +205,8 @@ class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
 def _weights_only_reason(err: Exception) -> str:
     """The line of torch's long ``weights_only`` message that names what was refused."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    named = next((line for line in lines if "Unsupported global" in line or "Unsupported operand" in line), None)
+    named = next(
+        (line for line in lines if "Unsupported global" in line or "Unsupported operand" in line), None
+    )
     reason = named.split(". Please")[0] if named else (lines[0] if lines else type(err).__name__)
     return reason[:300]  # (torch goes on to suggest allow-listing the global: not advice to pass on)

@@ -48,7 +48,8 @@ _ITER_DIR = re.compile(r"iter_(\d{7})$")
 # TP/PP/DP. Its gather to DP rank 0 calls Tensor.cuda(), so CPU runs (tests) use the DP-resharding
 # format instead; non-distributed optimizers ignore this.
 OPTIMIZER_CKPT_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable" if torch.cuda.is_available() else "dp_reshardable"}
+    "distrib_optim_sharding_type": "fully_reshardable" if torch.cuda.is_available() else "dp_reshardable"
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +81,9 @@ class CheckpointMetadata:
     @classmethod
     def from_json(cls, values: dict[str, Any], source: Path) -> CheckpointMetadata:
         if values.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{source}: unsupported checkpoint format_version {values.get('format_version')!r}")
+            raise CheckpointError(
+                f"{source}: unsupported checkpoint format_version {values.get('format_version')!r}"
+            )
         fields = dict(values)
         fields.pop("format_version")
         fields["model"] = ModelConfig.from_dict(fields["model"])
@@ -109,13 +112,17 @@ def resolve_checkpoint(path: str | os.PathLike, *, flag: str, step: int | None =
     if step is not None and not (path / METADATA_FILENAME).exists():
         resolved = iteration_dir(path, step)
         if not (resolved / METADATA_FILENAME).exists():
-            raise CheckpointError(f"{flag} {path} --ckpt-step {step}: {resolved} is not a complete checkpoint; "
-                                  f"choose one of {available_iterations(path) or 'none'}")
+            raise CheckpointError(
+                f"{flag} {path} --ckpt-step {step}: {resolved} is not a complete checkpoint; "
+                f"choose one of {available_iterations(path) or 'none'}"
+            )
         return resolved
     if (path / METADATA_FILENAME).exists():
         return path
     if not path.exists():
-        raise CheckpointError(f"{flag} {path}: no such directory; point it at a checkpoint written by this project")
+        raise CheckpointError(
+            f"{flag} {path}: no such directory; point it at a checkpoint written by this project"
+        )
     iteration = read_tracker(path)
     if iteration is None:
         raise CheckpointError(
@@ -124,7 +131,9 @@ def resolve_checkpoint(path: str | os.PathLike, *, flag: str, step: int | None =
         )
     resolved = iteration_dir(path, iteration)
     if not (resolved / METADATA_FILENAME).exists():
-        raise CheckpointError(f"{flag} {path}: the tracker names iteration {iteration} but {resolved} is incomplete")
+        raise CheckpointError(
+            f"{flag} {path}: the tracker names iteration {iteration} but {resolved} is incomplete"
+        )
     return resolved
 
 
@@ -153,15 +162,22 @@ def read_metadata(path: str | os.PathLike, *, flag: str = "--load") -> Checkpoin
     try:
         return CheckpointMetadata.from_json(values, source)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(f"{source} does not describe a checkpoint ({type(err).__name__}: {err}); "
-                              "the checkpoint is damaged") from err
+        raise CheckpointError(
+            f"{source} does not describe a checkpoint ({type(err).__name__}: {err}); "
+            "the checkpoint is damaged"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------- save
 
 
-def save_checkpoint(root: str | os.PathLike, metadata: CheckpointMetadata, sharded_state_dict: dict,
-                    *, timings: dict[str, float] | None = None) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    metadata: CheckpointMetadata,
+    sharded_state_dict: dict,
+    *,
+    timings: dict[str, float] | None = None,
+) -> Path:
     """Write ``sharded_state_dict`` as ``root/iter_<7-digit iteration>`` and publish it; every rank calls this.
 
     ``timings`` (if given) receives the seconds spent on the manifest (``"manifest"``)."""
@@ -225,8 +241,12 @@ def verify_checkpoint(path: Path, *, flag: str = "--load") -> None:
     A checkpoint without a manifest (older than this check) gets a warning and is not verified."""
     if checkpoint_manifest.read_manifest(path) is None:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"warning: {flag} {path} has no {checkpoint_manifest.MANIFEST_FILENAME} (saved before checksums "
-                  "existed); its files cannot be verified", file=sys.stderr, flush=True)
+            print(
+                f"warning: {flag} {path} has no {checkpoint_manifest.MANIFEST_FILENAME} (saved before checksums "
+                "existed); its files cannot be verified",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     problem = checkpoint_manifest.find_problem(path, full=True, part=rank, parts=world)
@@ -250,8 +270,10 @@ def _intact_fallback(path: Path, flag: str) -> str:
     older = [i for i in available_iterations(root) if mine and i < int(mine.group(1))]
     for iteration in reversed(older):
         candidate = iteration_dir(root, iteration)
-        if checkpoint_manifest.read_manifest(candidate) is not None \
-                and checkpoint_manifest.find_problem(candidate) is None:
+        if (
+            checkpoint_manifest.read_manifest(candidate) is not None
+            and checkpoint_manifest.find_problem(candidate) is None
+        ):
             use = f"--load {root} --ckpt-step {iteration}" if flag == "--load" else f"{flag} {candidate}"
             return f"the newest intact checkpoint is iteration {iteration}: use {use}"
     return "no older intact checkpoint exists here; restore the file or start from another checkpoint"
@@ -270,8 +292,9 @@ def load_sharded(path: Path, sharded_state_dict: dict, *, flag: str = "--load") 
     verify_checkpoint(path, flag=flag)
     sharded, common = _load_strategies()
     with _damage_as_checkpoint_error(path):
-        return dist_checkpointing.load(sharded_state_dict, str(path), sharded_strategy=sharded,
-                                       common_strategy=common)
+        return dist_checkpointing.load(
+            sharded_state_dict, str(path), sharded_strategy=sharded, common_strategy=common
+        )
 
 
 def load_common(path: Path) -> dict:
@@ -317,11 +340,15 @@ def _damage_as_checkpoint_error(path: Path):
 
 def _raise_unreadable(path: Path, cause: BaseException):
     first = (str(cause).strip().splitlines() or [""])[0][:300]
-    raise CheckpointError(f"{path} cannot be read ({type(cause).__name__}: {first}); it is damaged: check it "
-                          f"with tools/verify_checkpoint.py {path}") from None
+    raise CheckpointError(
+        f"{path} cannot be read ({type(cause).__name__}: {first}); it is damaged: check it "
+        f"with tools/verify_checkpoint.py {path}"
+    ) from None
 
 
-def load_model_state(path: str | os.PathLike, model: torch.nn.Module, *, flag: str = "--load") -> CheckpointMetadata:
+def load_model_state(
+    path: str | os.PathLike, model: torch.nn.Module, *, flag: str = "--load"
+) -> CheckpointMetadata:
     """Load only the model weights of a checkpoint into ``model`` (a GPTModel stage), resharding."""
     resolved = resolve_checkpoint(path, flag=flag)
     metadata = read_metadata(resolved, flag=flag)
@@ -348,8 +375,15 @@ class TrainingParts:
     """ddk.controller.DDKController: the teacher's CE and the student's first/last CE."""
 
 
-def save_training_checkpoint(root: str | os.PathLike, parts: TrainingParts, metadata: CheckpointMetadata, *,
-                             global_batch_size: int, pg, timings: dict[str, float] | None = None) -> Path:
+def save_training_checkpoint(
+    root: str | os.PathLike,
+    parts: TrainingParts,
+    metadata: CheckpointMetadata,
+    *,
+    global_batch_size: int,
+    pg,
+    timings: dict[str, float] | None = None,
+) -> Path:
     """Assemble the sharded state of ``parts`` at ``metadata.iteration`` and write it (every rank calls this)."""
     model_sd = parts.student.sharded_state_dict()
     state = {
@@ -365,8 +399,15 @@ def save_training_checkpoint(root: str | os.PathLike, parts: TrainingParts, meta
     return save_checkpoint(root, metadata, state, timings=timings)
 
 
-def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer: bool, load_rng: bool,
-                             use_distributed_optimizer: bool, pg) -> int:
+def load_training_checkpoint(
+    path: Path,
+    parts: TrainingParts,
+    *,
+    load_optimizer: bool,
+    load_rng: bool,
+    use_distributed_optimizer: bool,
+    pg,
+) -> int:
     """Restore ``parts`` from the checkpoint at ``path``; returns its iteration.
 
     ``load_rng`` only when the layout is the one the checkpoint was written with (RNG states are
@@ -378,12 +419,14 @@ def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer
     if load_optimizer:
         if use_distributed_optimizer:
             _materialize_optimizer_state(parts.optimizer)
-        request["optimizer"] = parts.optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                                  metadata=OPTIMIZER_CKPT_METADATA)
+        request["optimizer"] = parts.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_CKPT_METADATA
+        )
     legacy_rng = load_rng and not any(key.startswith(RNG_PREFIX) for key in saved_keys(path))
     if load_rng:
-        request["rng_state"] = _legacy_rng_object(pg) if legacy_rng else rng_sharded_state(rng_tensors(),
-                                                                                            _rng_grid(pg))
+        request["rng_state"] = (
+            _legacy_rng_object(pg) if legacy_rng else rng_sharded_state(rng_tensors(), _rng_grid(pg))
+        )
     state = load_sharded(path, request)
     parts.student.load_state_dict(state["model"], strict=True)
     if load_optimizer:
@@ -400,8 +443,10 @@ def load_training_checkpoint(path: Path, parts: TrainingParts, *, load_optimizer
     if legacy is not None:
         latest = parts.schedule.weight_history[-1]  # the last fixed window's (later ones inherit them)
         if not np.array_equal(np.asarray(legacy, dtype=np.float64), np.asarray(latest, dtype=np.float64)):
-            raise CheckpointError(f"{path}: the DDK controller's weights {legacy} disagree with the sampler's "
-                                  f"latest {latest}; the checkpoint is inconsistent, resume from an earlier one")
+            raise CheckpointError(
+                f"{path}: the DDK controller's weights {legacy} disagree with the sampler's "
+                f"latest {latest}; the checkpoint is inconsistent, resume from an earlier one"
+            )
     if load_rng:
         (set_legacy_rng_state if legacy_rng else set_rng_tensors)(state["rng_state"])
     return iteration
@@ -426,7 +471,9 @@ def _legacy_rng_object(pg):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     grid = _rng_grid(pg)
-    return ShardedObject("rng_state", None, tuple(n for _, n in grid), tuple(r for r, _ in grid), replica_id=0)
+    return ShardedObject(
+        "rng_state", None, tuple(n for _, n in grid), tuple(r for r, _ in grid), replica_id=0
+    )
 
 
 # ---------------------------------------------------------------------------------------------- RNG
@@ -461,12 +508,15 @@ def set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
     has_gauss_next, gauss_next = tensors["python_gauss"].tolist()
     random.setstate((python[0], tuple(python[1:]), gauss_next if has_gauss_next else None))
     pos, has_gauss, *keys = tensors["numpy"].tolist()
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss,
-                         float(tensors["numpy_gauss"][0])))
+    np.random.set_state(
+        ("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, float(tensors["numpy_gauss"][0]))
+    )
     torch.set_rng_state(tensors["torch"].cpu())
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"].cpu())
-    tracker = {name[len("tracker."):]: state for name, state in tensors.items() if name.startswith("tracker.")}
+    tracker = {
+        name[len("tracker.") :]: state for name, state in tensors.items() if name.startswith("tracker.")
+    }
     tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
 
 
@@ -475,9 +525,12 @@ def rng_sharded_state(tensors: dict[str, torch.Tensor], grid: tuple[tuple[int, i
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     offsets = [(axis, rank, size) for axis, (rank, size) in enumerate(grid)]
-    return {name: ShardedTensor.from_rank_offsets(RNG_PREFIX + name, tensor, *offsets, replica_id=0,
-                                                  prepend_axis_num=len(grid))
-            for name, tensor in tensors.items()}
+    return {
+        name: ShardedTensor.from_rank_offsets(
+            RNG_PREFIX + name, tensor, *offsets, replica_id=0, prepend_axis_num=len(grid)
+        )
+        for name, tensor in tensors.items()
+    }
 
 
 def set_legacy_rng_state(state: dict[str, Any]) -> None:

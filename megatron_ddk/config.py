@@ -19,8 +19,17 @@ from megatron_ddk.errors import CheckpointError, ConfigError
 
 DDK_MODES = ("cpt", "kd", "ddk")
 KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
-MIXING_MODES = ("ddk", "no-smoothing", "equal", "static", "ddk-smooth0", "ddk-tempered", "ddk-log", "ddk-bounded",
-                "ddk-robust")
+MIXING_MODES = (
+    "ddk",
+    "no-smoothing",
+    "equal",
+    "static",
+    "ddk-smooth0",
+    "ddk-tempered",
+    "ddk-log",
+    "ddk-bounded",
+    "ddk-robust",
+)
 """``ddk`` is the paper's exact Eq. 1/2; the ``ddk-*`` modes are this project's variants (docs/DDK.md)."""
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
@@ -34,8 +43,14 @@ class SetupError(ConfigError, RuntimeError):
     """The run asks for something this machine or installation cannot do (e.g. FP8 without TE)."""
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = "",
-           flag_default: Any = dataclasses.MISSING, **parser: Any) -> Any:
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: str | None = "",
+    flag_default: Any = dataclasses.MISSING,
+    **parser: Any,
+) -> Any:
     """A config field with its command-line interface.
 
     ``help``: the flag's help text (and the field's documentation); ``flag``: its spelling ("" = the
@@ -61,97 +76,157 @@ class ModelConfig:
     hidden_size: int = option(help="hidden (model) dimension h")
     num_attention_heads: int = option(help="query heads")
     ffn_hidden_size: int = option(help="MLP inner dimension (default: 4 x --hidden-size)", flag_default=None)
-    vocab_size: int = option(flag=None, help="the tokenizer's true vocabulary; the embedding is padded beyond it "
-                                              "(data.tokenizer.padded_vocab_size)")
-    max_position_embeddings: int = option(help="longest sequence the position embedding covers "
-                                               "(default: --seq-length)", flag_default=None)
-    num_query_groups: int | None = option(None, help="key/value heads (grouped-query attention); implies "
-                                                     "--group-query-attention; default: multi-head attention")
+    vocab_size: int = option(
+        flag=None,
+        help="the tokenizer's true vocabulary; the embedding is padded beyond it "
+        "(data.tokenizer.padded_vocab_size)",
+    )
+    max_position_embeddings: int = option(
+        help="longest sequence the position embedding covers (default: --seq-length)", flag_default=None
+    )
+    num_query_groups: int | None = option(
+        None,
+        help="key/value heads (grouped-query attention); implies "
+        "--group-query-attention; default: multi-head attention",
+    )
     kv_channels: int | None = option(None, help="head dimension (default: hidden size / attention heads)")
     normalization: str = option("RMSNorm", help="normalization layer", choices=("RMSNorm", "LayerNorm"))
     norm_epsilon: float = option(1e-5, help="epsilon of the normalization layers")
-    swiglu: bool = option(True, help="SwiGLU MLP (LLaMA/Qwen); without the flag: GELU (Megatron's default)",
-                          flag_default=False)
-    position_embedding_type: str = option("rope", help="position embedding",
-                                           choices=("rope", "learned_absolute"))
+    swiglu: bool = option(
+        True, help="SwiGLU MLP (LLaMA/Qwen); without the flag: GELU (Megatron's default)", flag_default=False
+    )
+    position_embedding_type: str = option(
+        "rope", help="position embedding", choices=("rope", "learned_absolute")
+    )
     rotary_base: float = option(10000.0, help="RoPE base period")
     rotary_percent: float = option(1.0, help="fraction of each head's dimensions that RoPE rotates")
     untie_embeddings_and_output_weights: bool = option(
-        True, help="separate input embedding and output layer; without the flag: tied (Megatron's default)",
-        flag_default=False)
-    add_bias_linear: bool = option(False, flag="--disable-bias-linear",
-                                   help="no biases in the linear layers (LLaMA/Qwen); without the flag: biases "
-                                        "(Megatron's default)")
+        True,
+        help="separate input embedding and output layer; without the flag: tied (Megatron's default)",
+        flag_default=False,
+    )
+    add_bias_linear: bool = option(
+        False,
+        flag="--disable-bias-linear",
+        help="no biases in the linear layers (LLaMA/Qwen); without the flag: biases (Megatron's default)",
+    )
     add_qkv_bias: bool = option(False, help="biases on the query/key/value projection only (Qwen2)")
     qk_layernorm: bool = option(False, help="normalize queries and keys per head (Qwen3)")
     init_method_std: float = option(0.02, help="standard deviation of the random initialization")
     attention_dropout: float = option(0.0, help="dropout on the attention probabilities")
     hidden_dropout: float = option(0.0, help="dropout on the hidden states")
     make_vocab_size_divisible_by: int = option(128, help="pad the vocabulary to a multiple of this x TP size")
-    use_rope_scaling: bool = option(False, help="Llama 3.x RoPE frequency scaling (HF rope_scaling type llama3)")
+    use_rope_scaling: bool = option(
+        False, help="Llama 3.x RoPE frequency scaling (HF rope_scaling type llama3)"
+    )
     rope_scaling_factor: float = option(8.0, help="Llama 3.x RoPE scaling factor: 8 (3.1), 32 (3.2)")
     rope_scaling_low_freq_factor: float = option(1.0, help="Llama 3.x RoPE scaling: low-frequency factor")
     rope_scaling_high_freq_factor: float = option(4.0, help="Llama 3.x RoPE scaling: high-frequency factor")
     rope_scaling_original_max_position_embeddings: int = option(
-        8192, help="Llama 3.x RoPE scaling: the context length of pre-training")
-    num_experts: int | None = option(None, help="routed experts per layer (every layer MoE); default: dense MLP")
+        8192, help="Llama 3.x RoPE scaling: the context length of pre-training"
+    )
+    num_experts: int | None = option(
+        None, help="routed experts per layer (every layer MoE); default: dense MLP"
+    )
     moe_router_topk: int = option(2, help="experts each token is routed to")
-    moe_ffn_hidden_size: int | None = option(None, help="each routed expert's hidden size (default: --ffn-hidden-size)")
+    moe_ffn_hidden_size: int | None = option(
+        None, help="each routed expert's hidden size (default: --ffn-hidden-size)"
+    )
     moe_router_pre_softmax: bool = option(
-        False, help="softmax over all experts, then top-k, without renormalising (HF norm_topk_prob=False); "
-                    "without the flag: top-k, then softmax over the k chosen (Mixtral)")
+        False,
+        help="softmax over all experts, then top-k, without renormalising (HF norm_topk_prob=False); "
+        "without the flag: top-k, then softmax over the k chosen (Mixtral)",
+    )
     moe_shared_expert_intermediate_size: int | None = option(
-        None, help="hidden size of an always-on shared expert (Qwen2-MoE); default: none")
-    moe_shared_expert_gate: bool = option(False, help="sigmoid gate on the shared expert's output (Qwen2-MoE)")
-    moe_router_load_balancing_type: str = option("aux_loss", help="load-balancing loss of an MoE student",
-                                                 choices=MOE_LOAD_BALANCING_TYPES)
-    moe_aux_loss_coeff: float = option(0.0, help="load-balancing loss weight; applies only when this model is "
-                                                 "trained (an MoE student, never a teacher)")
+        None, help="hidden size of an always-on shared expert (Qwen2-MoE); default: none"
+    )
+    moe_shared_expert_gate: bool = option(
+        False, help="sigmoid gate on the shared expert's output (Qwen2-MoE)"
+    )
+    moe_router_load_balancing_type: str = option(
+        "aux_loss", help="load-balancing loss of an MoE student", choices=MOE_LOAD_BALANCING_TYPES
+    )
+    moe_aux_loss_coeff: float = option(
+        0.0,
+        help="load-balancing loss weight; applies only when this model is "
+        "trained (an MoE student, never a teacher)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size",
-                     "max_position_embeddings"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.num_attention_heads > 0 and self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            problems.append(f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                            f"{self.num_attention_heads}; set --kv-channels or change one of them")
+        if (
+            self.num_attention_heads > 0
+            and self.kv_channels is None
+            and self.hidden_size % self.num_attention_heads
+        ):
+            problems.append(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}; set --kv-channels or change one of them"
+            )
         groups = self.num_query_groups
         if groups is not None and (groups <= 0 or self.num_attention_heads % groups):
-            problems.append(f"--num-attention-heads {self.num_attention_heads} is not divisible by "
-                            f"--num-query-groups {groups}")
+            problems.append(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--num-query-groups {groups}"
+            )
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             problems.append(f"--normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
         if self.position_embedding_type not in ("rope", "learned_absolute"):
-            problems.append(f"--position-embedding-type must be rope or learned_absolute, got "
-                            f"{self.position_embedding_type!r}")
+            problems.append(
+                f"--position-embedding-type must be rope or learned_absolute, got "
+                f"{self.position_embedding_type!r}"
+            )
         problems += self._moe_problems()
-        if self.use_rope_scaling and not (self.rope_scaling_factor >= 1.0
-                                          and 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor):
-            problems.append(f"--rope-scaling-factor {self.rope_scaling_factor} must be >= 1 and the low/high frequency "
-                            f"factors ({self.rope_scaling_low_freq_factor}, {self.rope_scaling_high_freq_factor}) "
-                            "positive and increasing")
+        if self.use_rope_scaling and not (
+            self.rope_scaling_factor >= 1.0
+            and 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor
+        ):
+            problems.append(
+                f"--rope-scaling-factor {self.rope_scaling_factor} must be >= 1 and the low/high frequency "
+                f"factors ({self.rope_scaling_low_freq_factor}, {self.rope_scaling_high_freq_factor}) "
+                "positive and increasing"
+            )
         _raise_if(problems)
 
     def _moe_problems(self) -> list[str]:
         if self.num_experts is None:
-            return ["--moe-shared-expert-intermediate-size needs --num-experts"] \
-                if self.moe_shared_expert_intermediate_size else []
+            return (
+                ["--moe-shared-expert-intermediate-size needs --num-experts"]
+                if self.moe_shared_expert_intermediate_size
+                else []
+            )
         problems = []
         if self.num_experts < 1 or not 1 <= self.moe_router_topk <= self.num_experts:
-            problems.append(f"--moe-router-topk {self.moe_router_topk} must be between 1 and --num-experts "
-                            f"{self.num_experts}")
+            problems.append(
+                f"--moe-router-topk {self.moe_router_topk} must be between 1 and --num-experts "
+                f"{self.num_experts}"
+            )
         if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
-            problems.append("--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core's router: a softmax "
-                            "over one chosen expert has no gradient)")
+            problems.append(
+                "--moe-router-topk 1 needs --moe-router-pre-softmax (megatron-core's router: a softmax "
+                "over one chosen expert has no gradient)"
+            )
         if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
             problems.append("--moe-shared-expert-gate needs --moe-shared-expert-intermediate-size")
         if self.moe_router_load_balancing_type not in MOE_LOAD_BALANCING_TYPES:
-            problems.append(f"--moe-router-load-balancing-type must be one of {', '.join(MOE_LOAD_BALANCING_TYPES)}, "
-                            f"got {self.moe_router_load_balancing_type!r}")
+            problems.append(
+                f"--moe-router-load-balancing-type must be one of {', '.join(MOE_LOAD_BALANCING_TYPES)}, "
+                f"got {self.moe_router_load_balancing_type!r}"
+            )
         if self.add_bias_linear:
-            problems.append("--num-experts needs --disable-bias-linear (megatron-core's experts have no biases)")
+            problems.append(
+                "--num-experts needs --disable-bias-linear (megatron-core's experts have no biases)"
+            )
         return problems
 
     @property
@@ -178,11 +253,17 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise CheckpointError(f"unknown model config keys {unknown}: the checkpoint was written by a newer version")
+            raise CheckpointError(
+                f"unknown model config keys {unknown}: the checkpoint was written by a newer version"
+            )
         return cls(**values)
 
     def _attention_matmul_parameters(self) -> int:
-        h, q, kv = self.hidden_size, self.num_attention_heads * self.head_dim, 2 * self.query_groups * self.head_dim
+        h, q, kv = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            2 * self.query_groups * self.head_dim,
+        )
         return h * (q + kv) + q * h
 
     def _mlp_matmul_parameters(self, ffn: int) -> int:
@@ -196,9 +277,12 @@ class ModelConfig:
         MoE the router, its top-k experts and the shared expert): what a token's FLOPs are counted from."""
         if not self.is_moe:
             return self._attention_matmul_parameters() + self._mlp_matmul_parameters(self.ffn_hidden_size)
-        return (self._attention_matmul_parameters() + self.num_experts * self.hidden_size
-                + self.moe_router_topk * self._mlp_matmul_parameters(self.expert_ffn_hidden_size)
-                + self._shared_expert_parameters())
+        return (
+            self._attention_matmul_parameters()
+            + self.num_experts * self.hidden_size
+            + self.moe_router_topk * self._mlp_matmul_parameters(self.expert_ffn_hidden_size)
+            + self._shared_expert_parameters()
+        )
 
     def layer_parameters(self, tp: int = 1, ep: int = 1) -> int:
         """Parameters of one transformer layer on one of ``tp`` tensor-parallel ranks: matrices and
@@ -239,15 +323,24 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = option(1, help="tensor-parallel ranks (split each layer's matrices)")
     pipeline_model_parallel_size: int = option(1, help="pipeline stages (split the layers)")
-    expert_model_parallel_size: int = option(1, help="EP for MoE models (student and teacher): each model's experts "
-                                                     "split over this many data-parallel ranks")
-    sequence_parallel: bool = option(False, help="shard activations along the sequence between TP ranks; needs "
-                                                 "Transformer Engine's norm (megatron-core's torch norm refuses it)")
+    expert_model_parallel_size: int = option(
+        1,
+        help="EP for MoE models (student and teacher): each model's experts "
+        "split over this many data-parallel ranks",
+    )
+    sequence_parallel: bool = option(
+        False,
+        help="shard activations along the sequence between TP ranks; needs "
+        "Transformer Engine's norm (megatron-core's torch norm refuses it)",
+    )
     use_distributed_optimizer: bool = option(False, help="shard the optimizer state over data-parallel ranks")
     overlap_grad_reduce: bool = option(False, help="overlap the gradient all-reduce with the backward pass")
     overlap_param_gather: bool = option(False, help="overlap the parameter all-gather with the forward pass")
-    context_parallel_size: int = option(1, help="split each sequence over this many ranks (teacher and student); "
-                                                "needs Transformer Engine's attention (refused on CPU)")
+    context_parallel_size: int = option(
+        1,
+        help="split each sequence over this many ranks (teacher and student); "
+        "needs Transformer Engine's attention (refused on CPU)",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -269,11 +362,18 @@ class RecomputeConfig:
     ``scaling_checks.recompute_problems`` (it needs the model and pipeline flags too).
     """
 
-    granularity: str | None = option(None, help="full: recompute whole layers; selective: the core attention only",
-                                     choices=RECOMPUTE_GRANULARITIES)
-    method: str | None = option(None, help="with full: uniform (groups of --recompute-num-layers layers, each group's "
-                                           "input kept) or block (the first --recompute-num-layers layers of each "
-                                           "pipeline stage)", choices=RECOMPUTE_METHODS)
+    granularity: str | None = option(
+        None,
+        help="full: recompute whole layers; selective: the core attention only",
+        choices=RECOMPUTE_GRANULARITIES,
+    )
+    method: str | None = option(
+        None,
+        help="with full: uniform (groups of --recompute-num-layers layers, each group's "
+        "input kept) or block (the first --recompute-num-layers layers of each "
+        "pipeline stage)",
+        choices=RECOMPUTE_METHODS,
+    )
     num_layers: int | None = option(None, help="layers per recomputed group (uniform) or per stage (block)")
 
 
@@ -282,12 +382,16 @@ class PrecisionConfig:
     """Number formats of the student (the teacher's: ``RunConfig.teacher_precision``)."""
 
     bf16: bool = option(False, help="bf16 parameters and activations (fp32 main weights in the optimizer)")
-    fp8_format: str | None = option(None, help="FP8 GEMMs: e4m3 or hybrid; needs Transformer Engine and an "
-                                               "FP8-capable GPU (Hopper or newer)", choices=FP8_FORMATS)
+    fp8_format: str | None = option(
+        None,
+        help="FP8 GEMMs: e4m3 or hybrid; needs Transformer Engine and an FP8-capable GPU (Hopper or newer)",
+        choices=FP8_FORMATS,
+    )
     fp8_recipe: str = option("delayed", help="FP8 scaling recipe", choices=FP8_RECIPES)
     fp8_amax_history_len: int = option(1024, help="amax history length of the delayed recipe")
-    fp8_amax_compute_algo: str = option("max", help="how the delayed recipe reduces the amax history",
-                                        choices=("max", "most_recent"))
+    fp8_amax_compute_algo: str = option(
+        "max", help="how the delayed recipe reduces the amax history", choices=("max", "most_recent")
+    )
 
     def __post_init__(self) -> None:
         if self.fp8_format is not None and not self.bf16:
@@ -299,8 +403,9 @@ class TrainingConfig:
     """Batch sizes, length, optimizer (Adam) and learning-rate schedule, seed and exit conditions."""
 
     micro_batch_size: int = option(help="samples per micro-batch on one data-parallel rank")
-    global_batch_size: int = option(help="samples per optimizer step (default: micro batch x data parallel)",
-                                    flag_default=None)
+    global_batch_size: int = option(
+        help="samples per optimizer step (default: micro batch x data parallel)", flag_default=None
+    )
     train_iters: int = option(help="optimizer steps to train for")
     lr: float = option(3e-5, help="peak learning rate (the paper's 3e-5)")
     min_lr: float = option(3e-6, help="learning rate at the end of the decay")
@@ -313,13 +418,20 @@ class TrainingConfig:
     adam_eps: float = option(1e-8, help="Adam epsilon")
     clip_grad: float = option(1.0, help="clip the global gradient norm to this (0: no clipping)")
     seed: int = option(1234, help="seed of the model init, dropout and the data order")
-    exit_interval: int | None = option(None, help="save and exit when the iteration is a multiple of this "
-                                                  "(for job-time limits)")
-    exit_signal_handler: bool = option(False, help="on SIGTERM (e.g. SLURM's pre-emption notice), save a checkpoint "
-                                                   "at the end of the iteration and exit cleanly")
+    exit_interval: int | None = option(
+        None, help="save and exit when the iteration is a multiple of this (for job-time limits)"
+    )
+    exit_signal_handler: bool = option(
+        False,
+        help="on SIGTERM (e.g. SLURM's pre-emption notice), save a checkpoint "
+        "at the end of the iteration and exit cleanly",
+    )
     check_for_nan_in_loss_and_grad: bool = option(
-        True, help="stop, without saving, on a non-finite lm/kd loss, grad norm or teacher output (default: on; "
-                   "--no-check-for-nan-in-loss-and-grad turns it off)", action="store_true")
+        True,
+        help="stop, without saving, on a non-finite lm/kd loss, grad norm or teacher output (default: on; "
+        "--no-check-for-nan-in-loss-and-grad turns it off)",
+        action="store_true",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -329,8 +441,10 @@ class TrainingConfig:
             problems.append(f"--train-iters must be >= 1, got {self.train_iters}")
         decay = self.lr_decay_iters or self.train_iters
         if self.lr_warmup_iters >= decay:
-            problems.append(f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay length {decay} "
-                            "(--lr-decay-iters, default --train-iters)")
+            problems.append(
+                f"--lr-warmup-iters {self.lr_warmup_iters} must be smaller than the decay length {decay} "
+                "(--lr-decay-iters, default --train-iters)"
+            )
         _raise_if(problems)
 
 
@@ -338,14 +452,21 @@ class TrainingConfig:
 class CheckpointConfig:
     """Where checkpoints go and what a resume restores."""
 
-    save: str | None = option(None, help="directory for checkpoints (Megatron layout: iter_NNNNNNN/ + tracker)")
-    load: str | None = option(None, help="resume from this checkpoint directory (an empty --save dir starts fresh)")
-    ckpt_step: int | None = option(None, help="load iteration N under --load instead of the latest (e.g. the newest "
-                                              "intact one)")
+    save: str | None = option(
+        None, help="directory for checkpoints (Megatron layout: iter_NNNNNNN/ + tracker)"
+    )
+    load: str | None = option(
+        None, help="resume from this checkpoint directory (an empty --save dir starts fresh)"
+    )
+    ckpt_step: int | None = option(
+        None, help="load iteration N under --load instead of the latest (e.g. the newest intact one)"
+    )
     save_interval: int | None = option(None, help="save every this many iterations (and always at the end)")
     no_load_optim: bool = option(False, help="resume without the optimizer state")
     no_load_rng: bool = option(False, help="resume without the random-generator states")
-    finetune: bool = option(False, help="load only the weights of --load; iteration, optimizer and data start fresh")
+    finetune: bool = option(
+        False, help="load only the weights of --load; iteration, optimizer and data start fresh"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -374,19 +495,30 @@ class LoggingConfig:
 class DataConfig:
     """The tokenizer and the domain datasets."""
 
-    tokenizer_type: str = option(help="tokenizer implementation",
-                                 choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"))
-    tokenizer_model: str = option(help="SentencePiece .model file, or a Hugging Face tokenizer.json (or its dir)")
+    tokenizer_type: str = option(
+        help="tokenizer implementation", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer")
+    )
+    tokenizer_model: str = option(
+        help="SentencePiece .model file, or a Hugging Face tokenizer.json (or its dir)"
+    )
     domains: str | None = option(None, help="domain registry (YAML/JSON), see docs/DATA.md")
-    data_path: tuple[str, ...] = option((), help="Megatron's static form: W1 PREFIX1 W2 PREFIX2 ... (or prefixes "
-                                                 "alone)", flag_default=None, nargs="+")
-    data_cache_path: str | None = option(None, help="where GPTDataset index caches go (default: <save>/data_cache)")
+    data_path: tuple[str, ...] = option(
+        (),
+        help="Megatron's static form: W1 PREFIX1 W2 PREFIX2 ... (or prefixes alone)",
+        flag_default=None,
+        nargs="+",
+    )
+    data_cache_path: str | None = option(
+        None, help="where GPTDataset index caches go (default: <save>/data_cache)"
+    )
     seq_length: int = option(2048, help="tokens per sample", required=True)
 
     def __post_init__(self) -> None:
         problems = []
         if self.domains is None and not self.data_path:
-            problems.append("no data: give --domains REGISTRY.yaml or --data-path [W1] PREFIX1 [W2 PREFIX2 ...]")
+            problems.append(
+                "no data: give --domains REGISTRY.yaml or --data-path [W1] PREFIX1 [W2 PREFIX2 ...]"
+            )
         if self.domains is not None and self.data_path:
             problems.append("give either --domains or --data-path, not both")
         if self.seq_length < 1:
@@ -398,18 +530,31 @@ class DataConfig:
 class DistillConfig:
     """The teacher and the distillation loss (the paper's Eq. 3)."""
 
-    mode: str = option("ddk", flag="--ddk-mode", choices=DDK_MODES,
-                       help="cpt: student alone; kd: teacher, static mixture; ddk: teacher, dynamic mixture")
-    teacher_load: str | None = option(None, help="the teacher's checkpoint (tools/convert_hf_to_megatron.py writes one)")
-    teacher_cache: str | None = option(None, help="teacher top-k cache (tools/cache_teacher_logits.py): no teacher model "
-                                                  "is built unless --teacher-load is also given, which then only "
-                                                  "serves samples the cache lacks")
-    kd_loss_type: str = option("forward_kl", help="divergence between teacher and student", choices=KD_LOSS_TYPES)
+    mode: str = option(
+        "ddk",
+        flag="--ddk-mode",
+        choices=DDK_MODES,
+        help="cpt: student alone; kd: teacher, static mixture; ddk: teacher, dynamic mixture",
+    )
+    teacher_load: str | None = option(
+        None, help="the teacher's checkpoint (tools/convert_hf_to_megatron.py writes one)"
+    )
+    teacher_cache: str | None = option(
+        None,
+        help="teacher top-k cache (tools/cache_teacher_logits.py): no teacher model "
+        "is built unless --teacher-load is also given, which then only "
+        "serves samples the cache lacks",
+    )
+    kd_loss_type: str = option(
+        "forward_kl", help="divergence between teacher and student", choices=KD_LOSS_TYPES
+    )
     kd_temperature: float = option(1.0, help="softmax temperature T of both models in the KD term")
     kd_weight: float = option(0.2, help="gamma: loss = CE + gamma * KD")
     kd_jsd_beta: float = option(0.5, help="beta of --kd-loss-type jsd")
-    kd_chunk_size: int | None = option(None, help="tokens per chunk of the KD loss (default: 16M / vocabulary shard, "
-                                                  "e.g. 110 for Qwen at TP=1)")
+    kd_chunk_size: int | None = option(
+        None,
+        help="tokens per chunk of the KD loss (default: 16M / vocabulary shard, e.g. 110 for Qwen at TP=1)",
+    )
     teacher_bf16: bool | None = option(None, help="run the teacher in bf16 (default: follow --bf16)")
     teacher_fp8: bool = option(True, help="with --fp8-format, run the teacher's forward in FP8 as well")
 
@@ -422,14 +567,20 @@ class DistillConfig:
         if not 0.0 <= self.kd_jsd_beta <= 1.0:
             problems.append(f"--kd-jsd-beta must be in [0, 1], got {self.kd_jsd_beta}")
         if self.mode == "cpt" and self.teacher_load:
-            problems.append("--teacher-load is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
-                            "or ddk")
+            problems.append(
+                "--teacher-load is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
+                "or ddk"
+            )
         if self.mode in ("kd", "ddk") and not (self.teacher_load or self.teacher_cache):
-            problems.append(f"--ddk-mode {self.mode} needs a teacher: add --teacher-load DIR or --teacher-cache DIR "
-                            "(or use --ddk-mode cpt)")
+            problems.append(
+                f"--ddk-mode {self.mode} needs a teacher: add --teacher-load DIR or --teacher-cache DIR "
+                "(or use --ddk-mode cpt)"
+            )
         if self.mode == "cpt" and self.teacher_cache:
-            problems.append("--teacher-cache is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
-                            "or ddk")
+            problems.append(
+                "--teacher-cache is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
+                "or ddk"
+            )
         _raise_if(problems)
 
     @property
@@ -442,16 +593,25 @@ class DDKConfig:
     """Domain mixing: DDK's every-K update (Eq. 1-2) or an ablation. Flags are ``--ddk-<field>``."""
 
     interval: int = option(1000, help="K: iterations between domain-weight updates")
-    alpha: float = option(0.5, help="smoothing of Eq. 2: weight of the new factor against the uniform mixture")
+    alpha: float = option(
+        0.5, help="smoothing of Eq. 2: weight of the new factor against the uniform mixture"
+    )
     val_samples: int = option(500, help="validation samples per domain for each DDK evaluation")
-    mixing: str = option("ddk", help="ddk (the paper's Eq. 1-2), no-smoothing (Eq. 1 every K), equal, static "
-                                     "(registry weights), or a variant beyond the paper: ddk-log (ratios in log "
-                                     "space; recommended when the ratios differ by more than ~1, docs/DDK.md), "
-                                     "ddk-smooth0, ddk-tempered, ddk-bounded, ddk-robust", choices=MIXING_MODES)
-    temperature: float = option(1.0, help="tau of ddk-tempered, ddk-log and ddk-robust: Eq. 1/2's exponent is "
-                                          "divided by it")
-    max_step: float = option(0.25, help="ddk-bounded / ddk-robust: the most one update may move the mixture (total "
-                                        "variation distance)")
+    mixing: str = option(
+        "ddk",
+        help="ddk (the paper's Eq. 1-2), no-smoothing (Eq. 1 every K), equal, static "
+        "(registry weights), or a variant beyond the paper: ddk-log (ratios in log "
+        "space; recommended when the ratios differ by more than ~1, docs/DDK.md), "
+        "ddk-smooth0, ddk-tempered, ddk-bounded, ddk-robust",
+        choices=MIXING_MODES,
+    )
+    temperature: float = option(
+        1.0, help="tau of ddk-tempered, ddk-log and ddk-robust: Eq. 1/2's exponent is divided by it"
+    )
+    max_step: float = option(
+        0.25,
+        help="ddk-bounded / ddk-robust: the most one update may move the mixture (total variation distance)",
+    )
     log_file: str | None = option(None, help="JSONL of every update (default <save>/ddk_log.jsonl)")
 
     def __post_init__(self) -> None:

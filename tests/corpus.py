@@ -9,13 +9,24 @@ import yaml
 
 from tests.helpers import python
 
-LLAMA3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                         "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>")
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+)
 """Llama 3.1's first special tokens, in its order (ids 128000..128009 there, right after the BPE merges)."""
 
 
-def write_llama3_tokenizer(directory: Path, texts: list[str], *, vocab_size: int = 400, instruct: bool = False):
+def write_llama3_tokenizer(
+    directory: Path, texts: list[str], *, vocab_size: int = 400, instruct: bool = False
+):
     """A Llama-3-style tokenizer.json: byte-level BPE, then the special tokens, a <|begin_of_text|> template;
     tokenizer_config.json names <|end_of_text|> as eos (base model) or <|eot_id|> (instruct model)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -23,16 +34,29 @@ def write_llama3_tokenizer(directory: Path, texts: list[str], *, vocab_size: int
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIAL_TOKENS])
     raw.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", raw.token_to_id("<|begin_of_text|>"))])
+        single="<|begin_of_text|> $A",
+        special_tokens=[("<|begin_of_text|>", raw.token_to_id("<|begin_of_text|>"))],
+    )
     directory.mkdir(parents=True, exist_ok=True)
     raw.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-        "eos_token": "<|eot_id|>" if instruct else "<|end_of_text|>", "model_max_length": 131072}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|eot_id|>" if instruct else "<|end_of_text|>",
+                "model_max_length": 131072,
+            }
+        )
+    )
     return raw
 
 
@@ -42,10 +66,35 @@ def build_tiny_corpus(root: Path, *, size_mb: float = 0.4, vocab_size: int = 512
     python("tools/make_demo_corpus.py", "--output-dir", corpus, "--size-mb", str(size_mb), "--seed", "7")
     registry = corpus / "domains.yaml"
     names = [d["name"] for d in yaml.safe_load(registry.read_text())["domains"]]
-    python("tools/train_tokenizer.py", "--input", *[corpus / f"{n}.jsonl" for n in names],
-           "--output-prefix", root / "tokenizer", "--vocab-size", str(vocab_size), "--model-type", "bpe")
+    python(
+        "tools/train_tokenizer.py",
+        "--input",
+        *[corpus / f"{n}.jsonl" for n in names],
+        "--output-prefix",
+        root / "tokenizer",
+        "--vocab-size",
+        str(vocab_size),
+        "--model-type",
+        "bpe",
+    )
     for name in names:
-        python("tools/preprocess_data.py", "--input", corpus / f"{name}.jsonl", "--output-prefix", corpus / name,
-               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", root / "tokenizer.model",
-               "--append-eod", "--workers", "1")
-    return {"registry": registry, "tokenizer": root / "tokenizer.model", "root": root, "names": json.dumps(names)}
+        python(
+            "tools/preprocess_data.py",
+            "--input",
+            corpus / f"{name}.jsonl",
+            "--output-prefix",
+            corpus / name,
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            root / "tokenizer.model",
+            "--append-eod",
+            "--workers",
+            "1",
+        )
+    return {
+        "registry": registry,
+        "tokenizer": root / "tokenizer.model",
+        "root": root,
+        "names": json.dumps(names),
+    }

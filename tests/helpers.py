@@ -33,16 +33,28 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun(script: str | Path, nproc: int, *args: str, env: dict[str, str] | None = None,
-             timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def torchrun(
+    script: str | Path,
+    nproc: int,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun with ``nproc`` local processes (gloo on CPU)."""
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", f"--master_port={free_port()}", "--master_addr=127.0.0.1",
-        str(script), *map(str, args),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+        str(script),
+        *map(str, args),
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env(env), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"torchrun {script} (nproc={nproc}) failed with {proc.returncode}\n"
@@ -51,11 +63,18 @@ def torchrun(script: str | Path, nproc: int, *args: str, env: dict[str, str] | N
     return proc
 
 
-def python(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
+def python(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python args...`` from the repository root."""
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=subprocess_env(env),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"python {' '.join(map(str, args))} failed with {proc.returncode}\n"
@@ -64,10 +83,21 @@ def python(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
     return proc
 
 
-def train_sentencepiece(corpus: str | Path, prefix: str | Path, *, vocab_size: int) -> subprocess.CompletedProcess:
+def train_sentencepiece(
+    corpus: str | Path, prefix: str | Path, *, vocab_size: int
+) -> subprocess.CompletedProcess:
     """``tools/train_tokenizer.py`` on one JSONL file, one thread (reproducible); writes ``prefix.model``."""
-    return python("tools/train_tokenizer.py", "--input", corpus, "--output-prefix", prefix,
-                  "--vocab-size", str(vocab_size), "--num-threads", "1")
+    return python(
+        "tools/train_tokenizer.py",
+        "--input",
+        corpus,
+        "--output-prefix",
+        prefix,
+        "--vocab-size",
+        str(vocab_size),
+        "--num-threads",
+        "1",
+    )
 
 
 def read_json(path: str | Path):

@@ -8,12 +8,40 @@ from pathlib import Path
 
 from tests.helpers import REPO_ROOT, torchrun
 
-STUDENT = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-           "--ffn-hidden-size", "128", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-           "--seq-length", "32"]
-TEACHER = ["--num-layers", "4", "--hidden-size", "96", "--num-attention-heads", "4", "--num-query-groups", "2",
-           "--ffn-hidden-size", "192", "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights",
-           "--seq-length", "32"]
+STUDENT = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--seq-length",
+    "32",
+]
+TEACHER = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "96",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "192",
+    "--swiglu",
+    "--disable-bias-linear",
+    "--untie-embeddings-and-output-weights",
+    "--seq-length",
+    "32",
+]
 
 SERIES_RTOL = 2e-5
 """Layouts (TP/PP/DP, resumed or not) must reproduce a reference run's losses to this relative tolerance."""
@@ -34,14 +62,39 @@ class RunResult:
 
 
 def data_args(corpus: dict, cache: Path) -> list[str]:
-    return ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(corpus["tokenizer"]),
-            "--domains", str(corpus["registry"]), "--data-cache-path", str(cache)]
+    return [
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(corpus["tokenizer"]),
+        "--domains",
+        str(corpus["registry"]),
+        "--data-cache-path",
+        str(cache),
+    ]
 
 
 def train_args(iters: int, *, gbs: int = 8, mbs: int = 2) -> list[str]:
-    return ["--micro-batch-size", str(mbs), "--global-batch-size", str(gbs), "--train-iters", str(iters),
-            "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "1", "--log-interval", "1",
-            "--ddk-val-samples", "8", "--seed", "1234"]
+    return [
+        "--micro-batch-size",
+        str(mbs),
+        "--global-batch-size",
+        str(gbs),
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-4",
+        "--lr-warmup-iters",
+        "1",
+        "--log-interval",
+        "1",
+        "--ddk-val-samples",
+        "8",
+        "--seed",
+        "1234",
+    ]
 
 
 def parse_metrics(stdout: str) -> dict[int, dict[str, float]]:

@@ -40,25 +40,41 @@ DEFAULT_SHARD_SIZE = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cache_teacher_logits.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="cache_teacher_logits.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("--output", required=True, help="cache directory (created, or resumed / extended)")
     p.add_argument("--teacher-load", required=True, help="teacher checkpoint (any TP/PP: resharded on load)")
-    p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"), required=True)
+    p.add_argument(
+        "--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer"), required=True
+    )
     p.add_argument("--tokenizer-model", required=True)
     p.add_argument("--domains", default=None, help="domain registry (YAML/JSON), as for pretrain_ddk.py")
-    p.add_argument("--data-path", nargs="+", default=None, help="Megatron's static form: W1 PREFIX1 W2 PREFIX2 ...")
+    p.add_argument(
+        "--data-path", nargs="+", default=None, help="Megatron's static form: W1 PREFIX1 W2 PREFIX2 ..."
+    )
     p.add_argument("--data-cache-path", default=None, help="where GPTDataset index caches go")
     p.add_argument("--seq-length", type=int, required=True)
-    p.add_argument("--seed", type=int, default=1234, help="the training run's --seed (dataset shuffle and sampler)")
+    p.add_argument(
+        "--seed", type=int, default=1234, help="the training run's --seed (dataset shuffle and sampler)"
+    )
     p.add_argument("--top-k", type=int, default=32)
-    p.add_argument("--kd-temperature", type=float, default=1.0, help="the temperature the log-probabilities are at")
+    p.add_argument(
+        "--kd-temperature", type=float, default=1.0, help="the temperature the log-probabilities are at"
+    )
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard file")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument("--bf16", action="store_true", help="teacher forward in bf16 (as --teacher-bf16 in training)")
-    p.add_argument("--fp8-format", choices=FP8_FORMATS, default=None, help="teacher GEMMs in FP8 (needs TE and Hopper)")
+    p.add_argument(
+        "--bf16", action="store_true", help="teacher forward in bf16 (as --teacher-bf16 in training)"
+    )
+    p.add_argument(
+        "--fp8-format", choices=FP8_FORMATS, default=None, help="teacher GEMMs in FP8 (needs TE and Hopper)"
+    )
     p.add_argument("--fp8-recipe", choices=FP8_RECIPES, default="delayed")
     p.add_argument("--fp8-amax-history-len", type=int, default=1024)
     p.add_argument("--fp8-amax-compute-algo", choices=("max", "most_recent"), default="max")
@@ -70,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ddk-mode", choices=DDK_MODES, default="ddk")
     g.add_argument("--ddk-mixing", choices=MIXING_MODES, default="ddk")
     g.add_argument("--ddk-alpha", type=float, default=0.5)
-    p.add_argument("--val-samples", type=int, default=500, help="validation samples per domain (--ddk-val-samples)")
+    p.add_argument(
+        "--val-samples", type=int, default=500, help="validation samples per domain (--ddk-val-samples)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return p
 
@@ -81,8 +99,10 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append("give exactly one of --domains REGISTRY.yaml or --data-path [W1] PREFIX1 ...")
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if model_parallel < 1 or world_size % model_parallel:
-        problems.append(f"--tensor-model-parallel-size x --pipeline-model-parallel-size ({model_parallel}) must "
-                        f"divide the number of processes ({world_size})")
+        problems.append(
+            f"--tensor-model-parallel-size x --pipeline-model-parallel-size ({model_parallel}) must "
+            f"divide the number of processes ({world_size})"
+        )
     for name in ("seq_length", "top_k", "micro_batch_size", "shard_size", "val_samples", "ddk_interval"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -92,8 +112,9 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[str]:
         problems.append("give --max-samples-per-domain or --train-iters (a run configuration), not both")
     if args.max_samples_per_domain is not None and args.max_samples_per_domain < 0:
         problems.append(f"--max-samples-per-domain must be >= 0, got {args.max_samples_per_domain}")
-    if args.train_iters is not None and (args.train_iters < 1 or not args.global_batch_size
-                                         or args.global_batch_size < 1):
+    if args.train_iters is not None and (
+        args.train_iters < 1 or not args.global_batch_size or args.global_batch_size < 1
+    ):
         problems.append("--train-iters needs --global-batch-size (both >= 1): the run whose draws are cached")
     if args.fp8_format is not None and not args.bf16:
         problems.append("--fp8-format needs --bf16 (FP8 GEMMs with bf16 everywhere else)")
@@ -106,9 +127,15 @@ def selection(args: argparse.Namespace, registry, domains) -> dict[tuple[str, in
 
     sizes = [len(d.train) for d in domains]
     if args.train_iters is not None:
-        run = RunDraws(train_iters=args.train_iters, global_batch_size=args.global_batch_size,
-                       interval=args.ddk_interval, seed=args.seed, mode=args.ddk_mode, mixing=args.ddk_mixing,
-                       alpha=args.ddk_alpha)
+        run = RunDraws(
+            train_iters=args.train_iters,
+            global_batch_size=args.global_batch_size,
+            interval=args.ddk_interval,
+            seed=args.seed,
+            mode=args.ddk_mode,
+            mixing=args.ddk_mixing,
+            alpha=args.ddk_alpha,
+        )
         train, _ = samples_a_run_can_draw(sizes, registry.initial_weights, run)
     elif args.max_samples_per_domain is not None:
         train = first_samples(sizes, args.seed, args.max_samples_per_domain)
@@ -120,8 +147,9 @@ def selection(args: argparse.Namespace, registry, domains) -> dict[tuple[str, in
     return chosen
 
 
-def prepare_index(output: Path, *, identity: dict, layout, domains, chosen, shard_size: int,
-                  built_with: dict) -> dict:
+def prepare_index(
+    output: Path, *, identity: dict, layout, domains, chosen, shard_size: int, built_with: dict
+) -> dict:
     """Open (identity checked) or create the index and extend its plans with the samples it lacks (rank 0)."""
     from megatron_ddk.distill import teacher_cache as tc
     from megatron_ddk.errors import CheckpointError
@@ -133,35 +161,62 @@ def prepare_index(output: Path, *, identity: dict, layout, domains, chosen, shar
         index = tc.read_index(output, flag="--output")
         problems = tc.identity_differences(index["identity"], identity)
         if problems:
-            raise CheckpointError(f"--output {output} holds a cache built for {'; '.join(problems)}; "
-                                  "write this one to another --output directory")
+            raise CheckpointError(
+                f"--output {output} holds a cache built for {'; '.join(problems)}; "
+                "write this one to another --output directory"
+            )
         if index["layout"] != layout.to_json():
-            raise CheckpointError(f"--output {output} holds a cache with layout {index['layout']}, not "
-                                  f"{layout.to_json()}; write this one to another --output directory")
+            raise CheckpointError(
+                f"--output {output} holds a cache with layout {index['layout']}, not "
+                f"{layout.to_json()}; write this one to another --output directory"
+            )
     else:
-        index = {"format": tc.FORMAT, "format_version": tc.FORMAT_VERSION, "identity": identity,
-                 "layout": layout.to_json(), "plans": {}, "shards": [],
-                 "domains": [{"name": d.name, "train_samples": len(d.train), "valid_samples": len(d.valid)}
-                             for d in domains]}
+        index = {
+            "format": tc.FORMAT,
+            "format_version": tc.FORMAT_VERSION,
+            "identity": identity,
+            "layout": layout.to_json(),
+            "plans": {},
+            "shards": [],
+            "domains": [
+                {"name": d.name, "train_samples": len(d.train), "valid_samples": len(d.valid)}
+                for d in domains
+            ],
+        }
     index["built_with"] = built_with
     (output / "shards").mkdir(exist_ok=True)
     for (split, domain), wanted in sorted(chosen.items()):
         key = f"{split}-d{domain:03d}"
         plan_file = tc.plan_name(split, domain)
-        planned = np.load(output / plan_file, allow_pickle=False) if key in index["plans"] else np.zeros(0, np.int64)
+        planned = (
+            np.load(output / plan_file, allow_pickle=False)
+            if key in index["plans"]
+            else np.zeros(0, np.int64)
+        )
         new = np.setdiff1d(wanted, planned)
         if new.size == 0:
             continue
         numbers = [s for s in index["shards"] if s["split"] == split and s["domain"] == domain]
         for start in range(0, new.size, shard_size):
-            index["shards"].append({"file": tc.shard_name(split, domain, len(numbers)), "split": split,
-                                    "domain": domain, "start": int(planned.size + start),
-                                    "stop": int(planned.size + min(start + shard_size, new.size)), "sha256": None})
+            index["shards"].append(
+                {
+                    "file": tc.shard_name(split, domain, len(numbers)),
+                    "split": split,
+                    "domain": domain,
+                    "start": int(planned.size + start),
+                    "stop": int(planned.size + min(start + shard_size, new.size)),
+                    "sha256": None,
+                }
+            )
             numbers.append(None)
         plan = np.concatenate([planned, new]).astype(np.int64)
         with open(output / plan_file, "wb") as handle:  # np.save's header is plain text; no pickle
             np.save(handle, plan, allow_pickle=False)
-        index["plans"][key] = {"file": plan_file, "count": int(plan.size), "sha256": tc.file_sha256(output / plan_file)}
+        index["plans"][key] = {
+            "file": plan_file,
+            "count": int(plan.size),
+            "sha256": tc.file_sha256(output / plan_file),
+        }
     tc.write_index(output, index)
     return index
 
@@ -202,48 +257,88 @@ def run(args: argparse.Namespace) -> None:
     # ---- cheap checks first
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     registry = load_domain_registry(args.domains) if args.domains else registry_from_data_path(args.data_path)
-    validate_registry(registry, vocab_size=tokenizer.vocab_size, scan_token_ids=distributed.rank_from_env() == 0)
+    validate_registry(
+        registry, vocab_size=tokenizer.vocab_size, scan_token_ids=distributed.rank_from_env() == 0
+    )
     meta = read_metadata(args.teacher_load, flag="--teacher-load")
     teacher_tok = meta.tokenizer or {}
     if teacher_tok.get("sha256") and teacher_tok["sha256"] != tokenizer.sha256:
-        raise CheckpointError(f"--teacher-load {args.teacher_load} was trained with another tokenizer than "
-                              f"--tokenizer-model {args.tokenizer_model}; give the teacher's tokenizer")
+        raise CheckpointError(
+            f"--teacher-load {args.teacher_load} was trained with another tokenizer than "
+            f"--tokenizer-model {args.tokenizer_model}; give the teacher's tokenizer"
+        )
     if meta.model.num_layers % args.pipeline_model_parallel_size:
-        raise UserError(f"the teacher's {meta.model.num_layers} layers are not divisible by "
-                        f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+        raise UserError(
+            f"the teacher's {meta.model.num_layers} layers are not divisible by "
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"
+        )
     if args.top_k > tokenizer.vocab_size:
         raise UserError(f"--top-k {args.top_k} exceeds the vocabulary ({tokenizer.vocab_size} tokens)")
-    precision = PrecisionConfig(bf16=args.bf16, fp8_format=args.fp8_format, fp8_recipe=args.fp8_recipe,
-                                fp8_amax_history_len=args.fp8_amax_history_len,
-                                fp8_amax_compute_algo=args.fp8_amax_compute_algo)
+    precision = PrecisionConfig(
+        bf16=args.bf16,
+        fp8_format=args.fp8_format,
+        fp8_recipe=args.fp8_recipe,
+        fp8_amax_history_len=args.fp8_amax_history_len,
+        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+    )
     check_fp8_supported(precision)
-    layout = tc.CacheLayout.for_vocabulary(seq_length=args.seq_length, top_k=args.top_k,
-                                           vocab_size=tokenizer.vocab_size)
-    identity = {**tc.run_identity(tokenizer=tokenizer, registry=registry, seed=args.seed, seq_length=args.seq_length,
-                                  temperature=args.kd_temperature),
-                "teacher": tc.checkpoint_identity(args.teacher_load), "top_k": args.top_k,
-                "precision": {"bf16": args.bf16, "fp8_format": args.fp8_format}}
+    layout = tc.CacheLayout.for_vocabulary(
+        seq_length=args.seq_length, top_k=args.top_k, vocab_size=tokenizer.vocab_size
+    )
+    identity = {
+        **tc.run_identity(
+            tokenizer=tokenizer,
+            registry=registry,
+            seed=args.seed,
+            seq_length=args.seq_length,
+            temperature=args.kd_temperature,
+        ),
+        "teacher": tc.checkpoint_identity(args.teacher_load),
+        "top_k": args.top_k,
+        "precision": {"bf16": args.bf16, "fp8_format": args.fp8_format},
+    }
 
-    parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
-    pg = distributed.initialize(distributed.ParallelLayout(
-        world_size=world, tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size))
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    )
+    pg = distributed.initialize(
+        distributed.ParallelLayout(
+            world_size=world,
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        )
+    )
     distributed.set_seed(args.seed, pg)
     cache_dir = args.data_cache_path or str(Path(args.output) / "data_cache")
-    domains = build_domain_datasets(registry, tokenizer=tokenizer, seq_length=args.seq_length, seed=args.seed,
-                                    cache_dir=cache_dir)
+    domains = build_domain_datasets(
+        registry, tokenizer=tokenizer, seq_length=args.seq_length, seed=args.seed, cache_dir=cache_dir
+    )
     chosen = selection(args, registry, domains)
     output = Path(args.output)
-    built_with = {"teacher_load": str(args.teacher_load), "tokenizer_type": args.tokenizer_type,
-                  "tokenizer_model": str(args.tokenizer_model), "domains": args.domains,
-                  "data_path": args.data_path, "seq_length": args.seq_length, "seed": args.seed,
-                  "top_k": args.top_k, "kd_temperature": args.kd_temperature}
+    built_with = {
+        "teacher_load": str(args.teacher_load),
+        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_model": str(args.tokenizer_model),
+        "domains": args.domains,
+        "data_path": args.data_path,
+        "seq_length": args.seq_length,
+        "seed": args.seed,
+        "top_k": args.top_k,
+        "kd_temperature": args.kd_temperature,
+    }
     failure = None
     if distributed.is_rank_0():
         try:
-            prepare_index(output, identity=identity, layout=layout, domains=domains, chosen=chosen,
-                          shard_size=args.shard_size, built_with=built_with)
+            prepare_index(
+                output,
+                identity=identity,
+                layout=layout,
+                domains=domains,
+                chosen=chosen,
+                shard_size=args.shard_size,
+                built_with=built_with,
+            )
         except UserError as err:
             failure = err
     failed = _any_rank(failure is not None)
@@ -257,32 +352,48 @@ def run(args: argparse.Namespace) -> None:
     # ---- finished shards are kept (rank 0 checks them); the rest is shared out over DP
     done = torch.zeros(len(index["shards"]))
     if distributed.is_rank_0():
-        done = torch.tensor([finished(output, shard, layout) is not None for shard in index["shards"]]).float()
+        done = torch.tensor(
+            [finished(output, shard, layout) is not None for shard in index["shards"]]
+        ).float()
     pending = [n for n, flag in enumerate(_from_rank_0(done).tolist()) if not flag]
     dp_rank, dp_size = dist.get_rank(pg.dp), dist.get_world_size(pg.dp)
     mine = pending[dp_rank::dp_size]
     writer = distributed.is_pp_last_stage(pg) and dist.get_rank(pg.tp) == 0
     kept = len(index["shards"]) - len(pending)
-    distributed_print(f"teacher cache {output}: {len(index['shards'])} shards, {kept} finished and verified, "
-                      f"{len(pending)} to compute on {dp_size} data-parallel group(s); "
-                      f"{layout.bytes_per_token():.1f} bytes/token (k={args.top_k}, ids {layout.id_dtype})")
+    distributed_print(
+        f"teacher cache {output}: {len(index['shards'])} shards, {kept} finished and verified, "
+        f"{len(pending)} to compute on {dp_size} data-parallel group(s); "
+        f"{layout.bytes_per_token():.1f} bytes/token (k={args.top_k}, ids {layout.id_dtype})"
+    )
 
     teacher = build_gpt_model(
-        meta.model, parallel, precision, pg=pg, pre_process=distributed.is_pp_first_stage(pg),
-        post_process=distributed.is_pp_last_stage(pg), use_fp8=args.fp8_format is not None, initialize_weights=False,
-        padded_vocab_size=padded_vocab_size(meta.model.vocab_size, parallel.tensor_model_parallel_size,
-                                            meta.model.make_vocab_size_divisible_by))
+        meta.model,
+        parallel,
+        precision,
+        pg=pg,
+        pre_process=distributed.is_pp_first_stage(pg),
+        post_process=distributed.is_pp_last_stage(pg),
+        use_fp8=args.fp8_format is not None,
+        initialize_weights=False,
+        padded_vocab_size=padded_vocab_size(
+            meta.model.vocab_size,
+            parallel.tensor_model_parallel_size,
+            meta.model.make_vocab_size_divisible_by,
+        ),
+    )
     from megatron_ddk.distill.model import freeze
 
     load_model_state(args.teacher_load, teacher, flag="--teacher-load")
     freeze(teacher)
-    tokens_total = sum((index["shards"][n]["stop"] - index["shards"][n]["start"]) for n in mine) * args.seq_length
+    tokens_total = (
+        sum((index["shards"][n]["stop"] - index["shards"][n]["start"]) for n in mine) * args.seq_length
+    )
     bar = _progress(tokens_total, enabled=writer and dp_rank == 0 and not args.no_progress, dp_size=dp_size)
     start = time.time()
     for number in mine:
         shard = index["shards"][number]
         split, domain = shard["split"], shard["domain"]
-        samples = plans[f"{split}-d{domain:03d}"][shard["start"]:shard["stop"]]
+        samples = plans[f"{split}-d{domain:03d}"][shard["start"] : shard["stop"]]
         dataset = getattr(domains[domain], split)
         arrays = teacher_rows(teacher, dataset, samples, args=args, vocab_size=tokenizer.vocab_size, pg=pg)
         if writer:
@@ -295,17 +406,23 @@ def run(args: argparse.Namespace) -> None:
         for shard in index["shards"]:
             checksum = finished(output, shard, layout)
             if checksum is None:
-                raise CheckpointError(f"shard {output / shard['file']} was not completed; rerun the same command")
+                raise CheckpointError(
+                    f"shard {output / shard['file']} was not completed; rerun the same command"
+                )
             shard["sha256"] = checksum
         tc.write_index(output, index)
     distributed.barrier()
     done = tokens_total * dp_size
-    distributed_print(f"teacher cache {output}: complete ({len(index['shards'])} shards); computed about {done} "
-                      f"tokens in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.0f} tokens/s over all ranks)")
+    distributed_print(
+        f"teacher cache {output}: complete ({len(index['shards'])} shards); computed about {done} "
+        f"tokens in {elapsed:.1f}s ({done / max(elapsed, 1e-9):.0f} tokens/s over all ranks)"
+    )
     distributed.destroy()
 
 
-def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int, pg) -> dict[str, np.ndarray]:
+def teacher_rows(
+    teacher, dataset, samples: np.ndarray, *, args, vocab_size: int, pg
+) -> dict[str, np.ndarray]:
     """The teacher's top-k, tail and CE of ``samples`` (all rows on the last stage; empty elsewhere)."""
     import torch.distributed as dist
     from megatron.core import tensor_parallel
@@ -321,8 +438,10 @@ def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int
     rows = [dataset[int(i)] for i in samples]
     batches = []
     for first in range(0, len(rows), mbs):
-        chunk = rows[first:first + mbs]
-        batch = collate(chunk + [chunk[0]] * (mbs - len(chunk)))  # the last micro-batch is padded, then dropped
+        chunk = rows[first : first + mbs]
+        batch = collate(
+            chunk + [chunk[0]] * (mbs - len(chunk))
+        )  # the last micro-batch is padded, then dropped
         batch["valid_rows"] = torch.tensor(len(chunk))
         batches.append(batch)
     group = pg.tp if dist.get_world_size(pg.tp) > 1 else None
@@ -336,27 +455,44 @@ def teacher_rows(teacher, dataset, samples: np.ndarray, *, args, vocab_size: int
 
     def extract(batch, logits, non_loss_data=True):
         b, s, v = logits.shape  # [b, s, v_local]
-        ids, logp, tail = vocab_parallel_topk(logits.reshape(b * s, v), args.top_k, temperature=args.kd_temperature,
-                                              vocab_size=vocab_size, tp_group=group)
+        ids, logp, tail = vocab_parallel_topk(
+            logits.reshape(b * s, v),
+            args.top_k,
+            temperature=args.kd_temperature,
+            vocab_size=vocab_size,
+            tp_group=group,
+        )
         ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"])  # [b, s]
         mask = batch["loss_mask"].double()
         keep = int(batch["valid_rows"])
-        return {"ids": ids.reshape(b, s, -1)[:keep].cpu(), "log_probs": logp.reshape(b, s, -1)[:keep].cpu(),
-                "tail": tail.reshape(b, s)[:keep].cpu(), "ce_sum": (ce.double() * mask).sum(1)[:keep].cpu(),
-                "ce_tokens": mask.sum(1)[:keep].long().cpu()}
+        return {
+            "ids": ids.reshape(b, s, -1)[:keep].cpu(),
+            "log_probs": logp.reshape(b, s, -1)[:keep].cpu(),
+            "tail": tail.reshape(b, s)[:keep].cpu(),
+            "ce_sum": (ce.double() * mask).sum(1)[:keep].cpu(),
+            "ce_tokens": mask.sum(1)[:keep].long().cpu(),
+        }
 
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=[teacher],
-            num_microbatches=len(batches), seq_length=args.seq_length, micro_batch_size=mbs,
-            forward_only=True, collect_non_loss_data=True)
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[teacher],
+            num_microbatches=len(batches),
+            seq_length=args.seq_length,
+            micro_batch_size=mbs,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
     if not is_pp_last_stage(pg):
         return {}
     arrays = {key: torch.cat([o[key] for o in outputs]).numpy() for key in outputs[0]}
     arrays["log_probs"] = arrays["log_probs"].astype(np.float16)
     arrays["tail"] = arrays["tail"].astype(np.float16)
     arrays["sample_id"] = np.asarray(samples, dtype=np.int64)
-    arrays["fingerprint"] = np.array([sample_fingerprint(r["tokens"], r["labels"]) for r in rows], dtype=np.uint64)
+    arrays["fingerprint"] = np.array(
+        [sample_fingerprint(r["tokens"], r["labels"]) for r in rows], dtype=np.uint64
+    )
     return arrays
 
 
@@ -388,8 +524,14 @@ def _progress(total: int, *, enabled: bool, dp_size: int):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="tok", unit_scale=True, desc=f"teacher top-k (DP group 0 of {dp_size})",
-                file=sys.stderr, smoothing=0.1)
+    return tqdm(
+        total=total,
+        unit="tok",
+        unit_scale=True,
+        desc=f"teacher top-k (DP group 0 of {dp_size})",
+        file=sys.stderr,
+        smoothing=0.1,
+    )
 
 
 class _NoBar:
@@ -414,7 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if os.environ.get("MEGATRON_DDK_TRACEBACK"):
             raise
-        rank = int(os.environ.get("RANK", "0"))  # every rank reports (torchrun stops the job at the first exit)
+        rank = int(
+            os.environ.get("RANK", "0")
+        )  # every rank reports (torchrun stops the job at the first exit)
         prefix = "" if rank == 0 else f"[rank {rank}] "
         print(f"{prefix}cache_teacher_logits.py: error: {err}", file=sys.stderr, flush=True)
         return 2

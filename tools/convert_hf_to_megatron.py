@@ -33,15 +33,22 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--hf-dir", required=True, type=Path, help="HF model directory (config.json + safetensors)"
+    )
     parser.add_argument("--save", required=True, type=Path, help="checkpoint root to write")
     dtype = parser.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="store bfloat16 weights")
     dtype.add_argument("--fp32", action="store_true", help="store float32 weights")
-    parser.add_argument("--vocab-size-from-tokenizer", action="store_true",
-                        help="keep only the embedding/output rows of tokenizer.json's tokens (HF configs often "
-                             "round vocab_size up), so the model pads like a student built from that tokenizer")
+    parser.add_argument(
+        "--vocab-size-from-tokenizer",
+        action="store_true",
+        help="keep only the embedding/output rows of tokenizer.json's tokens (HF configs often "
+        "round vocab_size up), so the model pads like a student built from that tokenizer",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     return parser.parse_args(argv)
 
@@ -55,7 +62,10 @@ def target_dtype(args: argparse.Namespace, hf_dtype: str | None) -> tuple[torch.
     if hf_dtype == "bfloat16":
         return torch.bfloat16, None
     if hf_dtype == "float16":
-        return torch.float32, "torch_dtype float16 stored as float32 (lossless); pass --bf16 to halve the size"
+        return (
+            torch.float32,
+            "torch_dtype float16 stored as float32 (lossless); pass --bf16 to halve the size",
+        )
     return torch.float32, None
 
 
@@ -63,8 +73,10 @@ def tokenizer_record(hf_dir: Path, vocab_size: int) -> tuple[dict, str | None]:
     """The tokenizer identity stored in the checkpoint (compared with the student's at KD time)."""
     unknown = {"type": None, "vocab_size": vocab_size, "sha256": None}
     if not (hf_dir / "tokenizer.json").is_file():
-        return unknown, (f"no tokenizer.json in {hf_dir}: the checkpoint records no tokenizer identity, so a KD run "
-                         "cannot check that teacher and student share a vocabulary")
+        return unknown, (
+            f"no tokenizer.json in {hf_dir}: the checkpoint records no tokenizer identity, so a KD run "
+            "cannot check that teacher and student share a vocabulary"
+        )
     from megatron_ddk.data.tokenizer import build_tokenizer, tokenizer_identity
 
     try:
@@ -90,21 +102,27 @@ def convert(args: argparse.Namespace) -> Path:
     vocab_note = None
     tokens = tokenizer.get("vocab_size") if tokenizer.get("type") else None
     if tokens is not None and tokens > hf_rows:
-        raise HFConversionError(f"--hf-dir {hf_dir}: tokenizer.json has {tokens} tokens but config.json vocab_size is "
-                                f"only {hf_rows}; the tokenizer does not belong to this model")
+        raise HFConversionError(
+            f"--hf-dir {hf_dir}: tokenizer.json has {tokens} tokens but config.json vocab_size is "
+            f"only {hf_rows}; the tokenizer does not belong to this model"
+        )
     if args.vocab_size_from_tokenizer:
         if tokens is None:
-            raise HFConversionError(f"--vocab-size-from-tokenizer needs a usable tokenizer.json in {hf_dir} "
-                                    f"({tokenizer_note})")
+            raise HFConversionError(
+                f"--vocab-size-from-tokenizer needs a usable tokenizer.json in {hf_dir} ({tokenizer_note})"
+            )
         model_cfg = dataclasses.replace(model_cfg, vocab_size=tokens)
     elif tokens is not None and tokens < hf_rows:
-        vocab_note = (f"config.json vocab_size {hf_rows} > the tokenizer's {tokens} tokens; the checkpoint keeps all "
-                      f"{hf_rows} rows (exact round trip). A student built from this tokenizer pads differently: "
-                      "pass --vocab-size-from-tokenizer to keep only the tokenizer's rows")
+        vocab_note = (
+            f"config.json vocab_size {hf_rows} > the tokenizer's {tokens} tokens; the checkpoint keeps all "
+            f"{hf_rows} rows (exact round trip). A student built from this tokenizer pads differently: "
+            "pass --vocab-size-from-tokenizer to keep only the tokenizer's rows"
+        )
     placements = hm.hf_placements(model_cfg, hf_vocab_size=hf_rows, architecture=values["architectures"][0])
     weights = hm.scan_safetensors(hf_dir)
-    ignored = hm.check_hf_weights(weights, placements, tied=not model_cfg.untie_embeddings_and_output_weights,
-                                  source=hf_dir)
+    ignored = hm.check_hf_weights(
+        weights, placements, tied=not model_cfg.untie_embeddings_and_output_weights, source=hf_dir
+    )
     dtype, dtype_note = target_dtype(args, values.get("torch_dtype"))
 
     final = _write_checkpoint(args.save, model_cfg, weights, placements, dtype, tokenizer, args.overwrite)
@@ -113,18 +131,23 @@ def convert(args: argparse.Namespace) -> Path:
         if note:
             print(f"note: {note}")
     if ignored:
-        print(f"note: ignored {len(ignored)} tensor(s) the model does not use ({', '.join(ignored[:3])}"
-              f"{' ...' if len(ignored) > 3 else ''})")
-    print(f"converted {values['architectures'][0]} from {hf_dir} ({len(weights.shard_files)} shard(s), "
-          f"{len(placements)} tensors): {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
-          f"{model_cfg.num_attention_heads} heads / {model_cfg.query_groups} kv, vocab {model_cfg.vocab_size}, "
-          f"{model_cfg.num_parameters() / 1e6:.2f}M params, {str(dtype).removeprefix('torch.')} -> {final} "
-          f"in {time.time() - started:.1f} s")
+        print(
+            f"note: ignored {len(ignored)} tensor(s) the model does not use ({', '.join(ignored[:3])}"
+            f"{' ...' if len(ignored) > 3 else ''})"
+        )
+    print(
+        f"converted {values['architectures'][0]} from {hf_dir} ({len(weights.shard_files)} shard(s), "
+        f"{len(placements)} tensors): {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+        f"{model_cfg.num_attention_heads} heads / {model_cfg.query_groups} kv, vocab {model_cfg.vocab_size}, "
+        f"{model_cfg.num_parameters() / 1e6:.2f}M params, {str(dtype).removeprefix('torch.')} -> {final} "
+        f"in {time.time() - started:.1f} s"
+    )
     return final
 
 
-def _write_checkpoint(save: Path, model_cfg, weights, placements, dtype: torch.dtype, tokenizer: dict,
-                      overwrite: bool) -> Path:
+def _write_checkpoint(
+    save: Path, model_cfg, weights, placements, dtype: torch.dtype, tokenizer: dict, overwrite: bool
+) -> Path:
     """Build at TP1/PP1, stream the weights in, save into a sibling staging root, then swap it in."""
     from megatron_ddk.checkpointing import iteration_dir
     from megatron_ddk.convert import workspace
@@ -153,11 +176,20 @@ def _fill_and_save(model, model_cfg, weights, placements, tokenizer: dict, stagi
         hm.copy_hf_weights(params, weights, placements)
         unfilled = [name for name, param in params.items() if torch.isnan(param).any()]
     if unfilled:
-        raise HFConversionError(f"no HF tensor filled megatron parameter(s) {', '.join(unfilled)}; "
-                                "this is a converter bug, please report it")
-    metadata = CheckpointMetadata(iteration=0, model=model_cfg, tokenizer=tokenizer, tensor_model_parallel_size=1,
-                                  pipeline_model_parallel_size=1, data_parallel_size=1, ddk_mode="hf-import",
-                                  has_optimizer=False)
+        raise HFConversionError(
+            f"no HF tensor filled megatron parameter(s) {', '.join(unfilled)}; "
+            "this is a converter bug, please report it"
+        )
+    metadata = CheckpointMetadata(
+        iteration=0,
+        model=model_cfg,
+        tokenizer=tokenizer,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        data_parallel_size=1,
+        ddk_mode="hf-import",
+        has_optimizer=False,
+    )
     shutil.rmtree(staging, ignore_errors=True)
     save_checkpoint(staging, metadata, {"model": model.sharded_state_dict()})
 

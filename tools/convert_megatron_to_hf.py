@@ -38,20 +38,36 @@ from megatron_ddk.models.hf_mapping import (
 from megatron_ddk.platform.startup import prepare_process
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--load", required=True, type=Path, help="checkpoint root or iter_* directory")
     parser.add_argument("--output-dir", required=True, type=Path, help="HF model directory to write")
-    parser.add_argument("--tokenizer-dir", type=Path, help="copy the tokenizer files from here (e.g. the HF teacher)")
+    parser.add_argument(
+        "--tokenizer-dir", type=Path, help="copy the tokenizer files from here (e.g. the HF teacher)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--architecture", choices=SUPPORTED_ARCHITECTURES,
-                        help="HF class to write (default: derived from the model config)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
+    parser.add_argument(
+        "--architecture",
+        choices=SUPPORTED_ARCHITECTURES,
+        help="HF class to write (default: derived from the model config)",
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB (default 5GB)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     return parser.parse_args(argv)
 
@@ -73,31 +89,42 @@ def tokenizer_files(tokenizer_dir: Path | None, recorded: dict, vocab_rows: int)
     if not files:
         raise HFConversionError(f"--tokenizer-dir {tokenizer_dir} holds none of {', '.join(TOKENIZER_FILES)}")
     main_file = {"HuggingFaceTokenizer": "tokenizer.json", "SentencePieceTokenizer": "tokenizer.model"}.get(
-        recorded.get("type") or "")
+        recorded.get("type") or ""
+    )
     if main_file and recorded.get("sha256") and (tokenizer_dir / main_file).is_file():
         digest = hashlib.sha256((tokenizer_dir / main_file).read_bytes()).hexdigest()
         if digest != recorded["sha256"]:
-            raise HFConversionError(f"--tokenizer-dir {tokenizer_dir}: {main_file} (sha256 {digest[:12]}) is not the "
-                                    f"tokenizer this checkpoint was trained with (sha256 {recorded['sha256'][:12]}); "
-                                    "pass the directory of the training tokenizer")
+            raise HFConversionError(
+                f"--tokenizer-dir {tokenizer_dir}: {main_file} (sha256 {digest[:12]}) is not the "
+                f"tokenizer this checkpoint was trained with (sha256 {recorded['sha256'][:12]}); "
+                "pass the directory of the training tokenizer"
+            )
     size = _tokenizer_size(tokenizer_dir)
     if size is not None and size > vocab_rows:
-        raise HFConversionError(f"--tokenizer-dir {tokenizer_dir}: the tokenizer has {size} tokens but the model only "
-                                f"{vocab_rows} embedding rows; pass the tokenizer the model was trained with")
+        raise HFConversionError(
+            f"--tokenizer-dir {tokenizer_dir}: the tokenizer has {size} tokens but the model only "
+            f"{vocab_rows} embedding rows; pass the tokenizer the model was trained with"
+        )
     return files
 
 
 def special_token_ids(tokenizer_dir: Path | None, recorded: dict) -> dict[str, int | None]:
     """bos/eos/pad ids for config.json: from the tokenizer files when given, else the recorded end-of-document."""
-    ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": recorded.get("eod"), "pad_token_id": None}
+    ids: dict[str, int | None] = {
+        "bos_token_id": None,
+        "eos_token_id": recorded.get("eod"),
+        "pad_token_id": None,
+    }
     if tokenizer_dir is None:
         return ids
     if (tokenizer_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-        special = {**_read_json(tokenizer_dir / "special_tokens_map.json"),
-                   **_read_json(tokenizer_dir / "tokenizer_config.json")}
+        special = {
+            **_read_json(tokenizer_dir / "special_tokens_map.json"),
+            **_read_json(tokenizer_dir / "tokenizer_config.json"),
+        }
         for role in ("bos", "eos", "pad"):
             text = special.get(f"{role}_token")
             text = text.get("content") if isinstance(text, dict) else text
@@ -140,8 +167,12 @@ def convert(args: argparse.Namespace) -> Path:
     architecture = args.architecture or hm.default_architecture(model_cfg)
     copies = tokenizer_files(args.tokenizer_dir, metadata.tokenizer or {}, model_cfg.vocab_size)
     dtype = DTYPES[args.dtype] if args.dtype else _stored_dtype(resolved)
-    values = hm.hf_config_values(model_cfg, architecture=architecture, dtype=dtype,
-                                 token_ids=special_token_ids(args.tokenizer_dir, metadata.tokenizer or {}))
+    values = hm.hf_config_values(
+        model_cfg,
+        architecture=architecture,
+        dtype=dtype,
+        token_ids=special_token_ids(args.tokenizer_dir, metadata.tokenizer or {}),
+    )
     from transformers import AutoConfig
 
     hf_config = AutoConfig.for_model(MODEL_TYPES[architecture], **values)
@@ -157,14 +188,17 @@ def convert(args: argparse.Namespace) -> Path:
         workspace.publish_output(staging, args.output_dir, args.overwrite, flag="--output-dir")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"exported {resolved} (iteration {metadata.iteration}) as {architecture}: {model_cfg.num_layers} layers, "
-          f"vocab {model_cfg.vocab_size}, {str(dtype).removeprefix('torch.')}, {shards} shard(s), "
-          f"{len(copies)} tokenizer file(s) -> {args.output_dir} in {time.time() - started:.1f} s")
+    print(
+        f"exported {resolved} (iteration {metadata.iteration}) as {architecture}: {model_cfg.num_layers} layers, "
+        f"vocab {model_cfg.vocab_size}, {str(dtype).removeprefix('torch.')}, {shards} shard(s), "
+        f"{len(copies)} tokenizer file(s) -> {args.output_dir} in {time.time() - started:.1f} s"
+    )
     return args.output_dir
 
 
-def _write_weights(resolved: Path, model_cfg, architecture: str, dtype: torch.dtype, max_bytes: int,
-                   staging: Path) -> int:
+def _write_weights(
+    resolved: Path, model_cfg, architecture: str, dtype: torch.dtype, max_bytes: int, staging: Path
+) -> int:
     """Load at TP1/PP1 and write the HF tensors shard by shard; returns the number of files."""
     from safetensors.torch import save_file
 
@@ -178,8 +212,11 @@ def _write_weights(resolved: Path, model_cfg, architecture: str, dtype: torch.dt
         placements = hm.hf_placements(model_cfg, architecture=architecture)
         sizes = {name: math.prod(p.hf_shape) * dtype.itemsize for name, p in placements.items()}
         shards = plan_shards(sizes, max_bytes)
-        names = [SAFETENSORS_FILE] if len(shards) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        names = (
+            [SAFETENSORS_FILE]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         weight_map = {}
         for file_name, shard in zip(names, shards):
             tensors = {name: hm.export_tensor(params, placements[name], dtype) for name in shard}
@@ -205,7 +242,9 @@ def _tokenizer_size(tokenizer_dir: Path) -> int | None:
     if (tokenizer_dir / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
 
-        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size(
+            with_added_tokens=True
+        )
     return None
 
 

@@ -61,8 +61,11 @@ def _check_record(record: dict, domains: list | None, where: str) -> None:
         values = record[key]
         if key == "ratio" and values is None:  # runs without a teacher have no ratio
             continue
-        if not isinstance(values, list) or len(values) != len(names) or not all(
-                isinstance(v, (int, float)) for v in values):
+        if (
+            not isinstance(values, list)
+            or len(values) != len(names)
+            or not all(isinstance(v, (int, float)) for v in values)
+        ):
             raise LogError(f"{where}: '{key}' must be {len(names)} numbers (one per domain), got {values!r}")
 
 
@@ -76,10 +79,14 @@ def plot(records: list[dict], output: Path, title: str | None = None) -> None:
     domains = records[0]["domains"]
     iterations = [r["iteration"] for r in records]
     has_ratio = all(r["ratio"] is not None for r in records)
-    fig, axes = plt.subplots(2 if has_ratio else 1, 1, figsize=(9, 7 if has_ratio else 4), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        2 if has_ratio else 1, 1, figsize=(9, 7 if has_ratio else 4), sharex=True, squeeze=False
+    )
     weights_ax = axes[0][0]
     for i, name in enumerate(domains):
-        weights_ax.step(iterations, [r["weights"][i] for r in records], where="post", label=name, marker="o", ms=3)
+        weights_ax.step(
+            iterations, [r["weights"][i] for r in records], where="post", label=name, marker="o", ms=3
+        )
     weights_ax.set_ylabel("domain weight")
     weights_ax.set_title(title or f"DDK domain mixture ({records[0].get('mixing', 'ddk')})")
     weights_ax.legend(loc="best", fontsize="small")
@@ -108,7 +115,9 @@ def plot(records: list[dict], output: Path, title: str | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("log", help="ddk_log.jsonl of a run")
     parser.add_argument("--output", default="ddk.png")
     parser.add_argument("--title", default=None)

@@ -37,7 +37,9 @@ import numpy as np
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:  # run as `python tools/preprocess_data.py`: make megatron_ddk importable
-    sys.path.insert(0, _ROOT)  # (not `import _bootstrap`: the tests import this file as tools.preprocess_data)
+    sys.path.insert(
+        0, _ROOT
+    )  # (not `import _bootstrap`: the tests import this file as tools.preprocess_data)
 
 from megatron_ddk.data.indexed_writer import IndexedDatasetWriter, optimal_dtype  # noqa: E402
 from megatron_ddk.data.input_files import expand_input_files  # noqa: E402
@@ -91,8 +93,13 @@ class EncodedChunk:
 
 def _init_worker(tokenizer_type: str, tokenizer_file: str, keys: list[str], append_eod: bool) -> None:
     tokenizer = open_tokenizer_file(tokenizer_type, tokenizer_file)
-    _worker.update(encode=batch_encoder(tokenizer), eod=tokenizer.eod, keys=keys, append_eod=append_eod,
-                   dtype=optimal_dtype(tokenizer.vocab_size))
+    _worker.update(
+        encode=batch_encoder(tokenizer),
+        eod=tokenizer.eod,
+        keys=keys,
+        append_eod=append_eod,
+        dtype=optimal_dtype(tokenizer.vocab_size),
+    )
 
 
 def _encode_chunk(lines: list[bytes]) -> EncodedChunk:
@@ -137,7 +144,9 @@ def _encode_chunk(lines: list[bytes]) -> EncodedChunk:
             for doc in docs:
                 doc.append(_worker["eod"])
         doc_lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
-        flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=_worker["dtype"], count=int(doc_lengths.sum()))
+        flat = np.fromiter(
+            itertools.chain.from_iterable(docs), dtype=_worker["dtype"], count=int(doc_lengths.sum())
+        )
         tokens.append(flat)
         lengths.append(doc_lengths)
     return EncodedChunk(tokens, lengths, problems, blank, sum(map(len, lines)))
@@ -195,7 +204,7 @@ def remove_stale_staging(finals: list[Path]) -> list[Path]:
     for final in finals:
         prefix = f".{final.name}.tmp"
         for candidate in final.parent.glob(f"{glob.escape(prefix)}*"):
-            pid = candidate.name[len(prefix):]
+            pid = candidate.name[len(prefix) :]
             if pid.isdigit() and not _process_alive(int(pid)):
                 candidate.unlink(missing_ok=True)
                 removed.append(candidate)
@@ -251,7 +260,9 @@ def preprocess(
             f"--output-prefix {output_prefix}: {existing[0]} exists; pass --overwrite to replace it"
         )
     try:
-        tokenizer = open_tokenizer_file(tokenizer_type, tokenizer_model)  # fail fast, before any worker starts
+        tokenizer = open_tokenizer_file(
+            tokenizer_type, tokenizer_model
+        )  # fail fast, before any worker starts
     except UserError as err:
         raise PreprocessError(str(err)) from err
     dtype = optimal_dtype(tokenizer.vocab_size)

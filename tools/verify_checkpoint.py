@@ -21,8 +21,12 @@ import _bootstrap  # noqa: F401
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="checkpoint root (with its tracker) or an iter_* directory")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint", type=Path, help="checkpoint root (with its tracker) or an iter_* directory"
+    )
     parser.add_argument("--iteration", type=int, default=None, help="check iter_<N> instead of the latest")
     return parser.parse_args(argv)
 
@@ -38,9 +42,13 @@ def verify(path: Path, iteration: int | None) -> str:
     index = read_dcp_metadata(resolved)
     load_common(resolved)
     files = checkpoint_manifest.read_manifest(resolved)
-    what = f"{len(files)} files match their checksums" if files is not None else "no manifest: files not checked"
-    return (f"{resolved}: iteration {meta.iteration}, {meta.model.num_layers} layers, hidden {meta.model.hidden_size}, "
-            f"{len(index.state_dict_metadata)} saved entries; {what}")
+    what = (
+        f"{len(files)} files match their checksums" if files is not None else "no manifest: files not checked"
+    )
+    return (
+        f"{resolved}: iteration {meta.iteration}, {meta.model.num_layers} layers, hidden {meta.model.hidden_size}, "
+        f"{len(index.state_dict_metadata)} saved entries; {what}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

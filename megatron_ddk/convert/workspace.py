@@ -31,9 +31,16 @@ def single_process_model(model_cfg: ModelConfig, dtype: torch.dtype, *, purpose:
             raise HFConversionError(f"run the converter as a single process (no torchrun): {purpose}")
         set_seed(0, pg)
         vocab_rows = padded_vocab_size(model_cfg.vocab_size, 1, model_cfg.make_vocab_size_divisible_by)
-        yield build_gpt_model(model_cfg, ParallelConfig(), PrecisionConfig(bf16=dtype == torch.bfloat16),
-                              padded_vocab_size=vocab_rows, pg=pg, pre_process=True, post_process=True,
-                              initialize_weights=False)
+        yield build_gpt_model(
+            model_cfg,
+            ParallelConfig(),
+            PrecisionConfig(bf16=dtype == torch.bfloat16),
+            padded_vocab_size=vocab_rows,
+            pg=pg,
+            pre_process=True,
+            post_process=True,
+            initialize_weights=False,
+        )
     finally:
         if owns_world:
             destroy()

@@ -38,7 +38,9 @@ class RunDraws:
     alpha: float = 0.5
 
 
-def max_draws(domain_sizes: Sequence[int], static_weights: Sequence[float], run: RunDraws) -> tuple[np.ndarray, bool]:
+def max_draws(
+    domain_sizes: Sequence[int], static_weights: Sequence[float], run: RunDraws
+) -> tuple[np.ndarray, bool]:
     """(draws per domain [N] int64, exact): exactly what a static mixture draws, else an upper bound."""
     num_domains = len(domain_sizes)
     window = run.interval * run.global_batch_size
@@ -46,8 +48,12 @@ def max_draws(domain_sizes: Sequence[int], static_weights: Sequence[float], run:
     dynamic = run.mode == "ddk" and run.mixing in ("ddk", "no-smoothing")
     if not dynamic:
         equal = run.mode == "ddk" and run.mixing == "equal"
-        weights = np.full(num_domains, 1.0 / num_domains) if equal else np.asarray(static_weights, dtype=np.float64)
-        schedule = DomainMixingSchedule(domain_sizes, window_size=window, seed=run.seed, initial_weights=weights)
+        weights = (
+            np.full(num_domains, 1.0 / num_domains) if equal else np.asarray(static_weights, dtype=np.float64)
+        )
+        schedule = DomainMixingSchedule(
+            domain_sizes, window_size=window, seed=run.seed, initial_weights=weights
+        )
         full = total // window
         draws = schedule.offsets_at_window(full)
         if total % window:
@@ -63,12 +69,14 @@ def max_draws(domain_sizes: Sequence[int], static_weights: Sequence[float], run:
     return draws, False
 
 
-def samples_a_run_can_draw(domain_sizes: Sequence[int], static_weights: Sequence[float],
-                           run: RunDraws) -> tuple[list[np.ndarray], bool]:
+def samples_a_run_can_draw(
+    domain_sizes: Sequence[int], static_weights: Sequence[float], run: RunDraws
+) -> tuple[list[np.ndarray], bool]:
     """Per domain, the sorted domain-local sample ids a run can read (see the module docstring); exact or bound."""
     draws, exact = max_draws(domain_sizes, static_weights, run)
-    schedule = DomainMixingSchedule(domain_sizes, window_size=1, seed=run.seed,
-                                    initial_weights=np.ones(len(domain_sizes)))
+    schedule = DomainMixingSchedule(
+        domain_sizes, window_size=1, seed=run.seed, initial_weights=np.ones(len(domain_sizes))
+    )
     samples = []
     for domain, count in enumerate(draws.tolist()):
         size = int(domain_sizes[domain])
@@ -79,6 +87,10 @@ def samples_a_run_can_draw(domain_sizes: Sequence[int], static_weights: Sequence
 
 def first_samples(domain_sizes: Sequence[int], seed: int, count: int) -> list[np.ndarray]:
     """Per domain, the sorted ids of its first ``count`` draws: covers any run reading <= count samples of it."""
-    schedule = DomainMixingSchedule(domain_sizes, window_size=1, seed=seed, initial_weights=np.ones(len(domain_sizes)))
-    return [np.sort(np.unique(schedule.first_draws(d, min(count, int(size))))).astype(np.int64)
-            for d, size in enumerate(domain_sizes)]
+    schedule = DomainMixingSchedule(
+        domain_sizes, window_size=1, seed=seed, initial_weights=np.ones(len(domain_sizes))
+    )
+    return [
+        np.sort(np.unique(schedule.first_draws(d, min(count, int(size))))).astype(np.int64)
+        for d, size in enumerate(domain_sizes)
+    ]

@@ -76,8 +76,9 @@ def split_string(valid_fraction: float, test_fraction: float = 0.0) -> str:
     return f"{1.0 - valid_fraction - test_fraction:.10f},{valid_fraction:.10f},{test}"
 
 
-def _build_splits(prefix: str, split: str, *, tokenizer: Any, seq_length: int, seed: int,
-                  cache_dir: str) -> list[Any]:
+def _build_splits(
+    prefix: str, split: str, *, tokenizer: Any, seq_length: int, seed: int, cache_dir: str
+) -> list[Any]:
     """[train, valid, test] GPTDatasets (None where a split is empty) of one prefix, one epoch each."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
@@ -151,10 +152,14 @@ def build_domain_datasets(
         held_test = domain.test_fraction if domain.test_prefix is None else 0.0
         for prefix in domain.train_prefixes:
             if domain.valid_prefix is None:
-                train, valid, test = _build_splits(prefix, split_string(domain.valid_fraction, held_test), **common)
+                train, valid, test = _build_splits(
+                    prefix, split_string(domain.valid_fraction, held_test), **common
+                )
                 valid_parts.append(valid)
             else:
-                train, _, test = _build_splits(prefix, split_string(0.0, held_test) if held_test else "1,0,0", **common)
+                train, _, test = _build_splits(
+                    prefix, split_string(0.0, held_test) if held_test else "1,0,0", **common
+                )
             train_parts.append(train)
             test_parts.append(test)
         if domain.valid_prefix is not None:
@@ -169,8 +174,10 @@ def build_domain_datasets(
                 f"{seq_length} tokens; add data, lower --seq-length or raise its valid_fraction"
             )
         if (domain.test_prefix is not None or domain.test_fraction > 0) and (test is None or len(test) == 0):
-            raise ValueError(f"domain {domain.name!r} has no test samples of {seq_length} tokens; add data, lower "
-                             "--seq-length or raise its test_fraction")
+            raise ValueError(
+                f"domain {domain.name!r} has no test samples of {seq_length} tokens; add data, lower "
+                "--seq-length or raise its test_fraction"
+            )
         result.append(DomainData(domain.name, train, valid, test))
     return result
 

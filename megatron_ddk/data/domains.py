@@ -147,7 +147,11 @@ def _parse_domain(entry: object, source: str, index: int, base: Path) -> tuple[D
     weight = entry.get("weight", 1.0)
     valid_fraction = entry.get("valid_fraction", DEFAULT_VALID_FRACTION)
     test_fraction = entry.get("test_fraction", 0.0)
-    for key, value in (("weight", weight), ("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
+    for key, value in (
+        ("weight", weight),
+        ("valid_fraction", valid_fraction),
+        ("test_fraction", test_fraction),
+    ):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             problems.append(f"{where}: {key} {value!r} is not a number")
     if problems or not isinstance(name, str) or not isinstance(train, list):
@@ -261,16 +265,26 @@ def _test_split_problems(domain: Domain, at: str) -> list[str]:
     contents are compared by ``check_test_documents_disjoint``)."""
     problems = []
     held_out = (domain.valid_fraction if domain.valid_prefix is None else 0.0) + domain.test_fraction
-    if domain.test_prefix is None and domain.test_fraction != 0 and not (0 < domain.test_fraction and held_out < 1):
-        problems.append(f"{at}: test_fraction {domain.test_fraction} must be in [0, 1) and leave training "
-                        "documents (with valid_fraction)")
+    if (
+        domain.test_prefix is None
+        and domain.test_fraction != 0
+        and not (0 < domain.test_fraction and held_out < 1)
+    ):
+        problems.append(
+            f"{at}: test_fraction {domain.test_fraction} must be in [0, 1) and leave training "
+            "documents (with valid_fraction)"
+        )
     test = domain.test_prefix and os.path.realpath(domain.test_prefix)
     if test and test in {os.path.realpath(p) for p in domain.train_prefixes}:
-        problems.append(f"{at}: test prefix {domain.test_prefix} is also a training prefix; the test split "
-                        "must be held out (drop 'test' and use test_fraction instead)")
+        problems.append(
+            f"{at}: test prefix {domain.test_prefix} is also a training prefix; the test split "
+            "must be held out (drop 'test' and use test_fraction instead)"
+        )
     if test and domain.valid_prefix and test == os.path.realpath(domain.valid_prefix):
-        problems.append(f"{at}: test prefix {domain.test_prefix} is also the 'valid' prefix; DDK reads the "
-                        "validation set, so the test set must be a different one")
+        problems.append(
+            f"{at}: test prefix {domain.test_prefix} is also the 'valid' prefix; DDK reads the "
+            "validation set, so the test set must be a different one"
+        )
     return problems
 
 
@@ -291,9 +305,11 @@ def check_test_documents_disjoint(registry: DomainRegistry) -> None:
         others = domain.train_prefixes + ((domain.valid_prefix,) if domain.valid_prefix else ())
         shared = sum(len(test & digests(p)) for p in others)
         if shared:
-            problems.append(f"{registry.source}: domain {domain.name!r}: test set {domain.test_prefix} shares "
-                            f"{shared} documents with its training/validation data; rebuild the splits without "
-                            "overlap (e.g. tools/make_local_corpus.py de-duplicates before splitting)")
+            problems.append(
+                f"{registry.source}: domain {domain.name!r}: test set {domain.test_prefix} shares "
+                f"{shared} documents with its training/validation data; rebuild the splits without "
+                "overlap (e.g. tools/make_local_corpus.py de-duplicates before splitting)"
+            )
     if problems:
         raise DataConfigError("\n".join(problems))
 

@@ -12,7 +12,11 @@ def expand_input_files(patterns: Sequence[str]) -> tuple[list[str], list[str]]:
     files: list[str] = []
     missing: list[str] = []
     for pattern in map(str, patterns):
-        matches = [pattern] if os.path.isfile(pattern) else sorted(m for m in glob.glob(pattern) if os.path.isfile(m))
+        matches = (
+            [pattern]
+            if os.path.isfile(pattern)
+            else sorted(m for m in glob.glob(pattern) if os.path.isfile(m))
+        )
         if not matches:
             missing.append(pattern)
         files.extend(m for m in matches if m not in files)

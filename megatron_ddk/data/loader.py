@@ -26,7 +26,9 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack GPTDataset samples into ``[b, s]`` tensors."""
     missing = [key for key in FIELDS if key not in samples[0]]
     if missing:
-        raise KeyError(f"dataset samples lack {', '.join(missing)}; expected GPTDataset samples with {FIELDS}")
+        raise KeyError(
+            f"dataset samples lack {', '.join(missing)}; expected GPTDataset samples with {FIELDS}"
+        )
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in FIELDS}
 
 
@@ -37,17 +39,33 @@ class MixedDomainBatches:
     ``sample_id`` (domain-local), ``global_position`` [b] int64.
     """
 
-    def __init__(self, datasets: Sequence[Samples], schedule: DomainMixingSchedule, *, global_batch_size: int,
-                 micro_batch_size: int, dp_rank: int, dp_size: int, start_iteration: int = 0):
+    def __init__(
+        self,
+        datasets: Sequence[Samples],
+        schedule: DomainMixingSchedule,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        start_iteration: int = 0,
+    ):
         if len(datasets) != schedule.num_domains:
             raise ValueError(f"{len(datasets)} datasets for a schedule of {schedule.num_domains} domains")
         sizes = [len(d) for d in datasets]
         if sizes != schedule.domain_sizes.tolist():
-            raise ValueError(f"dataset sizes {sizes} differ from the schedule's {schedule.domain_sizes.tolist()}")
+            raise ValueError(
+                f"dataset sizes {sizes} differ from the schedule's {schedule.domain_sizes.tolist()}"
+            )
         if start_iteration < 0:
             raise ValueError(f"start iteration must be >= 0, got {start_iteration}")
-        dp_micro_batch_indices(0, global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                               dp_rank=dp_rank, dp_size=dp_size)  # validates the sizes now, not mid-training
+        dp_micro_batch_indices(
+            0,
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )  # validates the sizes now, not mid-training
         self.datasets = list(datasets)
         self.schedule = schedule
         self.global_batch_size = global_batch_size
@@ -68,8 +86,12 @@ class MixedDomainBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         if not self._pending:
             self._pending = dp_micro_batch_indices(
-                self._iteration, global_batch_size=self.global_batch_size, micro_batch_size=self.micro_batch_size,
-                dp_rank=self.dp_rank, dp_size=self.dp_size)
+                self._iteration,
+                global_batch_size=self.global_batch_size,
+                micro_batch_size=self.micro_batch_size,
+                dp_rank=self.dp_rank,
+                dp_size=self.dp_size,
+            )
             self._iteration += 1
         positions = self._pending.pop(0)
         domains, samples = self.schedule.lookup(positions.start, positions.stop)  # [b], [b]
@@ -80,8 +102,9 @@ class MixedDomainBatches:
         return batch
 
 
-def evaluation_batches(dataset: Samples, *, num_samples: int, micro_batch_size: int, dp_rank: int,
-                       dp_size: int) -> list[dict[str, torch.Tensor]]:
+def evaluation_batches(
+    dataset: Samples, *, num_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches over the first ``min(num_samples, len(dataset))`` samples of ``dataset``.
 
     Samples are dealt like training positions: step k covers samples [k*mbs*dp, (k+1)*mbs*dp) and rank
@@ -92,8 +115,13 @@ def evaluation_batches(dataset: Samples, *, num_samples: int, micro_batch_size: 
     """
     if num_samples <= 0:
         raise ValueError(f"--ddk-val-samples must be > 0, got {num_samples}")
-    dp_micro_batch_indices(0, global_batch_size=micro_batch_size * dp_size, micro_batch_size=micro_batch_size,
-                           dp_rank=dp_rank, dp_size=dp_size)  # validates rank and sizes
+    dp_micro_batch_indices(
+        0,
+        global_batch_size=micro_batch_size * dp_size,
+        micro_batch_size=micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )  # validates rank and sizes
     total = min(num_samples, len(dataset))
     step = micro_batch_size * dp_size
     batches = []

@@ -31,15 +31,25 @@ _CACHED_WINDOWS = 2  # reads only ever touch the current window (and, at a bound
 class DomainMixingSchedule:
     """Maps global sample positions to (domain id, domain-local sample id), window by window."""
 
-    def __init__(self, domain_sizes: Sequence[int], *, window_size: int, seed: int,
-                 initial_weights: Sequence[float]):
+    def __init__(
+        self,
+        domain_sizes: Sequence[int],
+        *,
+        window_size: int,
+        seed: int,
+        initial_weights: Sequence[float] | np.ndarray,
+    ):
         sizes = np.asarray(domain_sizes, dtype=np.int64)
         if sizes.ndim != 1 or sizes.size == 0 or np.any(sizes <= 0):
-            raise ValueError(f"every domain needs at least one training sample, got sizes {list(domain_sizes)}")
+            raise ValueError(
+                f"every domain needs at least one training sample, got sizes {list(domain_sizes)}"
+            )
         if sizes.size > _MAX_DOMAINS:
             raise ValueError(f"at most {_MAX_DOMAINS} domains are supported, got {sizes.size}")
         if window_size <= 0:
-            raise ValueError(f"window size (--ddk-interval x --global-batch-size) must be > 0, got {window_size}")
+            raise ValueError(
+                f"window size (--ddk-interval x --global-batch-size) must be > 0, got {window_size}"
+            )
         if seed < 0:
             raise ValueError(f"--seed must be >= 0 for the mixing sampler, got {seed}")
         self.domain_sizes = sizes
@@ -56,10 +66,12 @@ class DomainMixingSchedule:
     def num_domains(self) -> int:
         return int(self.domain_sizes.size)
 
-    def _check_weights(self, weights: Sequence[float]) -> np.ndarray:
+    def _check_weights(self, weights: Sequence[float] | np.ndarray) -> np.ndarray:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != (self.num_domains,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
-            raise ValueError(f"window weights must be {self.num_domains} positive finite numbers, got {list(weights)}")
+            raise ValueError(
+                f"window weights must be {self.num_domains} positive finite numbers, got {list(weights)}"
+            )
         return w / w.sum()
 
     # ------------------------------------------------------------------------------------ weights
@@ -72,14 +84,16 @@ class DomainMixingSchedule:
         """Weights of every window laid out or explicitly fixed so far, in window order."""
         return [w.tolist() for w in self._weights]
 
-    def set_window_weights(self, window: int, weights: Sequence[float]) -> None:
+    def set_window_weights(self, window: int, weights: Sequence[float] | np.ndarray) -> None:
         """Fix the weights of ``window``, which must not be laid out yet (none of its samples read).
 
         Windows between the last fixed one and ``window`` inherit the last fixed weights.
         """
         if window < self.num_windows_laid_out:
-            raise ValueError(f"window {window} is already laid out (its samples may have been read); "
-                             "weights must be fixed before a window is first read")
+            raise ValueError(
+                f"window {window} is already laid out (its samples may have been read); "
+                "weights must be fixed before a window is first read"
+            )
         checked = self._check_weights(weights)
         while len(self._weights) < window:
             self._weights.append(self._weights[-1])
@@ -102,8 +116,14 @@ class DomainMixingSchedule:
 
         domain_index = np.zeros(self.window_size, dtype=np.int16)
         draw_index = np.zeros(self.window_size, dtype=np.int64)
-        helpers_cpp.build_blending_indices(domain_index, draw_index, self.weights_for_window(window),
-                                           self.num_domains, self.window_size, False)
+        helpers_cpp.build_blending_indices(
+            domain_index,
+            draw_index,
+            self.weights_for_window(window),
+            self.num_domains,
+            self.window_size,
+            False,
+        )
         domains = domain_index.astype(np.int64)
         return domains, draw_index + self._draws_before[window][domains]
 
@@ -115,7 +135,9 @@ class DomainMixingSchedule:
                 self._weights.append(self._weights[-1])  # inherited: recorded for the checkpoint
             domains, draws = self._build(j)
             self._remember(j, domains, draws)
-            self._draws_before.append(self._draws_before[j] + np.bincount(domains, minlength=self.num_domains))
+            self._draws_before.append(
+                self._draws_before[j] + np.bincount(domains, minlength=self.num_domains)
+            )
 
     def _remember(self, window: int, domains: np.ndarray, draws: np.ndarray) -> None:
         self._windows.pop(window, None)
@@ -163,8 +185,10 @@ class DomainMixingSchedule:
         """Domain-local sample ids of the first ``count`` draws ever from ``domain``, in draw order
         (epoch after epoch), whatever the weights: what a run drawing ``count`` samples from it reads."""
         size = int(self.domain_sizes[domain])
-        parts = [self._permutation(domain, epoch)[:min(size, count - epoch * size)]
-                 for epoch in range(-(-max(count, 0) // size))]
+        parts = [
+            self._permutation(domain, epoch)[: min(size, count - epoch * size)]
+            for epoch in range(-(-max(count, 0) // size))
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def window_counts(self, window: int) -> np.ndarray:
@@ -181,16 +205,30 @@ class DomainMixingSchedule:
     # -------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state (lists, ints, floats) for a checkpoint's common state."""
-        return {"domain_sizes": self.domain_sizes.tolist(), "window_size": self.window_size, "seed": self.seed,
-                "weights": self.weight_history, "windows_laid_out": self.num_windows_laid_out}
+        return {
+            "domain_sizes": self.domain_sizes.tolist(),
+            "window_size": self.window_size,
+            "seed": self.seed,
+            "weights": self.weight_history,
+            "windows_laid_out": self.num_windows_laid_out,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved stream; refuses one built from other data, interval, batch size or seed."""
-        missing = [k for k in ("domain_sizes", "window_size", "seed", "weights", "windows_laid_out") if k not in state]
+        missing = [
+            k
+            for k in ("domain_sizes", "window_size", "seed", "weights", "windows_laid_out")
+            if k not in state
+        ]
         if missing:
-            raise CheckpointError(f"the checkpoint's mixing state lacks {', '.join(missing)}; was it written by megatron_ddk?")
+            raise CheckpointError(
+                f"the checkpoint's mixing state lacks {', '.join(missing)}; was it written by megatron_ddk?"
+            )
         if (list(state["domain_sizes"]), state["window_size"], state["seed"]) != (
-                self.domain_sizes.tolist(), self.window_size, self.seed):
+            self.domain_sizes.tolist(),
+            self.window_size,
+            self.seed,
+        ):
             raise CheckpointError(
                 f"the checkpoint's sample stream (domain sizes {state['domain_sizes']}, window {state['window_size']}, "
                 f"seed {state['seed']}) differs from this run's ({self.domain_sizes.tolist()}, {self.window_size}, "
@@ -199,26 +237,35 @@ class DomainMixingSchedule:
         weights = [self._check_weights(w) for w in state["weights"]]
         laid_out = int(state["windows_laid_out"])
         if not weights or not 0 <= laid_out <= len(weights):
-            raise CheckpointError(f"the checkpoint's mixing state is inconsistent: {laid_out} windows laid out but "
-                             f"{len(weights)} weight vectors")
+            raise CheckpointError(
+                f"the checkpoint's mixing state is inconsistent: {laid_out} windows laid out but "
+                f"{len(weights)} weight vectors"
+            )
         self._weights = weights
         self._windows.clear()
         self._draws_before = [np.zeros(self.num_domains, dtype=np.int64)]
-        self._lay_out_through(laid_out - 1)  # recompute the offsets; also freezes those windows' weights again
+        self._lay_out_through(
+            laid_out - 1
+        )  # recompute the offsets; also freezes those windows' weights again
 
 
-def dp_micro_batch_indices(iteration: int, *, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                           dp_size: int) -> list[range]:
+def dp_micro_batch_indices(
+    iteration: int, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int
+) -> list[range]:
     """Global positions of this DP rank's micro-batches in ``iteration`` (Megatron's sampler order).
 
     The global batch ``[it * GBS, (it + 1) * GBS)`` is cut into steps of ``micro_batch_size * dp_size``
     consecutive positions; rank r takes the r-th ``micro_batch_size`` slice of every step.
     """
     if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"bad data-parallel slice: --micro-batch-size {micro_batch_size}, rank {dp_rank} of {dp_size}")
+        raise ValueError(
+            f"bad data-parallel slice: --micro-batch-size {micro_batch_size}, rank {dp_rank} of {dp_size}"
+        )
     step = micro_batch_size * dp_size
     if global_batch_size <= 0 or global_batch_size % step:
-        raise ValueError(f"--global-batch-size {global_batch_size} is not a positive multiple of --micro-batch-size "
-                         f"{micro_batch_size} x data-parallel size {dp_size}")
+        raise ValueError(
+            f"--global-batch-size {global_batch_size} is not a positive multiple of --micro-batch-size "
+            f"{micro_batch_size} x data-parallel size {dp_size}"
+        )
     base = iteration * global_batch_size + dp_rank * micro_batch_size
     return [range(base + k, base + k + micro_batch_size) for k in range(0, global_batch_size, step)]

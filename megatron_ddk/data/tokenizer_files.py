@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from megatron_ddk.errors import DataError, MissingFileError
 
@@ -29,7 +30,8 @@ class TokenizerFile:
     type_name: str
     source: Path
     """The file itself: the SentencePiece ``.model`` or the ``tokenizer.json``."""
-    library: object
+    library: Any
+    """``sentencepiece.SentencePieceProcessor`` or ``tokenizers.Tokenizer`` (neither ships type stubs)."""
     """``sentencepiece.SentencePieceProcessor`` or ``tokenizers.Tokenizer`` (truncation and padding off)."""
     vocab_size: int
     eod: int
@@ -138,7 +140,7 @@ def batch_encoder(tokenizer: TokenizerFile) -> Callable[[list[str]], list[list[i
     return lambda texts: [tok.encode(text, add_special_tokens=False).ids for text in texts]
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
@@ -148,7 +150,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _token_text(value) -> str | None:
+def _token_text(value: object) -> str | None:
     """A special token as written in tokenizer_config.json: a string or an AddedToken mapping."""
     if isinstance(value, dict):
         value = value.get("content")

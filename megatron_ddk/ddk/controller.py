@@ -31,9 +31,19 @@ from megatron_ddk.errors import CheckpointError
 
 
 class DDKController:
-    def __init__(self, *, mixing: str, alpha: float, interval: int, domain_names: Sequence[str],
-                 static_weights: Sequence[float], log_file: str | None, dynamic: bool,
-                 temperature: float = 1.0, max_step: float = 1.0):
+    def __init__(
+        self,
+        *,
+        mixing: str,
+        alpha: float,
+        interval: int,
+        domain_names: Sequence[str],
+        static_weights: Sequence[float],
+        log_file: str | None,
+        dynamic: bool,
+        temperature: float = 1.0,
+        max_step: float = 1.0,
+    ):
         self.mixing = mixing
         self.alpha = alpha
         self.temperature = temperature
@@ -52,8 +62,9 @@ class DDKController:
     # -------------------------------------------------------------------------------- decisions
     def initial_weights(self) -> np.ndarray:
         """Window 0's mixture before any evaluation: the registry's (static / ddk) or equal weights."""
-        return factor.first_weights(self.mixing if self.dynamic else "static", self.static_weights,
-                                    len(self.domain_names))
+        return factor.first_weights(
+            self.mixing if self.dynamic else "static", self.static_weights, len(self.domain_names)
+        )
 
     def window_of(self, iteration: int) -> int:
         """The window iteration ``iteration`` belongs to: window j is iterations [jK, (j+1)K)."""
@@ -63,15 +74,24 @@ class DDKController:
         """Update after iteration jK, when window j will actually be trained on."""
         return self.dynamic and iteration > 0 and iteration % self.interval == 0 and iteration < train_iters
 
-    def start(self, ce_student: np.ndarray, ce_teacher: np.ndarray | None, *, iteration: int = 0) -> np.ndarray:
+    def start(
+        self, ce_student: np.ndarray, ce_teacher: np.ndarray | None, *, iteration: int = 0
+    ) -> np.ndarray:
         """First evaluation of a fresh run: cache the teacher, compute window 0's weights (Eq. 1)."""
         self.ce_teacher = ce_teacher
         self.ce_student_initial = ce_student
         self.ce_student_last = ce_student
         weights = self.initial_weights()
         if self.dynamic and self.ce_teacher is not None:
-            weights = factor.next_weights(self.mixing, r_prev=None, ce_student=ce_student, ce_teacher=self.ce_teacher,
-                                          alpha=self.alpha, static_weights=self.static_weights, **self._variant)
+            weights = factor.next_weights(
+                self.mixing,
+                r_prev=None,
+                ce_student=ce_student,
+                ce_teacher=self.ce_teacher,
+                alpha=self.alpha,
+                static_weights=self.static_weights,
+                **self._variant,
+            )
         self._log(iteration, window=0, ce_student=ce_student, weights=weights)
         return weights
 
@@ -80,8 +100,15 @@ class DDKController:
         if self.ce_teacher is None:
             raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
         self.ce_student_last = ce_student
-        weights = factor.next_weights(self.mixing, r_prev=r_prev, ce_student=ce_student, ce_teacher=self.ce_teacher,
-                                      alpha=self.alpha, static_weights=self.static_weights, **self._variant)
+        weights = factor.next_weights(
+            self.mixing,
+            r_prev=r_prev,
+            ce_student=ce_student,
+            ce_teacher=self.ce_teacher,
+            alpha=self.alpha,
+            static_weights=self.static_weights,
+            **self._variant,
+        )
         self._log(iteration, window=self.window_of(iteration), ce_student=ce_student, weights=weights)
         return weights
 
@@ -94,7 +121,9 @@ class DDKController:
         self.ce_student_last = ce_student
 
     # ------------------------------------------------------------------------------- reporting
-    def record(self, iteration: int, window: int, ce_student: np.ndarray, weights: np.ndarray) -> dict[str, Any]:
+    def record(
+        self, iteration: int, window: int, ce_student: np.ndarray, weights: np.ndarray
+    ) -> dict[str, Any]:
         ce_teacher = self.ce_teacher
         ratio = None if ce_teacher is None else factor.perplexity_ratio(ce_student, ce_teacher)
         return {
@@ -125,8 +154,11 @@ class DDKController:
         if self.log_file is None or not os.path.exists(self.log_file):
             return
         # a record cut short by a kill (no closing brace) is dropped like the newer ones
-        kept = [line for line in Path(self.log_file).read_text().splitlines()
-                if line.strip().endswith("}") and json.loads(line)["iteration"] <= iteration]
+        kept = [
+            line
+            for line in Path(self.log_file).read_text().splitlines()
+            if line.strip().endswith("}") and json.loads(line)["iteration"] <= iteration
+        ]
         tmp = self.log_file + ".tmp"
         Path(tmp).write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.log_file)
@@ -145,8 +177,10 @@ class DDKController:
         """Restore from ``state_dict``; checkpoints of earlier versions also hold "weights", which the
         caller checks against the sampler's (``checkpointing.restore_training_state``)."""
         if state["domains"] != self.domain_names:
-            raise CheckpointError(f"the checkpoint was trained on domains {state['domains']} but this run has "
-                             f"{self.domain_names}; use the same --domains registry to resume")
+            raise CheckpointError(
+                f"the checkpoint was trained on domains {state['domains']} but this run has "
+                f"{self.domain_names}; use the same --domains registry to resume"
+            )
         self.ce_teacher = _array(state["ce_teacher"])
         self.ce_student_initial = _array(state["ce_student_initial"])
         self.ce_student_last = _array(state["ce_student_last"])

@@ -38,9 +38,22 @@ from megatron_ddk.config import MIXING_MODES
 from megatron_ddk.errors import ConfigError, DataError
 
 __all__ = [
-    "LOG_SPACE_MODES", "MAX_LOG_RATIO", "MAX_RATIO", "MIN_WEIGHT", "MIXING_MODES", "SMOOTH_FIRST_MODES",
-    "TEMPERATURE_MODES", "apply_floor", "bounded_step", "exponent", "first_weights", "initial_factor",
-    "next_weights", "perplexity_ratio", "smoothed_update", "total_variation",
+    "LOG_SPACE_MODES",
+    "MAX_LOG_RATIO",
+    "MAX_RATIO",
+    "MIN_WEIGHT",
+    "MIXING_MODES",
+    "SMOOTH_FIRST_MODES",
+    "TEMPERATURE_MODES",
+    "apply_floor",
+    "bounded_step",
+    "exponent",
+    "first_weights",
+    "initial_factor",
+    "next_weights",
+    "perplexity_ratio",
+    "smoothed_update",
+    "total_variation",
 ]
 
 MAX_LOG_RATIO = 50.0
@@ -54,10 +67,14 @@ unreachable and the weights become uniform."""
 def _vector(values: ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D sequence (one value per domain), got shape {array.shape}")
+        raise ValueError(
+            f"{name} must be a non-empty 1-D sequence (one value per domain), got shape {array.shape}"
+        )
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be finite, got {array.tolist()}; a NaN/inf validation loss means a "
-                         "diverged model or an empty validation set")
+        raise ValueError(
+            f"{name} must be finite, got {array.tolist()}; a NaN/inf validation loss means a "
+            "diverged model or an empty validation set"
+        )
     return array
 
 
@@ -109,8 +126,9 @@ def initial_factor(ce_student: ArrayLike, ce_teacher: ArrayLike) -> np.ndarray:
     return apply_floor(_softmax(perplexity_ratio(ce_student, ce_teacher)))
 
 
-def smoothed_update(r_prev: ArrayLike, ce_student: ArrayLike, ce_teacher: ArrayLike, *,
-                    alpha: float) -> np.ndarray:
+def smoothed_update(
+    r_prev: ArrayLike, ce_student: ArrayLike, ce_teacher: ArrayLike, *, alpha: float
+) -> np.ndarray:
     """Eq. 2: psi = r_t * exp(ppl_S / ppl_T); r_{t+1} = alpha * psi / sum(psi) + (1 - alpha) / N.
 
     Computed as psi / sum(psi) = softmax(log r_t + ratio), so neither exp(ratio) nor the product overflows.
@@ -138,7 +156,7 @@ SMOOTH_FIRST_MODES = ("ddk-smooth0", "ddk-robust")
 """Modes that mix window 0's weights with uniform like Eq. 2 does for later windows."""
 
 
-def exponent(mode: str, ce_student: Sequence[float], ce_teacher: Sequence[float], temperature: float = 1.0) -> np.ndarray:
+def exponent(mode: str, ce_student: ArrayLike, ce_teacher: ArrayLike, temperature: float = 1.0) -> np.ndarray:
     """``g``: what Eq. 1's softmax and Eq. 2's ``exp`` are applied to under ``mode`` (module docstring)."""
     _check_temperature(temperature)
     s, t = _ce_pair(ce_student, ce_teacher)
@@ -148,12 +166,12 @@ def exponent(mode: str, ce_student: Sequence[float], ce_teacher: Sequence[float]
     return ratio / temperature if mode == "ddk-tempered" else ratio
 
 
-def total_variation(p: Sequence[float], q: Sequence[float]) -> float:
+def total_variation(p: ArrayLike, q: ArrayLike) -> float:
     """TV(p, q) = sum_i |p_i - q_i| / 2: the largest share of samples two mixtures assign differently."""
     return float(0.5 * np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum())
 
 
-def bounded_step(r_prev: Sequence[float], target: Sequence[float], max_step: float) -> np.ndarray:
+def bounded_step(r_prev: ArrayLike, target: ArrayLike, max_step: float) -> np.ndarray:
     """Move from ``r_prev`` towards ``target`` by at most ``max_step`` in total variation (a convex
     combination, so the result is a distribution and keeps the direction of the update)."""
     if not 0 < max_step <= 1:
@@ -183,14 +201,24 @@ def first_weights(mode: str, static_weights: ArrayLike, num_domains: int) -> np.
         return np.full(num_domains, 1.0 / num_domains)
     weights = _vector(static_weights, "static weights")
     if weights.size != num_domains or np.any(weights <= 0):
-        raise DataError(f"static weights {weights.tolist()} must be {num_domains} positive numbers "
-                         "(one per domain of the registry)")
+        raise DataError(
+            f"static weights {weights.tolist()} must be {num_domains} positive numbers "
+            "(one per domain of the registry)"
+        )
     return weights / weights.sum()
 
 
-def next_weights(mode: str, *, r_prev: ArrayLike | None, ce_student: ArrayLike,
-                 ce_teacher: ArrayLike, alpha: float, static_weights: ArrayLike,
-                 temperature: float = 1.0, max_step: float = 1.0) -> np.ndarray:
+def next_weights(
+    mode: str,
+    *,
+    r_prev: ArrayLike | None,
+    ce_student: ArrayLike,
+    ce_teacher: ArrayLike,
+    alpha: float,
+    static_weights: ArrayLike,
+    temperature: float = 1.0,
+    max_step: float = 1.0,
+) -> np.ndarray:
     """The mixture of the next interval under ``--ddk-mixing mode`` (the paper's method and its ablations).
 
     ``ddk``: Eq. 1 on the first call (``r_prev`` None), Eq. 2 afterwards; ``no-smoothing``: Eq. 1 every
@@ -208,8 +236,14 @@ def next_weights(mode: str, *, r_prev: ArrayLike | None, ce_student: ArrayLike,
         return first_weights("static", static_weights, s.size)
     if mode == "ddk-bounded":
         start = first_weights("static", static_weights, s.size) if r_prev is None else r_prev
-        target = next_weights("ddk", r_prev=r_prev, ce_student=ce_student, ce_teacher=ce_teacher, alpha=alpha,
-                              static_weights=static_weights)
+        target = next_weights(
+            "ddk",
+            r_prev=r_prev,
+            ce_student=ce_student,
+            ce_teacher=ce_teacher,
+            alpha=alpha,
+            static_weights=static_weights,
+        )
         return bounded_step(start, target, max_step)
     g = exponent(mode, ce_student, ce_teacher, temperature)
     if mode == "no-smoothing" or r_prev is None:

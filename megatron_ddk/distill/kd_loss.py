@@ -52,7 +52,9 @@ def default_chunk_size(vocab_columns: int) -> int:
     return max(1, KD_CHUNK_LOGITS // max(vocab_columns, 1))
 
 
-def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor, teacher: torch.Tensor) -> None:
+def _check(
+    kind: str, temperature: float, jsd_beta: float, student: torch.Tensor, teacher: torch.Tensor
+) -> None:
     problems = []
     if kind not in KD_KINDS:
         problems.append(f"--kd-loss-type {kind!r} is not one of {', '.join(KD_KINDS)}")
@@ -61,17 +63,22 @@ def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor
     if not 0.0 <= jsd_beta <= 1.0:
         problems.append(f"--kd-jsd-beta must be in [0, 1], got {jsd_beta}")
     if student.shape != teacher.shape:
-        problems.append(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ "
-                        "in shape; teacher and student must share the (padded) vocabulary and the batch")
+        problems.append(
+            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ "
+            "in shape; teacher and student must share the (padded) vocabulary and the batch"
+        )
     if student.dim() == 0 or not (student.is_floating_point() and teacher.is_floating_point()):
-        problems.append(f"logits must be floating point [..., vocab] tensors, got {student.dtype} "
-                        f"{tuple(student.shape)} and {teacher.dtype} {tuple(teacher.shape)}")
+        problems.append(
+            f"logits must be floating point [..., vocab] tensors, got {student.dtype} "
+            f"{tuple(student.shape)} and {teacher.dtype} {tuple(teacher.shape)}"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
 
-def _tempered_log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                        group) -> tuple[torch.Tensor, torch.Tensor]:
+def _tempered_log_probs(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log softmax(z / T) in fp32 of both [n, v_local] chunks over the vocabulary split across ``group``.
 
     Results are fresh buffers (never the caller's logits, which later steps overwrite in place).
@@ -82,7 +89,9 @@ def _tempered_log_probs(student: torch.Tensor, teacher: torch.Tensor, temperatur
     if student.shape[-1] == 0:  # this rank holds only padding columns
         row_max = torch.full((2, n, 1), float("-inf"), dtype=torch.float32, device=student.device)
     else:
-        row_max = torch.stack([student.amax(dim=-1, keepdim=True), teacher.amax(dim=-1, keepdim=True)]).float()
+        row_max = torch.stack(
+            [student.amax(dim=-1, keepdim=True), teacher.amax(dim=-1, keepdim=True)]
+        ).float()
     _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)  # [2, n, 1]; max(z / T) = max(z) / T as T > 0
     s, t = torch.sub(student, row_max[0]), torch.sub(teacher, row_max[1])  # fp32 by promotion: the copy
     if temperature != 1.0:
@@ -107,8 +116,15 @@ def _reduce_tp(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
-def _divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, *, kind: str, beta: float, group,
-                grad_out: torch.Tensor | None) -> torch.Tensor:
+def _divergence(
+    log_ps: torch.Tensor,
+    log_pt: torch.Tensor,
+    *,
+    kind: str,
+    beta: float,
+    group,
+    grad_out: torch.Tensor | None,
+) -> torch.Tensor:
     """Per-token loss [n] from the log-probabilities [n, v_local], which it overwrites.
 
     When ``grad_out`` ([n, v_local], any float dtype) is given, writes dL/ds into it, without the
@@ -143,7 +159,9 @@ def _divergence(log_ps: torch.Tensor, log_pt: torch.Tensor, *, kind: str, beta: 
     del log_m
     kl = _reduce_tp(torch.stack([kl_t, terms.mul_(p_s).sum(dim=-1)]), group)  # [2, n]: KL(p_T||m), KL(p_S||m)
     if grad_out is not None:
-        torch.addcmul(terms, p_s, kl[1][:, None], value=-1.0, out=grad_out)  # p_S (log p_S - log m - KL(p_S||m))
+        torch.addcmul(
+            terms, p_s, kl[1][:, None], value=-1.0, out=grad_out
+        )  # p_S (log p_S - log m - KL(p_S||m))
     return beta * kl[0] + (1.0 - beta) * kl[1]
 
 
@@ -165,10 +183,14 @@ class _ChunkedKDLoss(torch.autograd.Function):
             stop = min(start + step, tokens)
             # no names kept for the log-probabilities: _divergence frees each buffer when done with it
             loss[start:stop] = _divergence(
-                *_tempered_log_probs(flat_s[start:stop, :num_valid], flat_t[start:stop, :num_valid], temperature,
-                                     group),
-                kind=kind, beta=beta, group=group,
-                grad_out=grad[start:stop, :num_valid] if need_grad else None)
+                *_tempered_log_probs(
+                    flat_s[start:stop, :num_valid], flat_t[start:stop, :num_valid], temperature, group
+                ),
+                kind=kind,
+                beta=beta,
+                group=group,
+                grad_out=grad[start:stop, :num_valid] if need_grad else None,
+            )
         ctx.save_for_backward(grad)
         ctx.shape = student.shape
         ctx.scale = (1.0 - beta if kind == "jsd" else 1.0) / temperature  # dL/dz_S = scale * stored dL/ds
@@ -178,8 +200,10 @@ class _ChunkedKDLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         if getattr(ctx, "spent", False):
-            raise RuntimeError("vocab_parallel_kd_loss supports one backward pass per forward (its stored "
-                               "gradient is scaled in place); run the forward again instead of retain_graph=True")
+            raise RuntimeError(
+                "vocab_parallel_kd_loss supports one backward pass per forward (its stored "
+                "gradient is scaled in place); run the forward again instead of retain_graph=True"
+            )
         ctx.spent = True
         (grad,) = ctx.saved_tensors
         if grad is None:
@@ -217,16 +241,34 @@ def vocab_parallel_kd_loss(
     local = student_logits.shape[-1]
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     if vocab_size is not None and not 1 <= vocab_size <= local * world:
-        raise ValueError(f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
-                         f"{local} logits per rank x {world} tensor-parallel ranks)")
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
+            f"{local} logits per rank x {world} tensor-parallel ranks)"
+        )
     num_valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _ChunkedKDLoss.apply(student_logits, teacher_logits.detach(), kind, float(temperature),
-                                float(jsd_beta), int(chunk_size), num_valid, group, need_grad)
+    return _ChunkedKDLoss.apply(
+        student_logits,
+        teacher_logits.detach(),
+        kind,
+        float(temperature),
+        float(jsd_beta),
+        int(chunk_size),
+        num_valid,
+        group,
+        need_grad,
+    )
 
 
-def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: str = "forward_kl",
-                      temperature: float = 1.0, jsd_beta: float = 0.5, vocab_size: int | None = None) -> torch.Tensor:
+def reference_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """Plain full-vocabulary PyTorch (autograd, no chunking, no TP): the tests' and benchmark's baseline."""
     _check(kind, temperature, jsd_beta, student_logits, teacher_logits)
     if vocab_size is not None:

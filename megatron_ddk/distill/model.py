@@ -21,8 +21,14 @@ from megatron.core.transformer.module import MegatronModule
 class DistillationModel(MegatronModule):
     """One pipeline stage of the student, plus (optionally) the same stage of a frozen teacher."""
 
-    def __init__(self, student: MegatronModule, teacher: MegatronModule | None, *, pre_process: bool,
-                 post_process: bool):
+    def __init__(
+        self,
+        student: MegatronModule,
+        teacher: MegatronModule | None,
+        *,
+        pre_process: bool,
+        post_process: bool,
+    ):
         super().__init__(config=student.config)
         self.student = student
         self.model_type = student.model_type  # the schedules look it up on the outermost module
@@ -73,7 +79,9 @@ class DistillationModel(MegatronModule):
         return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return self.student.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata)
+        return self.student.sharded_state_dict(
+            prefix=prefix, sharded_offsets=sharded_offsets, metadata=metadata
+        )
 
 
 def freeze(model: torch.nn.Module) -> None:

@@ -70,11 +70,15 @@ class CacheLayout:
     def fields(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         """(name, dtype, per-row shape) in file order."""
         s, k = self.seq_length, self.top_k
-        return [("sample_id", np.dtype("<i8"), ()), ("fingerprint", np.dtype("<u8"), ()),
-                ("ce_sum", np.dtype("<f8"), ()), ("ce_tokens", np.dtype("<i8"), ()),
-                ("ids", np.dtype(self.id_dtype).newbyteorder("<"), (s, k)),
-                ("log_probs", np.dtype(self.log_prob_dtype).newbyteorder("<"), (s, k)),
-                ("tail", np.dtype(self.log_prob_dtype).newbyteorder("<"), (s,))]
+        return [
+            ("sample_id", np.dtype("<i8"), ()),
+            ("fingerprint", np.dtype("<u8"), ()),
+            ("ce_sum", np.dtype("<f8"), ()),
+            ("ce_tokens", np.dtype("<i8"), ()),
+            ("ids", np.dtype(self.id_dtype).newbyteorder("<"), (s, k)),
+            ("log_probs", np.dtype(self.log_prob_dtype).newbyteorder("<"), (s, k)),
+            ("tail", np.dtype(self.log_prob_dtype).newbyteorder("<"), (s,)),
+        ]
 
     def shard_bytes(self, rows: int) -> int:
         return sum(rows * dtype.itemsize * int(np.prod(shape)) for _, dtype, shape in self.fields())
@@ -84,8 +88,12 @@ class CacheLayout:
         return self.shard_bytes(1) / self.seq_length
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq_length": self.seq_length, "top_k": self.top_k, "id_dtype": self.id_dtype,
-                "log_prob_dtype": self.log_prob_dtype}
+        return {
+            "seq_length": self.seq_length,
+            "top_k": self.top_k,
+            "id_dtype": self.id_dtype,
+            "log_prob_dtype": self.log_prob_dtype,
+        }
 
 
 def sample_fingerprint(tokens, labels) -> int:
@@ -133,27 +141,47 @@ def data_identity(registry, *, seed: int) -> dict[str, Any]:
     (GPTDataset's shuffle). File names only: the same data under another path is the same cache."""
 
     def prefix(p: str) -> dict[str, Any]:
-        return {"file": Path(p).name, "idx_sha256": file_sha256(p + ".idx"), "bin_bytes": os.path.getsize(p + ".bin")}
+        return {
+            "file": Path(p).name,
+            "idx_sha256": file_sha256(p + ".idx"),
+            "bin_bytes": os.path.getsize(p + ".bin"),
+        }
 
-    return {"seed": seed, "domains": [
-        {"name": d.name, "train": [prefix(p) for p in d.train_prefixes],
-         "valid": None if d.valid_prefix is None else prefix(d.valid_prefix),
-         "valid_fraction": None if d.valid_prefix is not None else d.valid_fraction}
-        for d in registry.domains]}
+    return {
+        "seed": seed,
+        "domains": [
+            {
+                "name": d.name,
+                "train": [prefix(p) for p in d.train_prefixes],
+                "valid": None if d.valid_prefix is None else prefix(d.valid_prefix),
+                "valid_fraction": None if d.valid_prefix is not None else d.valid_fraction,
+            }
+            for d in registry.domains
+        ],
+    }
 
 
 def run_identity(*, tokenizer, registry, seed: int, seq_length: int, temperature: float) -> dict[str, Any]:
     """The part of a cache's identity a training run can check without the teacher."""
     from megatron_ddk.data.tokenizer import tokenizer_identity
 
-    return {"tokenizer": tokenizer_identity(tokenizer), "data": data_identity(registry, seed=seed),
-            "seq_length": seq_length, "temperature": float(temperature)}
+    return {
+        "tokenizer": tokenizer_identity(tokenizer),
+        "data": data_identity(registry, seed=seed),
+        "seq_length": seq_length,
+        "temperature": float(temperature),
+    }
 
 
-_IDENTITY_WORDS = {"teacher": "another teacher checkpoint", "tokenizer": "another tokenizer",
-                   "data": "other datasets (or --seed)", "seq_length": "another --seq-length",
-                   "temperature": "another --kd-temperature", "top_k": "another --top-k",
-                   "precision": "another teacher precision"}
+_IDENTITY_WORDS = {
+    "teacher": "another teacher checkpoint",
+    "tokenizer": "another tokenizer",
+    "data": "other datasets (or --seed)",
+    "seq_length": "another --seq-length",
+    "temperature": "another --kd-temperature",
+    "top_k": "another --top-k",
+    "precision": "another teacher precision",
+}
 
 
 def identity_differences(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
@@ -161,8 +189,10 @@ def identity_differences(cached: dict[str, Any], expected: dict[str, Any]) -> li
     problems = []
     for key, value in expected.items():
         if cached.get(key) != value:
-            problems.append(f"{_IDENTITY_WORDS.get(key, key)} ({key}: cache {_short(cached.get(key))}, "
-                            f"this run {_short(value)})")
+            problems.append(
+                f"{_IDENTITY_WORDS.get(key, key)} ({key}: cache {_short(cached.get(key))}, "
+                f"this run {_short(value)})"
+            )
     return problems
 
 
@@ -208,15 +238,19 @@ def write_shard(path: Path, layout: CacheLayout, arrays: dict[str, np.ndarray]) 
 def read_index(directory: str | os.PathLike, *, flag: str = "--teacher-cache") -> dict[str, Any]:
     path = Path(directory) / INDEX_FILENAME
     if not path.is_file():
-        raise CheckpointError(f"{flag} {directory}: no {INDEX_FILENAME}; build the cache with "
-                              "tools/cache_teacher_logits.py --output DIR")
+        raise CheckpointError(
+            f"{flag} {directory}: no {INDEX_FILENAME}; build the cache with "
+            "tools/cache_teacher_logits.py --output DIR"
+        )
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); rebuild the cache") from err
     if index.get("format") != FORMAT or index.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a format-{FORMAT_VERSION} {FORMAT}; rebuild it with this version's "
-                              "tools/cache_teacher_logits.py")
+        raise CheckpointError(
+            f"{path}: not a format-{FORMAT_VERSION} {FORMAT}; rebuild it with this version's "
+            "tools/cache_teacher_logits.py"
+        )
     return index
 
 
@@ -253,7 +287,7 @@ class TeacherCache:
                 size = index["domains"][domain][f"{split}_samples"]
                 where = (np.full(size, -1, dtype=np.int64), np.zeros(size, dtype=np.int64))
                 self._maps[(split, domain)] = where
-            samples = plans[f"{split}-d{domain:03d}"][shard["start"]:shard["stop"]]
+            samples = plans[f"{split}-d{domain:03d}"][shard["start"] : shard["stop"]]
             where[0][samples] = number
             where[1][samples] = np.arange(len(samples))
 
@@ -267,7 +301,8 @@ class TeacherCache:
             raise CheckpointError(
                 f"{self.flag}: shard {path} (sha256 {shard['sha256'][:12]}) is "
                 f"{'missing' if actual is None else f'{actual} bytes, expected {expected}'} (truncated or damaged); "
-                f"rebuild it: delete it and rerun tools/cache_teacher_logits.py --output {self.directory}")
+                f"rebuild it: delete it and rerun tools/cache_teacher_logits.py --output {self.directory}"
+            )
 
     def _check_file(self, path: Path, number: int | None, checksum: str) -> None:
         actual = file_sha256(path) if path.exists() else None
@@ -276,7 +311,8 @@ class TeacherCache:
             raise CheckpointError(
                 f"{self.flag}: {what} fails its checksum (sha256 {'missing file' if actual is None else actual[:12]}, "
                 f"index says {checksum[:12]}); the cache is damaged: delete that file and rerun "
-                f"tools/cache_teacher_logits.py --output {self.directory}")
+                f"tools/cache_teacher_logits.py --output {self.directory}"
+            )
 
     def verify(self, shard_numbers: Sequence[int]) -> None:
         """sha256 of the given shards against the index (and each row's sample id against the plan)."""
@@ -287,8 +323,10 @@ class TeacherCache:
     def check_identity(self, expected: dict[str, Any]) -> None:
         problems = identity_differences(self.identity, expected)
         if problems:
-            raise CheckpointError(f"{self.flag} {self.directory} was built for {'; '.join(problems)}; "
-                                  "use a cache built for this run, or build one with tools/cache_teacher_logits.py")
+            raise CheckpointError(
+                f"{self.flag} {self.directory} was built for {'; '.join(problems)}; "
+                "use a cache built for this run, or build one with tools/cache_teacher_logits.py"
+            )
 
     # ------------------------------------------------------------------------------- lookups
     def locate(self, split: str, domain: int, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +354,9 @@ class TeacherCache:
             arrays, offset = {}, 0
             for name, dtype, shape in self.layout.fields():
                 count = rows * int(np.prod(shape))
-                arrays[name] = memory[offset:offset + count * dtype.itemsize].view(dtype).reshape(rows, *shape)
+                arrays[name] = (
+                    memory[offset : offset + count * dtype.itemsize].view(dtype).reshape(rows, *shape)
+                )
                 offset += count * dtype.itemsize
             self._open[number] = arrays
         return arrays
@@ -329,8 +369,10 @@ class TeacherCache:
         arrays = self._arrays(int(shard[0]))
         fields = {name: values[int(row[0])] for name, values in arrays.items()}
         if int(fields["sample_id"]) != int(sample_id):
-            raise CheckpointError(f"{self.flag}: shard {self.shards[int(shard[0])]['file']} row {int(row[0])} holds "
-                                  f"sample {int(fields['sample_id'])}, not {sample_id}; the cache is damaged")
+            raise CheckpointError(
+                f"{self.flag}: shard {self.shards[int(shard[0])]['file']} row {int(row[0])} holds "
+                f"sample {int(fields['sample_id'])}, not {sample_id}; the cache is damaged"
+            )
         return fields
 
     def teacher_ce(self, split: str, domain: int, sample_ids: Sequence[int]) -> tuple[float, float]:
@@ -339,8 +381,10 @@ class TeacherCache:
         for sample in sample_ids:
             fields = self.row(split, domain, int(sample))
             if fields is None:
-                raise CheckpointError(f"{self.flag}: {split} sample {sample} of domain "
-                                      f"{self.domain_names[domain]!r} is not cached")
+                raise CheckpointError(
+                    f"{self.flag}: {split} sample {sample} of domain "
+                    f"{self.domain_names[domain]!r} is not cached"
+                )
             total += float(fields["ce_sum"])
             tokens += float(fields["ce_tokens"])
         return total, tokens

@@ -41,14 +41,23 @@ class CachedTeacher:
         self.fallback = cfg.distill.teacher_load is not None
         problems = []
         if self.cache.domain_names != registry.names:
-            problems.append(f"the cache holds domains {self.cache.domain_names}, the run has {registry.names}")
+            problems.append(
+                f"the cache holds domains {self.cache.domain_names}, the run has {registry.names}"
+            )
         if self.fallback and cfg.parallel.pipeline_model_parallel_size > 1:
-            problems.append("falling back to the online teacher (--teacher-load with --teacher-cache) needs "
-                            "--pipeline-model-parallel-size 1 (one p2p shape per schedule); fill the cache instead")
+            problems.append(
+                "falling back to the online teacher (--teacher-load with --teacher-cache) needs "
+                "--pipeline-model-parallel-size 1 (one p2p shape per schedule); fill the cache instead"
+            )
         if problems:
             raise ConfigError(f"{self.flag}: {'; '.join(problems)}")
-        expected = run_identity(tokenizer=tokenizer, registry=registry, seed=cfg.training.seed,
-                                seq_length=cfg.data.seq_length, temperature=cfg.distill.kd_temperature)
+        expected = run_identity(
+            tokenizer=tokenizer,
+            registry=registry,
+            seed=cfg.training.seed,
+            seq_length=cfg.data.seq_length,
+            temperature=cfg.distill.kd_temperature,
+        )
         if self.fallback:
             expected["teacher"] = checkpoint_identity(cfg.distill.teacher_load)
         self.cache.check_identity(expected)
@@ -62,12 +71,20 @@ class CachedTeacher:
         sizes = {"train": [len(d.train) for d in domains], "valid": [len(d.valid) for d in domains]}
         recorded = {split: [d[f"{split}_samples"] for d in cache.index["domains"]] for split in sizes}
         if recorded != sizes:
-            raise CheckpointError(f"{self.flag}: built for {recorded['train']} training / {recorded['valid']} "
-                                  f"validation samples per domain, this run has {sizes['train']} / {sizes['valid']}; "
-                                  "the datasets differ: rebuild the cache")
-        run = RunDraws(train_iters=cfg.training.train_iters, global_batch_size=cfg.training.global_batch_size,
-                       interval=cfg.ddk.interval, seed=cfg.training.seed, mode=cfg.distill.mode,
-                       mixing=cfg.ddk.mixing, alpha=cfg.ddk.alpha)
+            raise CheckpointError(
+                f"{self.flag}: built for {recorded['train']} training / {recorded['valid']} "
+                f"validation samples per domain, this run has {sizes['train']} / {sizes['valid']}; "
+                "the datasets differ: rebuild the cache"
+            )
+        run = RunDraws(
+            train_iters=cfg.training.train_iters,
+            global_batch_size=cfg.training.global_batch_size,
+            interval=cfg.ddk.interval,
+            seed=cfg.training.seed,
+            mode=cfg.distill.mode,
+            mixing=cfg.ddk.mixing,
+            alpha=cfg.ddk.alpha,
+        )
         train, exact = samples_a_run_can_draw(sizes["train"], self.registry.initial_weights, run)
         valid = [np.arange(min(cfg.ddk.val_samples, n)) for n in sizes["valid"]]
         shards, gaps = set(), []
@@ -75,14 +92,17 @@ class CachedTeacher:
             missing_train = cache.missing("train", d, train[d]).size
             missing_valid = cache.missing("valid", d, valid[d]).size
             if missing_train or missing_valid:
-                gaps.append(f"{name}: {missing_train} of {len(train[d])} training, {missing_valid} of "
-                            f"{len(valid[d])} validation samples")
+                gaps.append(
+                    f"{name}: {missing_train} of {len(train[d])} training, {missing_valid} of "
+                    f"{len(valid[d])} validation samples"
+                )
             shards |= cache.shards_holding("train", d, train[d]) | cache.shards_holding("valid", d, valid[d])
         if gaps and not self.fallback:
             raise CheckpointError(
                 f"{self.flag} lacks samples this run can draw ({'exactly' if exact else 'at most, DDK bound'}): "
                 f"{'; '.join(gaps)}. Fill the gap with: {self.fill_command()} (or add --teacher-load to fall "
-                "back to the online teacher)")
+                "back to the online teacher)"
+            )
         self._verify(sorted(shards), rank=rank, world=world)
 
     def _verify(self, shards: list[int], *, rank: int, world: int) -> None:
@@ -103,20 +123,48 @@ class CachedTeacher:
             dist.all_reduce(bad, op=dist.ReduceOp.MIN)
         if int(bad[0]) < len(self.cache.shards):
             self.cache.verify([int(bad[0])])  # raises the one-line error naming the shard
-            raise CheckpointError(f"{self.flag}: shard {self.cache.shards[int(bad[0])]['file']} fails its checksum")
+            raise CheckpointError(
+                f"{self.flag}: shard {self.cache.shards[int(bad[0])]['file']} fails its checksum"
+            )
 
     def fill_command(self) -> str:
         """The tool invocation that caches everything this run can draw (teacher path as the cache recorded it)."""
         cfg, built = self.cfg, self.cache.index.get("built_with", {})
-        data = (["--domains", cfg.data.domains] if cfg.data.domains else ["--data-path", *cfg.data.data_path])
-        args = ["tools/cache_teacher_logits.py", "--output", cfg.distill.teacher_cache,
-                "--teacher-load", cfg.distill.teacher_load or built.get("teacher_load", "TEACHER"),
-                "--tokenizer-type", cfg.data.tokenizer_type, "--tokenizer-model", cfg.data.tokenizer_model, *data,
-                "--seq-length", cfg.data.seq_length, "--seed", cfg.training.seed,
-                "--top-k", self.cache.layout.top_k, "--kd-temperature", cfg.distill.kd_temperature,
-                "--train-iters", cfg.training.train_iters, "--global-batch-size", cfg.training.global_batch_size,
-                "--ddk-interval", cfg.ddk.interval, "--ddk-mode", cfg.distill.mode, "--ddk-mixing", cfg.ddk.mixing,
-                "--ddk-alpha", cfg.ddk.alpha, "--val-samples", cfg.ddk.val_samples]
+        data = ["--domains", cfg.data.domains] if cfg.data.domains else ["--data-path", *cfg.data.data_path]
+        args = [
+            "tools/cache_teacher_logits.py",
+            "--output",
+            cfg.distill.teacher_cache,
+            "--teacher-load",
+            cfg.distill.teacher_load or built.get("teacher_load", "TEACHER"),
+            "--tokenizer-type",
+            cfg.data.tokenizer_type,
+            "--tokenizer-model",
+            cfg.data.tokenizer_model,
+            *data,
+            "--seq-length",
+            cfg.data.seq_length,
+            "--seed",
+            cfg.training.seed,
+            "--top-k",
+            self.cache.layout.top_k,
+            "--kd-temperature",
+            cfg.distill.kd_temperature,
+            "--train-iters",
+            cfg.training.train_iters,
+            "--global-batch-size",
+            cfg.training.global_batch_size,
+            "--ddk-interval",
+            cfg.ddk.interval,
+            "--ddk-mode",
+            cfg.distill.mode,
+            "--ddk-mixing",
+            cfg.ddk.mixing,
+            "--ddk-alpha",
+            cfg.ddk.alpha,
+            "--val-samples",
+            cfg.ddk.val_samples,
+        ]
         if cfg.data.data_cache_path:
             args += ["--data-cache-path", cfg.data.data_cache_path]
         return "torchrun --nproc-per-node N " + " ".join(shlex.quote(str(a)) for a in args)
@@ -125,15 +173,18 @@ class CachedTeacher:
     def rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The cached fields of a training micro-batch ``TEACHER_FIELDS``, or None if any row is not cached."""
         found = []
-        for d, sample, tokens, labels in zip(batch["domain_id"].tolist(), batch["sample_id"].tolist(),
-                                             batch["tokens"], batch["labels"]):
+        for d, sample, tokens, labels in zip(
+            batch["domain_id"].tolist(), batch["sample_id"].tolist(), batch["tokens"], batch["labels"]
+        ):
             fields = self.cache.row("train", d, sample)
             if fields is None:
                 return None
             if int(fields["fingerprint"]) != sample_fingerprint(tokens.numpy(), labels.numpy()):
-                raise CheckpointError(f"{self.flag}: the cached row of training sample {sample} of domain "
-                                      f"{self.cache.domain_names[d]!r} was computed on other tokens; the cache "
-                                      "does not belong to these datasets: rebuild it")
+                raise CheckpointError(
+                    f"{self.flag}: the cached row of training sample {sample} of domain "
+                    f"{self.cache.domain_names[d]!r} was computed on other tokens; the cache "
+                    "does not belong to these datasets: rebuild it"
+                )
             found.append(fields)
         return {
             "teacher_topk_ids": torch.from_numpy(np.stack([f["ids"] for f in found]).astype(np.int32)),
@@ -171,9 +222,13 @@ class CachedTeacherBatches:
         batch = next(self.batches)
         rows = self.teacher.rows(batch)
         if rows is None:
-            if self.model.teacher is None:  # check_coverage makes this impossible; never train without the KD term
-                raise CheckpointError(f"{self.teacher.flag}: a drawn training sample is not cached and there is no "
-                                      "--teacher-load to fall back to")
+            if (
+                self.model.teacher is None
+            ):  # check_coverage makes this impossible; never train without the KD term
+                raise CheckpointError(
+                    f"{self.teacher.flag}: a drawn training sample is not cached and there is no "
+                    "--teacher-load to fall back to"
+                )
             self.online_micro_batches += 1
         else:
             batch.update(rows)

@@ -41,8 +41,15 @@ import torch.nn.functional as F
 from megatron_ddk.distill.kd_loss import KD_KINDS, _ChunkedKDLoss, _reduce_tp
 
 
-def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor, ids: torch.Tensor,
-           log_probs: torch.Tensor, tail: torch.Tensor) -> None:
+def _check(
+    kind: str,
+    temperature: float,
+    jsd_beta: float,
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    log_probs: torch.Tensor,
+    tail: torch.Tensor,
+) -> None:
     problems = []
     if kind not in KD_KINDS:
         problems.append(f"--kd-loss-type {kind!r} is not one of {', '.join(KD_KINDS)}")
@@ -50,18 +57,29 @@ def _check(kind: str, temperature: float, jsd_beta: float, student: torch.Tensor
         problems.append(f"--kd-temperature must be > 0, got {temperature}")
     if not 0.0 <= jsd_beta <= 1.0:
         problems.append(f"--kd-jsd-beta must be in [0, 1], got {jsd_beta}")
-    if ids.shape != log_probs.shape or ids.shape[:-1] != student.shape[:-1] or tail.shape != student.shape[:-1]:
-        problems.append(f"teacher top-k ids {tuple(ids.shape)}, log-probs {tuple(log_probs.shape)} and tail "
-                        f"{tuple(tail.shape)} do not fit student logits {tuple(student.shape)}")
+    if (
+        ids.shape != log_probs.shape
+        or ids.shape[:-1] != student.shape[:-1]
+        or tail.shape != student.shape[:-1]
+    ):
+        problems.append(
+            f"teacher top-k ids {tuple(ids.shape)}, log-probs {tuple(log_probs.shape)} and tail "
+            f"{tuple(tail.shape)} do not fit student logits {tuple(student.shape)}"
+        )
     if ids.is_floating_point() or not student.is_floating_point():
         problems.append(f"expected integer ids and float logits, got {ids.dtype} and {student.dtype}")
     if problems:
         raise ValueError("; ".join(problems))
 
 
-def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: float, group, first_column: int,
-                     work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                tuple]:
+def _student_buckets(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    group,
+    first_column: int,
+    work: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
     """The student's side of one [n, v_valid] chunk: its k + 1 bucket log-probabilities.
 
     Returns ``tail_exp`` [n, v_valid] fp32 (one fresh buffer: ``exp(s - max)`` with this rank's top-k
@@ -76,13 +94,17 @@ def _student_buckets(student: torch.Tensor, ids: torch.Tensor, temperature: floa
     else:
         row_max = student.amax(dim=-1, keepdim=True).float()
     _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
-    s = torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)  # fp32: the copy
+    s = (
+        torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)
+    )  # fp32: the copy
     if temperature != 1.0:
         s.div_(temperature)
     local = ids - first_column
     owned = (local >= 0) & (local < v)
     safe = torch.where(owned, local, 0)
-    sums = torch.zeros(n, ids.shape[1] + 2, dtype=torch.float32, device=student.device)  # [top-k s | total | tail]
+    sums = torch.zeros(
+        n, ids.shape[1] + 2, dtype=torch.float32, device=student.device
+    )  # [top-k s | total | tail]
     where = (owned.nonzero(as_tuple=True)[0], safe[owned])
     if v > 0:
         sums[:, :-2] = torch.where(owned, s.gather(1, safe), 0.0)
@@ -102,9 +124,18 @@ _LARGE = 1e30
 """Per-row gradient factors beyond this (a tail the student all but excludes) are applied in float64."""
 
 
-def _divergence(tail_exp: torch.Tensor, log_z: torch.Tensor, log_q: torch.Tensor, log_t: torch.Tensor,
-                owned: torch.Tensor, where: tuple[torch.Tensor, torch.Tensor], *, kind: str, beta: float,
-                grad_out: torch.Tensor | None) -> torch.Tensor:
+def _divergence(
+    tail_exp: torch.Tensor,
+    log_z: torch.Tensor,
+    log_q: torch.Tensor,
+    log_t: torch.Tensor,
+    owned: torch.Tensor,
+    where: tuple[torch.Tensor, torch.Tensor],
+    *,
+    kind: str,
+    beta: float,
+    grad_out: torch.Tensor | None,
+) -> torch.Tensor:
     """Per-token loss [n] over the buckets; writes dL/ds (without the constant factor) into ``grad_out``.
 
     Every tail column's gradient is its ``p_S`` times one per-row coefficient ``a``, so it is written
@@ -155,8 +186,21 @@ class _ChunkedTopKLoss(_ChunkedKDLoss):
     """Loss and student gradient chunk by chunk in forward; ``_ChunkedKDLoss.backward`` rescales the gradient."""
 
     @staticmethod
-    def forward(ctx, student, ids, log_probs, tail, kind, temperature, beta, chunk_size, num_valid, first_column,
-                group, need_grad):
+    def forward(
+        ctx,
+        student,
+        ids,
+        log_probs,
+        tail,
+        kind,
+        temperature,
+        beta,
+        chunk_size,
+        num_valid,
+        first_column,
+        group,
+        need_grad,
+    ):
         vocab = student.shape[-1]
         flat_s = student.reshape(-1, vocab)  # [tokens, v_local]
         flat_ids = ids.reshape(-1, ids.shape[-1]).long()  # [tokens, k]
@@ -173,10 +217,12 @@ class _ChunkedTopKLoss(_ChunkedKDLoss):
             stop = min(start + step, tokens)
             out = grad[start:stop, :num_valid] if need_grad else None
             work = out if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
-            buckets = _student_buckets(flat_s[start:stop, :num_valid], flat_ids[start:stop], temperature, group,
-                                       first_column, work)
-            loss[start:stop] = _divergence(*buckets[:3], log_t[start:stop], *buckets[3:], kind=kind, beta=beta,
-                                           grad_out=out)
+            buckets = _student_buckets(
+                flat_s[start:stop, :num_valid], flat_ids[start:stop], temperature, group, first_column, work
+            )
+            loss[start:stop] = _divergence(
+                *buckets[:3], log_t[start:stop], *buckets[3:], kind=kind, beta=beta, grad_out=out
+            )
         ctx.save_for_backward(grad)
         ctx.shape = student.shape
         ctx.scale = (1.0 - beta if kind == "jsd" else 1.0) / temperature
@@ -208,18 +254,32 @@ def vocab_parallel_topk_kd_loss(
     local = student_logits.shape[-1]
     rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
     if vocab_size is not None and not 1 <= vocab_size <= local * world:
-        raise ValueError(f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
-                         f"{local} logits per rank x {world} tensor-parallel ranks)")
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
+            f"{local} logits per rank x {world} tensor-parallel ranks)"
+        )
     num_valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return _ChunkedTopKLoss.apply(student_logits, teacher_ids.detach(), teacher_log_probs.detach(),
-                                  teacher_tail_log_mass.detach(), kind, float(temperature), float(jsd_beta),
-                                  int(chunk_size), num_valid, rank * local, group, need_grad)
+    return _ChunkedTopKLoss.apply(
+        student_logits,
+        teacher_ids.detach(),
+        teacher_log_probs.detach(),
+        teacher_tail_log_mass.detach(),
+        kind,
+        float(temperature),
+        float(jsd_beta),
+        int(chunk_size),
+        num_valid,
+        rank * local,
+        group,
+        need_grad,
+    )
 
 
 @torch.no_grad()
-def vocab_parallel_topk(logits: torch.Tensor, k: int, *, temperature: float = 1.0, vocab_size: int | None = None,
-                        tp_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vocab_parallel_topk(
+    logits: torch.Tensor, k: int, *, temperature: float = 1.0, vocab_size: int | None = None, tp_group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's top-k of ``[n, v_local]`` vocab-parallel logits: what the cache stores.
 
     Returns global ids ``[n, k]`` int64 (most likely first), their log-probabilities at
@@ -233,8 +293,11 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, temperature: float = 1.
     if not 1 <= k <= total_vocab:
         raise ValueError(f"top-k {k} must be in [1, {total_vocab}] (the vocabulary)")
     shard = logits[:, :valid]
-    row_max = (shard.amax(dim=-1, keepdim=True).float() if valid
-               else torch.full((n, 1), float("-inf"), device=logits.device))
+    row_max = (
+        shard.amax(dim=-1, keepdim=True).float()
+        if valid
+        else torch.full((n, 1), float("-inf"), device=logits.device)
+    )
     _reduce_tp(row_max, tp_group, op=dist.ReduceOp.MAX)
     s = torch.sub(shard, row_max)
     if temperature != 1.0:
@@ -245,8 +308,8 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, temperature: float = 1.
     columns = torch.zeros(n, width, dtype=torch.long, device=logits.device)
     if valid:
         top = torch.topk(s, min(width, valid), dim=-1)
-        values[:, :top.values.shape[1]] = top.values
-        columns[:, :top.indices.shape[1]] = top.indices + rank * local
+        values[:, : top.values.shape[1]] = top.values
+        columns[:, : top.indices.shape[1]] = top.indices + rank * local
     if tp_group is not None:
         gathered_v = [torch.empty_like(values) for _ in range(world)]
         gathered_c = [torch.empty_like(columns) for _ in range(world)]
@@ -268,9 +331,16 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, *, temperature: float = 1.
     return ids, best.values - log_z[:, None], sums[:, 1].log() - log_z
 
 
-def reference_topk_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, *,
-                           kind: str = "forward_kl", temperature: float = 1.0, jsd_beta: float = 0.5,
-                           vocab_size: int | None = None) -> torch.Tensor:
+def reference_topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    *,
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
     """The bucketed divergence in plain full-vocabulary PyTorch (autograd, no chunking, no TP): the tests' oracle.
 
     The teacher's top-k is taken from ``teacher_logits`` at ``temperature``.

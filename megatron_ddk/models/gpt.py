@@ -54,8 +54,10 @@ def check_fp8_supported(precision: PrecisionConfig) -> None:
 def check_sequence_parallel_supported(parallel: ParallelConfig) -> None:
     """megatron-core's torch norm (local spec) refuses sequence parallelism deep inside the model."""
     if parallel.sequence_parallel and not uses_transformer_engine():
-        raise SetupError("--sequence-parallel needs Transformer Engine's norms (GPU with the [gpu] extra); "
-                           "drop --sequence-parallel here")
+        raise SetupError(
+            "--sequence-parallel needs Transformer Engine's norms (GPU with the [gpu] extra); "
+            "drop --sequence-parallel here"
+        )
 
 
 def check_context_parallel_supported(parallel: ParallelConfig) -> None:
@@ -65,15 +67,25 @@ def check_context_parallel_supported(parallel: ParallelConfig) -> None:
     if cp == 1:
         return
     if not uses_transformer_engine():
-        raise SetupError(f"--context-parallel-size {cp} needs Transformer Engine's attention (GPU with the [gpu] "
-                         "extra); use --context-parallel-size 1 here")
-    raise SetupError(f"--context-parallel-size {cp}: context parallelism is not supported yet (the KD loss and the "
-                     "per-domain statistics are not reduced over the CP group); use --context-parallel-size 1")
+        raise SetupError(
+            f"--context-parallel-size {cp} needs Transformer Engine's attention (GPU with the [gpu] "
+            "extra); use --context-parallel-size 1 here"
+        )
+    raise SetupError(
+        f"--context-parallel-size {cp}: context parallelism is not supported yet (the KD loss and the "
+        "per-domain statistics are not reduced over the CP group); use --context-parallel-size 1"
+    )
 
 
-def build_transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                             *, use_fp8: bool = True, initialize_weights: bool = True,
-                             recompute: RecomputeConfig | None = None):
+def build_transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    use_fp8: bool = True,
+    initialize_weights: bool = True,
+    recompute: RecomputeConfig | None = None,
+):
     """megatron-core ``TransformerConfig`` for ``model`` under the run's parallelism and precision.
 
     ``recompute`` (the student's ``--recompute-*``) maps to megatron-core's ``recompute_*`` fields;
@@ -158,12 +170,16 @@ def moe_transformer_config(model: ModelConfig, parallel: ParallelConfig) -> dict
     )
 
 
-def expert_parallel_problem(model: ModelConfig, parallel: ParallelConfig, *, role: str = "model") -> str | None:
+def expert_parallel_problem(
+    model: ModelConfig, parallel: ParallelConfig, *, role: str = "model"
+) -> str | None:
     """Why EP cannot split ``model``'s experts evenly (None when it can)."""
     ep = parallel.expert_model_parallel_size
     if model.is_moe and model.num_experts % ep:
-        return (f"--expert-model-parallel-size {ep} does not divide the {role}'s {model.num_experts} experts; "
-                "choose an EP size that divides the expert count")
+        return (
+            f"--expert-model-parallel-size {ep} does not divide the {role}'s {model.num_experts} experts; "
+            "choose an EP size that divides the expert count"
+        )
     return None
 
 
@@ -186,17 +202,24 @@ def apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
     first forward (RotaryEmbedding caches its output per sequence length).
     """
     rope = getattr(gpt, "rotary_pos_emb", None)
-    fixed = (model.rope_scaling_low_freq_factor, model.rope_scaling_high_freq_factor,
-             model.rope_scaling_original_max_position_embeddings)
+    fixed = (
+        model.rope_scaling_low_freq_factor,
+        model.rope_scaling_high_freq_factor,
+        model.rope_scaling_original_max_position_embeddings,
+    )
     if rope is None or not model.use_rope_scaling or fixed == MEGATRON_LLAMA3_ROPE:
         return
     dim = int(model.head_dim * model.rotary_percent)
-    unscaled = 1.0 / (model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32,
-                                                         device=rope.inv_freq.device) / dim))
-    rope.inv_freq = rope._apply_scaling(unscaled, factor=model.rope_scaling_factor,
-                                        low_freq_factor=model.rope_scaling_low_freq_factor,
-                                        high_freq_factor=model.rope_scaling_high_freq_factor,
-                                        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
+    unscaled = 1.0 / (
+        model.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)
+    )
+    rope.inv_freq = rope._apply_scaling(
+        unscaled,
+        factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_scaling_low_freq_factor,
+        high_freq_factor=model.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings,
+    )
 
 
 def layer_spec(model: ModelConfig):
@@ -207,15 +230,30 @@ def layer_spec(model: ModelConfig):
     )
 
     if uses_transformer_engine():
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm, num_experts=model.num_experts,
-                                                          moe_grouped_gemm=model.is_moe)
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization=model.normalization,
-                                    num_experts=model.num_experts, moe_grouped_gemm=False)
+        return get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=model.qk_layernorm, num_experts=model.num_experts, moe_grouped_gemm=model.is_moe
+        )
+    return get_gpt_layer_local_spec(
+        qk_layernorm=model.qk_layernorm,
+        normalization=model.normalization,
+        num_experts=model.num_experts,
+        moe_grouped_gemm=False,
+    )
 
 
-def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, *,
-                    padded_vocab_size: int, pg, pre_process: bool, post_process: bool, use_fp8: bool = True,
-                    initialize_weights: bool = True, recompute: RecomputeConfig | None = None):
+def build_gpt_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    *,
+    padded_vocab_size: int,
+    pg,
+    pre_process: bool,
+    post_process: bool,
+    use_fp8: bool = True,
+    initialize_weights: bool = True,
+    recompute: RecomputeConfig | None = None,
+):
     """One pipeline stage of a ``GPTModel`` (the stage given by ``pre_process``/``post_process``).
 
     ``padded_vocab_size``: embedding/output rows, the tokenizer's vocabulary padded for TP
@@ -232,8 +270,14 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, precision: Pre
             f"{parallel.pipeline_model_parallel_size}; choose a PP size that divides the layer count"
         )
     check_expert_parallel(model, parallel)
-    config = build_transformer_config(model, parallel, precision, use_fp8=use_fp8,
-                                      initialize_weights=initialize_weights, recompute=recompute)
+    config = build_transformer_config(
+        model,
+        parallel,
+        precision,
+        use_fp8=use_fp8,
+        initialize_weights=initialize_weights,
+        recompute=recompute,
+    )
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model),

@@ -26,9 +26,15 @@ import torch
 from megatron_ddk.config import ModelConfig
 from megatron_ddk.errors import UserError
 
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-               "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
-               "Qwen3MoeForCausalLM": "qwen3_moe"}
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES)
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 QKV_BIAS_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
@@ -52,7 +58,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     """``config.json`` with the HF class defaults filled in (as transformers would run the model)."""
     path = hf_dir / "config.json"
     if not path.is_file():
-        raise HFConversionError(f"--hf-dir {hf_dir}: no config.json; point it at a Hugging Face model directory")
+        raise HFConversionError(
+            f"--hf-dir {hf_dir}: no config.json; point it at a Hugging Face model directory"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -61,8 +69,9 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     try:
         from transformers import AutoConfig
     except ImportError as err:
-        raise HFConversionError("reading a Hugging Face config needs transformers: pip install 'megatron-ddk[hf]'") \
-            from err
+        raise HFConversionError(
+            "reading a Hugging Face config needs transformers: pip install 'megatron-ddk[hf]'"
+        ) from err
     try:
         values = AutoConfig.for_model(MODEL_TYPES[architecture], **_without_meta(raw)).to_dict()
     except (ValueError, TypeError, KeyError) as err:
@@ -76,11 +85,15 @@ def hf_architecture(values: dict[str, Any], *, source: Path | str) -> str:
     architectures = values.get("architectures") or []
     if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
         found = architectures or f"model_type {values.get('model_type')!r} without architectures"
-        raise HFConversionError(f"{source}: architectures {found} is not supported; supported: "
-                                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise HFConversionError(
+            f"{source}: architectures {found} is not supported; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     if MODEL_TYPES[architectures[0]] != values.get("model_type", MODEL_TYPES[architectures[0]]):
-        raise HFConversionError(f"{source}: architectures {architectures} does not match model_type "
-                                f"{values.get('model_type')!r}; fix config.json")
+        raise HFConversionError(
+            f"{source}: architectures {architectures} does not match model_type "
+            f"{values.get('model_type')!r}; fix config.json"
+        )
     return architectures[0]
 
 
@@ -96,18 +109,28 @@ def model_config_from_hf(values: dict[str, Any], *, source: Path | str = "config
         refuse("hidden_act", "only silu (SwiGLU) is supported")
     rope_type = _rope_scaling_type(values.get("rope_scaling"))
     if rope_type not in (None, *ROPE_SCALING_TYPES):
-        refuse("rope_scaling", f"RoPE scaling type {rope_type!r} is not implemented; only llama3 (Llama 3.x) is "
-                               "reproduced exactly (megatron-core's GPTModel has no yarn/dynamic/linear/longrope "
-                               "equivalent for these HF families)")
+        refuse(
+            "rope_scaling",
+            f"RoPE scaling type {rope_type!r} is not implemented; only llama3 (Llama 3.x) is "
+            "reproduced exactly (megatron-core's GPTModel has no yarn/dynamic/linear/longrope "
+            "equivalent for these HF families)",
+        )
     if values.get("mlp_bias"):
         refuse("mlp_bias", "MLP biases are not supported")
     if architecture not in QKV_BIAS_ARCHITECTURES and values.get("attention_bias"):
-        refuse("attention_bias", "a bias on o_proj has no place in megatron's linear_proj without biases "
-                                 "everywhere; only Qwen2's q/k/v bias is supported")
-    if values.get("use_sliding_window") or any(t != "full_attention" for t in values.get("layer_types") or ()):
+        refuse(
+            "attention_bias",
+            "a bias on o_proj has no place in megatron's linear_proj without biases "
+            "everywhere; only Qwen2's q/k/v bias is supported",
+        )
+    if values.get("use_sliding_window") or any(
+        t != "full_attention" for t in values.get("layer_types") or ()
+    ):
         refuse("use_sliding_window", "sliding-window attention is not supported")
     elif values.get("sliding_window") is not None:
-        refuse("sliding_window", "sliding-window attention is not supported; only null (full attention) converts")
+        refuse(
+            "sliding_window", "sliding-window attention is not supported; only null (full attention) converts"
+        )
     if architecture in MOE_ARCHITECTURES:
         problems += _moe_refusals(values, architecture)
     if problems:
@@ -126,21 +149,29 @@ def _moe_refusals(values: dict[str, Any], architecture: str) -> list[str]:
     """Routing variants megatron-core's router does not reproduce exactly, one entry per field."""
     problems = []
     if values.get("router_jitter_noise"):
-        problems.append(f"router_jitter_noise={values['router_jitter_noise']!r} (multiplicative router noise in "
-                        "training has no megatron-core equivalent; set it to 0.0)")
+        problems.append(
+            f"router_jitter_noise={values['router_jitter_noise']!r} (multiplicative router noise in "
+            "training has no megatron-core equivalent; set it to 0.0)"
+        )
     if values.get("mlp_only_layers"):
-        problems.append(f"mlp_only_layers={values['mlp_only_layers']!r} (dense layers among MoE layers are not "
-                        "supported; every layer must be MoE)")
+        problems.append(
+            f"mlp_only_layers={values['mlp_only_layers']!r} (dense layers among MoE layers are not "
+            "supported; every layer must be MoE)"
+        )
     if values.get("decoder_sparse_step", 1) != 1:
         problems.append(f"decoder_sparse_step={values['decoder_sparse_step']!r} (only 1, every layer MoE)")
     renormalised = architecture == "MixtralForCausalLM" or values.get("norm_topk_prob")
     if values.get("num_experts_per_tok") == 1 and renormalised:
         field = "num_experts_per_tok" if architecture == "MixtralForCausalLM" else "norm_topk_prob"
-        problems.append(f"{field}={values.get(field)!r} with top-1 routing (a renormalised top-1 weight is always 1; "
-                        "megatron-core's router refuses top-1 without pre-softmax, whose weight is the probability)")
+        problems.append(
+            f"{field}={values.get(field)!r} with top-1 routing (a renormalised top-1 weight is always 1; "
+            "megatron-core's router refuses top-1 without pre-softmax, whose weight is the probability)"
+        )
     if architecture == "Qwen2MoeForCausalLM" and not values.get("shared_expert_intermediate_size"):
-        problems.append(f"shared_expert_intermediate_size={values.get('shared_expert_intermediate_size')!r} "
-                        "(Qwen2-MoE always runs its shared expert; a size of 0 has no megatron-core equivalent)")
+        problems.append(
+            f"shared_expert_intermediate_size={values.get('shared_expert_intermediate_size')!r} "
+            "(Qwen2-MoE always runs its shared expert; a size of 0 has no megatron-core equivalent)"
+        )
     return problems
 
 
@@ -167,13 +198,18 @@ def _rope_scaling_fields(values: dict[str, Any]) -> dict[str, Any]:
     scaling = values.get("rope_scaling")
     if _rope_scaling_type(scaling) != "llama3":
         return {}
-    return dict(use_rope_scaling=True, rope_scaling_factor=float(scaling["factor"]),
-                rope_scaling_low_freq_factor=float(scaling["low_freq_factor"]),
-                rope_scaling_high_freq_factor=float(scaling["high_freq_factor"]),
-                rope_scaling_original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    return dict(
+        use_rope_scaling=True,
+        rope_scaling_factor=float(scaling["factor"]),
+        rope_scaling_low_freq_factor=float(scaling["low_freq_factor"]),
+        rope_scaling_high_freq_factor=float(scaling["high_freq_factor"]),
+        rope_scaling_original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
 
 
-def _model_config(values: dict[str, Any], architecture: str, heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
+def _model_config(
+    values: dict[str, Any], architecture: str, heads: int, kv_heads: int, head_dim: int
+) -> ModelConfig:
     return ModelConfig(
         num_layers=values["num_hidden_layers"],
         hidden_size=values["hidden_size"],
@@ -190,8 +226,8 @@ def _model_config(values: dict[str, Any], architecture: str, heads: int, kv_head
         rotary_base=float(values.get("rope_theta", 10000.0)),
         untie_embeddings_and_output_weights=not values.get("tie_word_embeddings", False),
         add_bias_linear=False,
-        add_qkv_bias=architecture == "Qwen2ForCausalLM" or (architecture == "Qwen2MoeForCausalLM"
-                                                            and bool(values.get("qkv_bias", True))),
+        add_qkv_bias=architecture == "Qwen2ForCausalLM"
+        or (architecture == "Qwen2MoeForCausalLM" and bool(values.get("qkv_bias", True))),
         qk_layernorm=architecture in QK_NORM_ARCHITECTURES,
         init_method_std=values.get("initializer_range", 0.02),
         attention_dropout=values.get("attention_dropout", 0.0),
@@ -216,20 +252,24 @@ def default_architecture(model: ModelConfig) -> str:
     return "LlamaForCausalLM"
 
 
-def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtype,
-                     token_ids: dict[str, int | None]) -> dict[str, Any]:
+def hf_config_values(
+    model: ModelConfig, *, architecture: str, dtype: torch.dtype, token_ids: dict[str, int | None]
+) -> dict[str, Any]:
     """Keyword arguments of the HF config class for ``model``; raises if the family cannot express it."""
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise HFConversionError(f"--architecture {architecture} is not supported; use one of "
-                                f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise HFConversionError(
+            f"--architecture {architecture} is not supported; use one of {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     problems = []
     if model.normalization != "RMSNorm":
         problems.append(f"normalization {model.normalization} (HF needs RMSNorm)")
     if not model.swiglu:
         problems.append("a non-SwiGLU MLP (HF needs swiglu)")
     if model.position_embedding_type != "rope" or model.rotary_percent != 1.0:
-        problems.append(f"position embedding {model.position_embedding_type} with rotary_percent "
-                        f"{model.rotary_percent} (HF needs full RoPE)")
+        problems.append(
+            f"position embedding {model.position_embedding_type} with rotary_percent "
+            f"{model.rotary_percent} (HF needs full RoPE)"
+        )
     if model.add_bias_linear:
         problems.append("add_bias_linear=True (the HF families have no MLP/output-projection biases)")
     wants_norm = architecture in QK_NORM_ARCHITECTURES
@@ -238,12 +278,17 @@ def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtyp
     if architecture not in QKV_BIAS_ARCHITECTURES and model.add_qkv_bias:
         problems.append(f"add_qkv_bias=True but {architecture} has no q/k/v biases")
     if model.qk_layernorm != wants_norm:
-        problems.append(f"qk_layernorm={model.qk_layernorm} but {architecture} "
-                        f"{'always has' if wants_norm else 'has no'} q/k norms")
+        problems.append(
+            f"qk_layernorm={model.qk_layernorm} but {architecture} "
+            f"{'always has' if wants_norm else 'has no'} q/k norms"
+        )
     problems += _moe_export_problems(model, architecture)
     if problems:
-        raise HFConversionError(f"this checkpoint cannot be written as {architecture}: " + "; ".join(problems)
-                                + "; pick another --architecture or leave it to the default")
+        raise HFConversionError(
+            f"this checkpoint cannot be written as {architecture}: "
+            + "; ".join(problems)
+            + "; pick another --architecture or leave it to the default"
+        )
     values: dict[str, Any] = dict(
         architectures=[architecture],
         vocab_size=model.vocab_size,
@@ -272,7 +317,9 @@ def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtyp
         values.update(sliding_window=None)
     if architecture == "LlamaForCausalLM":
         values.update(mlp_bias=False)
-    if architecture != "MistralForCausalLM" or model.use_rope_scaling:  # MistralConfig has no rope_scaling field
+    if (
+        architecture != "MistralForCausalLM" or model.use_rope_scaling
+    ):  # MistralConfig has no rope_scaling field
         values.update(rope_scaling=_hf_rope_scaling(model))
     if model.is_moe:
         values.update(_hf_moe_values(model, architecture))
@@ -281,8 +328,14 @@ def hf_config_values(model: ModelConfig, *, architecture: str, dtype: torch.dtyp
 
 def _moe_export_problems(model: ModelConfig, architecture: str) -> list[str]:
     if architecture not in MOE_ARCHITECTURES:
-        return [f"num_experts={model.num_experts} (a dense HF family has no experts; use one of "
-                f"{', '.join(MOE_ARCHITECTURES)})"] if model.is_moe else []
+        return (
+            [
+                f"num_experts={model.num_experts} (a dense HF family has no experts; use one of "
+                f"{', '.join(MOE_ARCHITECTURES)})"
+            ]
+            if model.is_moe
+            else []
+        )
     if not model.is_moe:
         return [f"a dense model ({architecture} is a mixture of experts)"]
     problems = []
@@ -294,9 +347,14 @@ def _moe_export_problems(model: ModelConfig, architecture: str) -> list[str]:
         problems.append(f"a shared expert ({architecture} has none)")
     if architecture == "MixtralForCausalLM" and model.moe_router_pre_softmax:
         problems.append("moe_router_pre_softmax=True (Mixtral renormalises the top-k probabilities)")
-    if architecture == "MixtralForCausalLM" and model.moe_ffn_hidden_size not in (None, model.ffn_hidden_size):
-        problems.append(f"moe_ffn_hidden_size={model.moe_ffn_hidden_size} differs from ffn_hidden_size "
-                        f"{model.ffn_hidden_size} (Mixtral has one intermediate_size)")
+    if architecture == "MixtralForCausalLM" and model.moe_ffn_hidden_size not in (
+        None,
+        model.ffn_hidden_size,
+    ):
+        problems.append(
+            f"moe_ffn_hidden_size={model.moe_ffn_hidden_size} differs from ffn_hidden_size "
+            f"{model.ffn_hidden_size} (Mixtral has one intermediate_size)"
+        )
     return problems
 
 
@@ -304,21 +362,32 @@ def _hf_moe_values(model: ModelConfig, architecture: str) -> dict[str, Any]:
     common = dict(num_experts_per_tok=model.moe_router_topk, router_aux_loss_coef=model.moe_aux_loss_coeff)
     if architecture == "MixtralForCausalLM":
         return dict(common, num_local_experts=model.num_experts, router_jitter_noise=0.0)
-    values = dict(common, num_experts=model.num_experts, moe_intermediate_size=model.expert_ffn_hidden_size,
-                  norm_topk_prob=not model.moe_router_pre_softmax, decoder_sparse_step=1, mlp_only_layers=[])
+    values = dict(
+        common,
+        num_experts=model.num_experts,
+        moe_intermediate_size=model.expert_ffn_hidden_size,
+        norm_topk_prob=not model.moe_router_pre_softmax,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    )
     if architecture == "Qwen2MoeForCausalLM":
-        values.update(shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
-                      qkv_bias=model.add_qkv_bias)
+        values.update(
+            shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+            qkv_bias=model.add_qkv_bias,
+        )
     return values
 
 
 def _hf_rope_scaling(model: ModelConfig) -> dict[str, Any] | None:
     if not model.use_rope_scaling:
         return None
-    return dict(rope_type="llama3", factor=model.rope_scaling_factor,
-                low_freq_factor=model.rope_scaling_low_freq_factor,
-                high_freq_factor=model.rope_scaling_high_freq_factor,
-                original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings)
+    return dict(
+        rope_type="llama3",
+        factor=model.rope_scaling_factor,
+        low_freq_factor=model.rope_scaling_low_freq_factor,
+        high_freq_factor=model.rope_scaling_high_freq_factor,
+        original_max_position_embeddings=model.rope_scaling_original_max_position_embeddings,
+    )
 
 
 def _rope_scaling_type(value: Any) -> str | None:
@@ -331,6 +400,7 @@ def _rope_scaling_type(value: Any) -> str | None:
     if kind == "default" and set(value) <= {"rope_type", "type"}:
         return None
     return kind
+
 
 def _without_meta(raw: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version", "_name_or_path")}
@@ -363,9 +433,11 @@ def _swiglu_placements(hf: str, mc: str, h: int, f: int, names=("gate_proj", "up
     """One SwiGLU MLP: HF gate [F, H] and up [F, H] stacked in megatron's fc1 [2F, H]; down = fc2 [H, F]."""
     gate, up, down = names
     fc1 = mc + "linear_fc1.weight"
-    return {hf + f"{gate}.weight": Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(0, f),)),
-            hf + f"{up}.weight": Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(f, 2 * f),)),
-            hf + f"{down}.weight": Placement(megatron_key=mc + "linear_fc2.weight", hf_shape=(h, f))}
+    return {
+        hf + f"{gate}.weight": Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(0, f),)),
+        hf + f"{up}.weight": Placement(megatron_key=fc1, hf_shape=(f, h), index=(slice(f, 2 * f),)),
+        hf + f"{down}.weight": Placement(megatron_key=mc + "linear_fc2.weight", hf_shape=(h, f)),
+    }
 
 
 def _moe_placements(model: ModelConfig, architecture: str, hf: str, mc: str) -> dict[str, Placement]:
@@ -377,18 +449,28 @@ def _moe_placements(model: ModelConfig, architecture: str, hf: str, mc: str) -> 
         block, names = hf + "mlp.", ("gate_proj", "up_proj", "down_proj")
     table = {block + "gate.weight": Placement(megatron_key=mc + "mlp.router.weight", hf_shape=(e, h))}
     for j in range(e):
-        table.update(_swiglu_placements(f"{block}experts.{j}.", f"{mc}mlp.experts.local_experts.{j}.", h, fe, names))
+        table.update(
+            _swiglu_placements(f"{block}experts.{j}.", f"{mc}mlp.experts.local_experts.{j}.", h, fe, names)
+        )
     if model.moe_shared_expert_intermediate_size:
-        table.update(_swiglu_placements(block + "shared_expert.", mc + "mlp.shared_experts.", h,
-                                        model.moe_shared_expert_intermediate_size))
+        table.update(
+            _swiglu_placements(
+                block + "shared_expert.",
+                mc + "mlp.shared_experts.",
+                h,
+                model.moe_shared_expert_intermediate_size,
+            )
+        )
         if model.moe_shared_expert_gate:
-            table[block + "shared_expert_gate.weight"] = Placement(megatron_key=mc + "mlp.shared_experts.gate_weight",
-                                                                   hf_shape=(1, h))
+            table[block + "shared_expert_gate.weight"] = Placement(
+                megatron_key=mc + "mlp.shared_experts.gate_weight", hf_shape=(1, h)
+            )
     return table
 
 
-def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None,
-                  architecture: str | None = None) -> dict[str, Placement]:
+def hf_placements(
+    model: ModelConfig, *, hf_vocab_size: int | None = None, architecture: str | None = None
+) -> dict[str, Placement]:
     """Every HF tensor name of ``model``'s HF form, in HF order, with its megatron placement.
 
     ``hf_vocab_size`` (import only): the HF embedding has this many rows, of which the first
@@ -404,37 +486,57 @@ def hf_placements(model: ModelConfig, *, hf_vocab_size: int | None = None,
     if vocab_rows < v:
         raise HFConversionError(f"the HF vocabulary ({vocab_rows} rows) is smaller than the model's ({v})")
     keep = None if vocab_rows == v else v
-    table = {"model.embed_tokens.weight": Placement(megatron_key="embedding.word_embeddings.weight",
-                                                    hf_shape=(vocab_rows, h), index=(slice(0, v),), keep_rows=keep)}
+    table = {
+        "model.embed_tokens.weight": Placement(
+            megatron_key="embedding.word_embeddings.weight",
+            hf_shape=(vocab_rows, h),
+            index=(slice(0, v),),
+            keep_rows=keep,
+        )
+    }
     for i in range(model.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         qkv = mc + "self_attention.linear_qkv."
-        table[hf + "input_layernorm.weight"] = Placement(megatron_key=mc + "input_layernorm.weight", hf_shape=(h,))
+        table[hf + "input_layernorm.weight"] = Placement(
+            megatron_key=mc + "input_layernorm.weight", hf_shape=(h,)
+        )
         for name, rows, heads in (("q", q_rows, nh), ("k", k_rows, ng), ("v", v_rows, ng)):
             # qkv weight [ng * (r + 2) * d, H] viewed [ng, (r + 2) * d, H]; HF [heads * d, H]
             table[hf + f"self_attn.{name}_proj.weight"] = Placement(
-                megatron_key=qkv + "weight", hf_shape=(heads * d, h), grouped=(ng, (r + 2) * d, h),
-                index=(whole, rows))
+                megatron_key=qkv + "weight",
+                hf_shape=(heads * d, h),
+                grouped=(ng, (r + 2) * d, h),
+                index=(whole, rows),
+            )
             if model.add_qkv_bias:
                 table[hf + f"self_attn.{name}_proj.bias"] = Placement(
-                    megatron_key=qkv + "bias", hf_shape=(heads * d,), grouped=(ng, (r + 2) * d), index=(whole, rows))
+                    megatron_key=qkv + "bias",
+                    hf_shape=(heads * d,),
+                    grouped=(ng, (r + 2) * d),
+                    index=(whole, rows),
+                )
         if model.qk_layernorm:
-            table[hf + "self_attn.q_norm.weight"] = Placement(megatron_key=mc + "self_attention.q_layernorm.weight",
-                                                              hf_shape=(d,))
-            table[hf + "self_attn.k_norm.weight"] = Placement(megatron_key=mc + "self_attention.k_layernorm.weight",
-                                                              hf_shape=(d,))
-        table[hf + "self_attn.o_proj.weight"] = Placement(megatron_key=mc + "self_attention.linear_proj.weight",
-                                                          hf_shape=(h, nh * d))
-        table[hf + "post_attention_layernorm.weight"] = Placement(megatron_key=mc + "pre_mlp_layernorm.weight",
-                                                                  hf_shape=(h,))
+            table[hf + "self_attn.q_norm.weight"] = Placement(
+                megatron_key=mc + "self_attention.q_layernorm.weight", hf_shape=(d,)
+            )
+            table[hf + "self_attn.k_norm.weight"] = Placement(
+                megatron_key=mc + "self_attention.k_layernorm.weight", hf_shape=(d,)
+            )
+        table[hf + "self_attn.o_proj.weight"] = Placement(
+            megatron_key=mc + "self_attention.linear_proj.weight", hf_shape=(h, nh * d)
+        )
+        table[hf + "post_attention_layernorm.weight"] = Placement(
+            megatron_key=mc + "pre_mlp_layernorm.weight", hf_shape=(h,)
+        )
         if model.is_moe:
             table.update(_moe_placements(model, architecture or default_architecture(model), hf, mc))
         else:
             table.update(_swiglu_placements(hf + "mlp.", mc + "mlp.", h, f))
     table["model.norm.weight"] = Placement(megatron_key="decoder.final_layernorm.weight", hf_shape=(h,))
     if model.untie_embeddings_and_output_weights:
-        table["lm_head.weight"] = Placement(megatron_key="output_layer.weight", hf_shape=(vocab_rows, h),
-                                            index=(slice(0, v),), keep_rows=keep)
+        table["lm_head.weight"] = Placement(
+            megatron_key="output_layer.weight", hf_shape=(vocab_rows, h), index=(slice(0, v),), keep_rows=keep
+        )
     return table
 
 
@@ -443,7 +545,7 @@ def vocab_padding_rows(model: ModelConfig, params: dict[str, torch.Tensor]) -> l
     keys = ["embedding.word_embeddings.weight"]
     if model.untie_embeddings_and_output_weights:
         keys.append("output_layer.weight")
-    return [params[k][model.vocab_size:] for k in keys if k in params]
+    return [params[k][model.vocab_size :] for k in keys if k in params]
 
 
 # --------------------------------------------------------------------------------- safetensors input
@@ -471,18 +573,27 @@ def scan_safetensors(hf_dir: Path) -> HFWeights:
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise HFConversionError(f"{index_path} is not a safetensors index (no weight_map): {err}") from err
+            raise HFConversionError(
+                f"{index_path} is not a safetensors index (no weight_map): {err}"
+            ) from err
         shard_names = sorted(set(weight_map.values()))
     elif single.is_file():
         weight_map, shard_names = None, [SAFETENSORS_FILE]
     else:
-        hint = " (only PyTorch .bin weights found: re-save with save_pretrained(safe_serialization=True))" \
-            if any(hf_dir.glob("pytorch_model*.bin")) else ""
-        raise HFConversionError(f"--hf-dir {hf_dir}: neither {SAFETENSORS_INDEX} nor {SAFETENSORS_FILE}{hint}")
+        hint = (
+            " (only PyTorch .bin weights found: re-save with save_pretrained(safe_serialization=True))"
+            if any(hf_dir.glob("pytorch_model*.bin"))
+            else ""
+        )
+        raise HFConversionError(
+            f"--hf-dir {hf_dir}: neither {SAFETENSORS_INDEX} nor {SAFETENSORS_FILE}{hint}"
+        )
     missing = [name for name in shard_names if not (hf_dir / name).is_file()]
     if missing:
-        raise HFConversionError(f"--hf-dir {hf_dir}: shard file(s) {', '.join(missing)} named by {SAFETENSORS_INDEX} "
-                                "are missing; download them again")
+        raise HFConversionError(
+            f"--hf-dir {hf_dir}: shard file(s) {', '.join(missing)} named by {SAFETENSORS_INDEX} "
+            "are missing; download them again"
+        )
     files: dict[str, Path] = {}
     shapes: dict[str, tuple[int, ...]] = {}
     for name in shard_names:
@@ -493,18 +604,23 @@ def scan_safetensors(hf_dir: Path) -> HFWeights:
     if weight_map is not None:
         wrong = sorted(k for k, shard in weight_map.items() if files.get(k) != hf_dir / shard)
         if wrong:
-            raise HFConversionError(f"{index_path} places {len(wrong)} tensor(s) in shards that do not hold them "
-                                    f"(e.g. {wrong[0]}); the download is inconsistent")
+            raise HFConversionError(
+                f"{index_path} places {len(wrong)} tensor(s) in shards that do not hold them "
+                f"(e.g. {wrong[0]}); the download is inconsistent"
+            )
     return HFWeights(files=files, shapes=shapes)
 
 
-def check_hf_weights(weights: HFWeights, placements: dict[str, Placement], *, tied: bool,
-                     source: Path | str) -> list[str]:
+def check_hf_weights(
+    weights: HFWeights, placements: dict[str, Placement], *, tied: bool, source: Path | str
+) -> list[str]:
     """Every expected tensor present with its config shape, nothing unexpected; returns the names ignored."""
     problems, ignored = [], []
     missing = [k for k in placements if k not in weights.shapes]
     if missing:
-        problems.append(f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        problems.append(
+            f"{len(missing)} tensor(s) missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     for key, shape in weights.shapes.items():
         if key in placements:
             expected = placements[key].hf_shape
@@ -513,14 +629,18 @@ def check_hf_weights(weights: HFWeights, placements: dict[str, Placement], *, ti
         elif IGNORED_HF_TENSORS.fullmatch(key) or (tied and key == "lm_head.weight"):
             ignored.append(key)
         else:
-            problems.append(f"unexpected tensor {key} (shape {list(shape)}) that this architecture does not use")
+            problems.append(
+                f"unexpected tensor {key} (shape {list(shape)}) that this architecture does not use"
+            )
     if problems:
         raise HFConversionError(f"{source}: the weights do not match config.json: " + "; ".join(problems))
     return ignored
 
 
 @torch.no_grad()
-def copy_hf_weights(params: dict[str, torch.Tensor], weights: HFWeights, placements: dict[str, Placement]) -> int:
+def copy_hf_weights(
+    params: dict[str, torch.Tensor], weights: HFWeights, placements: dict[str, Placement]
+) -> int:
     """Stream every HF tensor into its megatron slice, one shard and one tensor at a time; returns the count."""
     from safetensors import safe_open
 
@@ -535,7 +655,7 @@ def copy_hf_weights(params: dict[str, torch.Tensor], weights: HFWeights, placeme
                 if placement.keep_rows is None:
                     source = handle.get_tensor(key)
                 else:
-                    source = handle.get_slice(key)[:placement.keep_rows]  # reads only the kept rows
+                    source = handle.get_slice(key)[: placement.keep_rows]  # reads only the kept rows
                 target.copy_(source.reshape(target.shape))
                 copied += 1
     return copied

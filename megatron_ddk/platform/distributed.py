@@ -35,9 +35,18 @@ class ParallelLayout:
 
     def __post_init__(self) -> None:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if min(self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.expert_model_parallel_size) < 1:
-            raise ConfigError("--tensor-model-parallel-size, --pipeline-model-parallel-size and "
-                              "--expert-model-parallel-size must be >= 1")
+        if (
+            min(
+                self.tensor_model_parallel_size,
+                self.pipeline_model_parallel_size,
+                self.expert_model_parallel_size,
+            )
+            < 1
+        ):
+            raise ConfigError(
+                "--tensor-model-parallel-size, --pipeline-model-parallel-size and "
+                "--expert-model-parallel-size must be >= 1"
+            )
         if self.world_size % model_parallel != 0:
             raise ConfigError(
                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
@@ -109,7 +118,9 @@ def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10)
             timeout=timedelta(minutes=distributed_timeout_minutes),
         )
     if dist.get_world_size() != layout.world_size:
-        raise RuntimeError(f"layout is for {layout.world_size} ranks but the world has {dist.get_world_size()}")
+        raise RuntimeError(
+            f"layout is for {layout.world_size} ranks but the world has {dist.get_world_size()}"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_model_parallel_size,

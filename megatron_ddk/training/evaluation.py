@@ -62,8 +62,13 @@ def evaluate_domains(
     dp_rank, dp_size = dist.get_rank(pg.dp), dist.get_world_size(pg.dp)
     batches = []
     for domain_id, dataset in enumerate(valid_sets):
-        for batch in evaluation_batches(dataset, num_samples=num_samples, micro_batch_size=micro_batch_size,
-                                        dp_rank=dp_rank, dp_size=dp_size):
+        for batch in evaluation_batches(
+            dataset,
+            num_samples=num_samples,
+            micro_batch_size=micro_batch_size,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        ):
             batch = dict(batch)
             batch["domain_id"] = torch.full((batch["tokens"].shape[0],), domain_id, dtype=torch.long)
             batches.append(batch)
@@ -87,8 +92,11 @@ def evaluate_domains(
     finally:
         unwrapped.run_teacher = unwrapped.teacher is not None
         model.train(was_training)
-    totals = reduce_reports(reports if is_pp_last_stage(pg) else [],
-                            {DOMAIN_LM_LOSS: 2 * num_domains, DOMAIN_TEACHER_LM_LOSS: 2 * num_domains}, pg)
+    totals = reduce_reports(
+        reports if is_pp_last_stage(pg) else [],
+        {DOMAIN_LM_LOSS: 2 * num_domains, DOMAIN_TEACHER_LM_LOSS: 2 * num_domains},
+        pg,
+    )
     student = totals[DOMAIN_LM_LOSS].numpy()
     tokens = student[num_domains:]
     if np.any(tokens == 0):

@@ -14,7 +14,9 @@ import torch.distributed as dist
 from megatron_ddk.platform import distributed
 
 
-def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int], pg) -> dict[str, torch.Tensor]:
+def reduce_reports(
+    reports: list[dict[str, torch.Tensor]], layout: dict[str, int], pg
+) -> dict[str, torch.Tensor]:
     """Sum ``reports`` over micro-batches and ranks. ``layout`` maps each key to its vector length;
     ``pg``: the ProcessGroupCollection (sum over ``pg.dp``, broadcast over ``pg.pp``).
 
@@ -28,7 +30,7 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int
     for key in keys:
         for report in reports:
             if key in report:
-                flat[offset: offset + layout[key]] += report[key].to(device=device, dtype=torch.float64)
+                flat[offset : offset + layout[key]] += report[key].to(device=device, dtype=torch.float64)
         offset += layout[key]
     if distributed.is_pp_last_stage(pg):
         dist.all_reduce(flat, group=pg.dp)
@@ -37,7 +39,7 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], layout: dict[str, int
         dist.broadcast(flat, group_src=pp_size - 1, group=pg.pp)
     result, offset = {}, 0
     for key in keys:
-        result[key] = flat[offset: offset + layout[key]].cpu()
+        result[key] = flat[offset : offset + layout[key]].cpu()
         offset += layout[key]
     return result
 

@@ -24,8 +24,14 @@ class NonFiniteError(UserError):
     """A loss, a gradient norm or the teacher's logits are NaN or infinite."""
 
 
-def training_problem(totals: dict[str, torch.Tensor], grad_norm, *, iteration: int, domain_names: list[str],
-                     teacher: str | None) -> str | None:
+def training_problem(
+    totals: dict[str, torch.Tensor],
+    grad_norm,
+    *,
+    iteration: int,
+    domain_names: list[str],
+    teacher: str | None,
+) -> str | None:
     """What is non-finite in one iteration's reduced reports and gradient norm, as one line (or None).
 
     ``totals`` holds ``[sum, count]`` pairs and, under ``DOMAIN_LM_LOSS``, ``[sums (N) | counts (N)]``."""
@@ -37,27 +43,34 @@ def training_problem(totals: dict[str, torch.Tensor], grad_norm, *, iteration: i
     if not bad:
         return None
     n = len(domain_names)
-    domains = [name for name, value in zip(domain_names, totals[DOMAIN_LM_LOSS][:n]) if not torch.isfinite(value)]
+    domains = [
+        name for name, value in zip(domain_names, totals[DOMAIN_LM_LOSS][:n]) if not torch.isfinite(value)
+    ]
     where = f" on domain(s) {', '.join(domains)}" if domains and len(domains) < n else ""
     return f"iteration {iteration}: non-finite {', '.join(bad)}{where}; {_advice(teacher if teacher_bad else None)}"
 
 
-def evaluation_problem(evaluation: DomainEvaluation, *, iteration: int, domain_names: list[str],
-                       teacher: str | None) -> str | None:
+def evaluation_problem(
+    evaluation: DomainEvaluation, *, iteration: int, domain_names: list[str], teacher: str | None
+) -> str | None:
     """Non-finite per-domain validation losses (DDK's evaluation), as one line (or None)."""
     for who, ce in (("teacher", evaluation.ce_teacher), ("student", evaluation.ce_student)):
         if ce is not None and not np.all(np.isfinite(ce)):
             domains = [name for name, value in zip(domain_names, ce) if not np.isfinite(value)]
-            return (f"iteration {iteration}: non-finite {who} validation loss on domain(s) {', '.join(domains)}; "
-                    f"{_advice(teacher if who == 'teacher' else None)}")
+            return (
+                f"iteration {iteration}: non-finite {who} validation loss on domain(s) {', '.join(domains)}; "
+                f"{_advice(teacher if who == 'teacher' else None)}"
+            )
     return None
 
 
 def _advice(bad_teacher: str | None) -> str:
     stopped = "stopped without saving (the newest checkpoint is from before it)"
     if bad_teacher is not None:
-        return (f"the teacher --teacher-load {bad_teacher} produces non-finite logits (a bad conversion, NaN "
-                f"weights or an FP8 overflow: check it, try --teacher-fp8 false); {stopped}")
+        return (
+            f"the teacher --teacher-load {bad_teacher} produces non-finite logits (a bad conversion, NaN "
+            f"weights or an FP8 overflow: check it, try --teacher-fp8 false); {stopped}"
+        )
     return f"{stopped}: lower --lr or raise --lr-warmup-iters, check --clip-grad and the data"
 
 

@@ -21,7 +21,9 @@ def print_rank_0(message: str) -> None:
 
 def ddk_update_lines(record: dict[str, Any], what: str) -> str:
     """One line per domain for a DDK evaluation/update record (the JSONL log has the same numbers)."""
-    lines = [f" DDK {what} at iteration {record['iteration']} (window {record['window']}, mixing {record['mixing']}):"]
+    lines = [
+        f" DDK {what} at iteration {record['iteration']} (window {record['window']}, mixing {record['mixing']}):"
+    ]
     for i, name in enumerate(record["domains"]):
         part = f"   {name:>20s} | student ppl {record['ppl_student'][i]:10.3f}"
         if record["ppl_teacher"] is not None:
@@ -31,8 +33,17 @@ def ddk_update_lines(record: dict[str, Any], what: str) -> str:
     return "\n".join(lines)
 
 
-def iteration_line(*, iteration: int, train_iters: int, global_batch_size: int, elapsed_ms: float,
-                   tokens_per_second: float, lr: float, losses: dict[str, float], grad_norm: float | None) -> str:
+def iteration_line(
+    *,
+    iteration: int,
+    train_iters: int,
+    global_batch_size: int,
+    elapsed_ms: float,
+    tokens_per_second: float,
+    lr: float,
+    losses: dict[str, float],
+    grad_norm: float | None,
+) -> str:
     """Megatron's training log line (the format its users grep and plot)."""
     return (
         f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] iteration {iteration:8d}/{train_iters:8d} |"
@@ -45,8 +56,16 @@ def iteration_line(*, iteration: int, train_iters: int, global_batch_size: int, 
     )
 
 
-def write_iteration_scalars(writer, iteration: int, *, lr: float, losses: dict[str, float], grad_norm: float | None,
-                            tokens_per_second: float, domain_losses: dict[str, float]) -> None:
+def write_iteration_scalars(
+    writer,
+    iteration: int,
+    *,
+    lr: float,
+    losses: dict[str, float],
+    grad_norm: float | None,
+    tokens_per_second: float,
+    domain_losses: dict[str, float],
+) -> None:
     """The iteration line's numbers plus the per-domain training CE, as TensorBoard scalars."""
     for key, value in losses.items():
         writer.add_scalar(key, value, iteration)
@@ -70,12 +89,16 @@ def write_ddk_scalars(writer, iteration: int, record: dict[str, Any]) -> None:
     writer.flush()
 
 
-def validation_line(iteration: int, names: Sequence[str], ce_student: np.ndarray, tokens: np.ndarray) -> tuple[str, float]:
+def validation_line(
+    iteration: int, names: Sequence[str], ce_student: np.ndarray, tokens: np.ndarray
+) -> tuple[str, float]:
     """Megatron's validation line with a per-domain breakdown; also returns the token-weighted mean CE."""
     total = float(np.sum(ce_student * tokens) / np.sum(tokens))
     per_domain = " | ".join(f"{n}: {v:.4f}" for n, v in zip(names, ce_student))
-    line = (f" validation loss at iteration {iteration} | lm loss value: {total:.6E} | "
-            f"lm loss PPL: {np.exp(total):.6E} | {per_domain}")
+    line = (
+        f" validation loss at iteration {iteration} | lm loss value: {total:.6E} | "
+        f"lm loss PPL: {np.exp(total):.6E} | {per_domain}"
+    )
     return line, total
 
 
@@ -85,8 +108,10 @@ def result_table(controller, final_ce_student: np.ndarray, final_weights: np.nda
     before = np.exp(controller.ce_student_initial) if controller.ce_student_initial is not None else None
     after = np.exp(final_ce_student)
     teacher = np.exp(controller.ce_teacher) if controller.ce_teacher is not None else None
-    header = f"{'domain':>20s} | {'teacher ppl':>11s} | {'student ppl before':>18s} | {'student ppl after':>17s} | " \
-             f"{'ratio S/T':>9s} | {'final weight':>12s}"
+    header = (
+        f"{'domain':>20s} | {'teacher ppl':>11s} | {'student ppl before':>18s} | {'student ppl after':>17s} | "
+        f"{'ratio S/T':>9s} | {'final weight':>12s}"
+    )
     rule = "-" * len(header)
     rows = [rule, header, rule]
     for i, name in enumerate(names):

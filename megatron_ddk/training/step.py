@@ -69,7 +69,9 @@ def forward_step(data_iterator, model, *, settings: LossSettings, pg):
     return student_logits, partial(loss_func, batch, teacher_logits, settings=settings, tp_group=pg.tp)
 
 
-def _per_domain(values: torch.Tensor, mask: torch.Tensor, domain_id: torch.Tensor, num_domains: int) -> torch.Tensor:
+def _per_domain(
+    values: torch.Tensor, mask: torch.Tensor, domain_id: torch.Tensor, num_domains: int
+) -> torch.Tensor:
     """[sums per domain | token counts per domain] from per-token ``values`` [b, s]."""
     sums = torch.zeros(num_domains, dtype=torch.float32, device=values.device)
     counts = torch.zeros(num_domains, dtype=torch.float32, device=values.device)
@@ -78,8 +80,14 @@ def _per_domain(values: torch.Tensor, mask: torch.Tensor, domain_id: torch.Tenso
     return torch.cat([sums, counts])
 
 
-def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | None, student_logits: torch.Tensor,
-              *, settings: LossSettings, tp_group):
+def loss_func(
+    batch: dict[str, torch.Tensor],
+    teacher_logits: torch.Tensor | None,
+    student_logits: torch.Tensor,
+    *,
+    settings: LossSettings,
+    tp_group,
+):
     """CE + gamma * KD summed over unmasked tokens; logits are ``[b, s, v]`` vocab shards."""
     labels, mask = batch["labels"], batch["loss_mask"].float()
     num_tokens = mask.sum()
@@ -87,10 +95,16 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
     cached = "teacher_topk_ids" in batch  # rows of a teacher cache (distill/teacher_source.py)
     if cached and settings.train_on_kd and settings.kd_weight > 0:
         kd = vocab_parallel_topk_kd_loss(
-            student_logits, batch["teacher_topk_ids"], batch["teacher_topk_log_probs"], batch["teacher_tail_log_mass"],
-            kind=settings.kd_loss_type, temperature=settings.kd_temperature, jsd_beta=settings.kd_jsd_beta,
+            student_logits,
+            batch["teacher_topk_ids"],
+            batch["teacher_topk_log_probs"],
+            batch["teacher_tail_log_mass"],
+            kind=settings.kd_loss_type,
+            temperature=settings.kd_temperature,
+            jsd_beta=settings.kd_jsd_beta,
             chunk_size=settings.kd_chunk_size or default_chunk_size(student_logits.shape[-1]),
-            vocab_size=settings.vocab_size, tp_group=tp_group,
+            vocab_size=settings.vocab_size,
+            tp_group=tp_group,
         )  # [b, s]
         kd_sum = (kd * mask).sum()
     elif teacher_logits is not None and settings.train_on_kd and settings.kd_weight > 0:
@@ -119,7 +133,9 @@ def loss_func(batch: dict[str, torch.Tensor], teacher_logits: torch.Tensor | Non
         with torch.no_grad():
             teacher_ce = tensor_parallel.vocab_parallel_cross_entropy(teacher_logits.float(), labels)
         report[TEACHER_LM_LOSS] = torch.stack([(teacher_ce * mask).sum(), num_tokens])
-        report[DOMAIN_TEACHER_LM_LOSS] = _per_domain(teacher_ce, mask, batch["domain_id"], settings.num_domains)
+        report[DOMAIN_TEACHER_LM_LOSS] = _per_domain(
+            teacher_ce, mask, batch["domain_id"], settings.num_domains
+        )
     if kd_sum is not None:
         loss = loss + settings.kd_weight * kd_sum
         report[KD_LOSS] = torch.stack([kd_sum.detach(), num_tokens])

@@ -91,21 +91,36 @@ class Trainer:
             expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
         )
         # ---- cheap checks first: nothing expensive has happened if any of these fails
-        teacher = (read_metadata(cfg.distill.teacher_load, flag="--teacher-load")
-                   if cfg.distill.uses_teacher and cfg.distill.teacher_load else None)
-        check_layout(cfg, teacher.model if teacher else None, teacher_source=f"--teacher-load {cfg.distill.teacher_load}")
-        self.registry = (load_domain_registry(cfg.data.domains) if cfg.data.domains
-                         else registry_from_data_path(list(cfg.data.data_path)))
+        teacher = (
+            read_metadata(cfg.distill.teacher_load, flag="--teacher-load")
+            if cfg.distill.uses_teacher and cfg.distill.teacher_load
+            else None
+        )
+        check_layout(
+            cfg,
+            teacher.model if teacher else None,
+            teacher_source=f"--teacher-load {cfg.distill.teacher_load}",
+        )
+        self.registry = (
+            load_domain_registry(cfg.data.domains)
+            if cfg.data.domains
+            else registry_from_data_path(list(cfg.data.data_path))
+        )
         # every rank checks the files; global rank 0 alone reads all tokens for the vocabulary check
         # (if it fails, torchrun stops the other ranks)
-        validate_registry(self.registry, vocab_size=tokenizer.vocab_size,
-                          scan_token_ids=distributed.rank_from_env() == 0)
+        validate_registry(
+            self.registry, vocab_size=tokenizer.vocab_size, scan_token_ids=distributed.rank_from_env() == 0
+        )
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
         check_context_parallel_supported(cfg.parallel)
-        self.teacher_metadata = self._check_teacher() if cfg.distill.uses_teacher and cfg.distill.teacher_load else None
+        self.teacher_metadata = (
+            self._check_teacher() if cfg.distill.uses_teacher and cfg.distill.teacher_load else None
+        )
         # --teacher-cache: identity checked now, coverage and checksums once the datasets exist
-        self.cached_teacher = CachedTeacher(cfg, tokenizer, self.registry) if cfg.distill.teacher_cache else None
+        self.cached_teacher = (
+            CachedTeacher(cfg, tokenizer, self.registry) if cfg.distill.teacher_cache else None
+        )
         self.resume_dir = self._check_resume()
 
         # ---- the process groups, built once; everything below receives them as ``pg``
@@ -119,7 +134,9 @@ class Trainer:
         self.optimizer, self.scheduler = self._build_optimizer()
         self.domains = self._build_datasets()
         if self.cached_teacher is not None:
-            self.cached_teacher.check_coverage(self.domains, rank=dist.get_rank(), world=dist.get_world_size())
+            self.cached_teacher.check_coverage(
+                self.domains, rank=dist.get_rank(), world=dist.get_world_size()
+            )
         self.controller = self._build_controller()
         self.schedule = DomainMixingSchedule(
             [len(d.train) for d in self.domains],
@@ -131,9 +148,12 @@ class Trainer:
         if self.resume_dir is not None:
             self.iteration = self._load(self.resume_dir)
         self.batches = MixedDomainBatches(
-            [d.train for d in self.domains], self.schedule,
-            global_batch_size=cfg.training.global_batch_size, micro_batch_size=cfg.training.micro_batch_size,
-            dp_rank=dist.get_rank(self.pg.dp), dp_size=dist.get_world_size(self.pg.dp),
+            [d.train for d in self.domains],
+            self.schedule,
+            global_batch_size=cfg.training.global_batch_size,
+            micro_batch_size=cfg.training.micro_batch_size,
+            dp_rank=dist.get_rank(self.pg.dp),
+            dp_size=dist.get_world_size(self.pg.dp),
             start_iteration=self.iteration,
         )
         if self.cached_teacher is not None:
@@ -147,26 +167,37 @@ class Trainer:
         pp = cfg.parallel.pipeline_model_parallel_size
         student_identity = tokenizer_identity(self.tokenizer)
         teacher_identity = meta.tokenizer or {}
-        if teacher_identity.get("sha256") and student_identity.get("sha256") \
-                and teacher_identity["sha256"] != student_identity["sha256"]:
-            problems.append(f"--teacher-load {cfg.distill.teacher_load} was trained with a different tokenizer "
-                            f"({teacher_identity.get('type')}, sha256 {teacher_identity['sha256'][:12]}) than "
-                            f"--tokenizer-model {cfg.data.tokenizer_model} (sha256 {student_identity['sha256'][:12]}); "
-                            "teacher and student must share a vocabulary")
+        if (
+            teacher_identity.get("sha256")
+            and student_identity.get("sha256")
+            and teacher_identity["sha256"] != student_identity["sha256"]
+        ):
+            problems.append(
+                f"--teacher-load {cfg.distill.teacher_load} was trained with a different tokenizer "
+                f"({teacher_identity.get('type')}, sha256 {teacher_identity['sha256'][:12]}) than "
+                f"--tokenizer-model {cfg.data.tokenizer_model} (sha256 {student_identity['sha256'][:12]}); "
+                "teacher and student must share a vocabulary"
+            )
         if teacher_identity.get("vocab_size") not in (None, self.tokenizer.vocab_size):
-            problems.append(f"teacher tokenizer has {teacher_identity['vocab_size']} tokens but --tokenizer-model has "
-                            f"{self.tokenizer.vocab_size}; teacher and student must share a vocabulary")
+            problems.append(
+                f"teacher tokenizer has {teacher_identity['vocab_size']} tokens but --tokenizer-model has "
+                f"{self.tokenizer.vocab_size}; teacher and student must share a vocabulary"
+            )
         tp = cfg.parallel.tensor_model_parallel_size
         t_rows = padded_vocab_size(meta.model.vocab_size, tp, meta.model.make_vocab_size_divisible_by)
         s_rows = padded_vocab_size(cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by)
         if t_rows != s_rows:
-            problems.append(f"teacher logits have {t_rows} (padded) vocabulary columns at TP={tp} but the student's have "
-                            f"{s_rows}; the student's vocabulary ({cfg.model.vocab_size}) must pad like the teacher's "
-                            f"({meta.model.vocab_size}): adjust --make-vocab-size-divisible-by")
+            problems.append(
+                f"teacher logits have {t_rows} (padded) vocabulary columns at TP={tp} but the student's have "
+                f"{s_rows}; the student's vocabulary ({cfg.model.vocab_size}) must pad like the teacher's "
+                f"({meta.model.vocab_size}): adjust --make-vocab-size-divisible-by"
+            )
         if ep_problem := expert_parallel_problem(meta.model, cfg.parallel, role="teacher"):
             problems.append(ep_problem)
         if pp > 1 and cfg.teacher_precision.bf16 != cfg.precision.bf16:
-            problems.append("--teacher-bf16 must match --bf16 with pipeline parallelism (one p2p dtype for both models)")
+            problems.append(
+                "--teacher-bf16 must match --bf16 with pipeline parallelism (one p2p dtype for both models)"
+            )
         if problems:
             raise CheckpointError("; ".join(problems))
         return meta
@@ -174,8 +205,12 @@ class Trainer:
     def _check_resume(self) -> Path | None:
         """The checkpoint to resume from (None: fresh start), checked against this run's model."""
         load, step = self.cfg.checkpoint.load, self.cfg.checkpoint.ckpt_step
-        if load is None or (not self.cfg.checkpoint.finetune and step is None and read_tracker(load) is None
-                            and not (Path(load) / "ddk_checkpoint.json").exists()):
+        if load is None or (
+            not self.cfg.checkpoint.finetune
+            and step is None
+            and read_tracker(load) is None
+            and not (Path(load) / "ddk_checkpoint.json").exists()
+        ):
             if load is not None and not Path(load).exists() and not self.cfg.checkpoint.save == load:
                 raise CheckpointError(f"--load {load}: no such directory")
             return None  # Megatron's behaviour: --load of an empty --save dir starts fresh
@@ -184,8 +219,10 @@ class Trainer:
         mine, theirs = _architecture(self.cfg.model), _architecture(meta.model)
         differ = [f"{k}: checkpoint {theirs[k]!r} vs flags {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
         if differ:
-            raise CheckpointError(f"--load {load} holds a different model ({'; '.join(differ)}); "
-                                  "fix the model flags to match the checkpoint")
+            raise CheckpointError(
+                f"--load {load} holds a different model ({'; '.join(differ)}); "
+                "fix the model flags to match the checkpoint"
+            )
         return resolved
 
     # ============================================================================== building
@@ -200,21 +237,43 @@ class Trainer:
         cfg, pg = self.cfg, self.pg
         pre, post = distributed.is_pp_first_stage(pg), distributed.is_pp_last_stage(pg)
         tp = self.layout.tensor_model_parallel_size
-        student = build_gpt_model(  # the teacher (forward-only, no_grad) never recomputes: no recompute= below
-            cfg.model, cfg.parallel, cfg.precision, pg=pg, pre_process=pre, post_process=post,
-            padded_vocab_size=padded_vocab_size(cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by),
-            recompute=cfg.recompute)
+        student = (
+            build_gpt_model(  # the teacher (forward-only, no_grad) never recomputes: no recompute= below
+                cfg.model,
+                cfg.parallel,
+                cfg.precision,
+                pg=pg,
+                pre_process=pre,
+                post_process=post,
+                padded_vocab_size=padded_vocab_size(
+                    cfg.model.vocab_size, tp, cfg.model.make_vocab_size_divisible_by
+                ),
+                recompute=cfg.recompute,
+            )
+        )
         teacher = None
         if self.teacher_metadata is not None:
             t_model = self.teacher_metadata.model
             teacher = build_gpt_model(
-                t_model, cfg.parallel, cfg.teacher_precision, pg=pg, pre_process=pre, post_process=post,
-                padded_vocab_size=padded_vocab_size(t_model.vocab_size, tp, t_model.make_vocab_size_divisible_by),
-                use_fp8=cfg.distill.teacher_fp8, initialize_weights=False)
+                t_model,
+                cfg.parallel,
+                cfg.teacher_precision,
+                pg=pg,
+                pre_process=pre,
+                post_process=post,
+                padded_vocab_size=padded_vocab_size(
+                    t_model.vocab_size, tp, t_model.make_vocab_size_divisible_by
+                ),
+                use_fp8=cfg.distill.teacher_fp8,
+                initialize_weights=False,
+            )
             load_model_state(cfg.distill.teacher_load, teacher, flag="--teacher-load")
         unwrapped = DistillationModel(student, teacher, pre_process=pre, post_process=post)
-        shape_adjuster = (pipeline_shape_adjuster(self.teacher_metadata.model.hidden_size)
-                          if teacher is not None and self.layout.pp_enabled else None)
+        shape_adjuster = (
+            pipeline_shape_adjuster(self.teacher_metadata.model.hidden_size)
+            if teacher is not None and self.layout.pp_enabled
+            else None
+        )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
@@ -222,8 +281,9 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             check_for_nan_in_grad=False,  # ours (training/nonfinite.py) works on CPU and names the quantity
         )
-        model = DistributedDataParallel(config=student.config, ddp_config=ddp_config, module=unwrapped,
-                                        pg_collection=pg)
+        model = DistributedDataParallel(
+            config=student.config, ddp_config=ddp_config, module=unwrapped, pg_collection=pg
+        )
         config = student.config
         config.finalize_model_grads_func = partial(finalize_model_grads, pg_collection=pg)
         config.no_sync_func = model.no_sync
@@ -251,9 +311,16 @@ class Trainer:
 
         t, cfg = self.cfg.training, self.cfg
         opt_config = OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
-            bf16=cfg.precision.bf16, params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=cfg.precision.bf16,
+            params_dtype=torch.bfloat16 if cfg.precision.bf16 else torch.float32,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             overlap_param_gather=cfg.parallel.overlap_param_gather,
         )
@@ -278,19 +345,34 @@ class Trainer:
 
     def _build_datasets(self):
         cfg = self.cfg
-        cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "data_cache") if cfg.checkpoint.save
-                                             else os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk"))
-        return build_domain_datasets(self.registry, tokenizer=self.tokenizer, seq_length=cfg.data.seq_length,
-                                     seed=cfg.training.seed, cache_dir=cache)
+        cache = cfg.data.data_cache_path or (
+            os.path.join(cfg.checkpoint.save, "data_cache")
+            if cfg.checkpoint.save
+            else os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk")
+        )
+        return build_domain_datasets(
+            self.registry,
+            tokenizer=self.tokenizer,
+            seq_length=cfg.data.seq_length,
+            seed=cfg.training.seed,
+            cache_dir=cache,
+        )
 
     def _build_controller(self) -> DDKController:
         cfg = self.cfg
-        log_file = cfg.ddk.log_file or (os.path.join(cfg.checkpoint.save, "ddk_log.jsonl") if cfg.checkpoint.save else None)
+        log_file = cfg.ddk.log_file or (
+            os.path.join(cfg.checkpoint.save, "ddk_log.jsonl") if cfg.checkpoint.save else None
+        )
         return DDKController(
-            mixing=cfg.ddk.mixing, alpha=cfg.ddk.alpha, interval=cfg.ddk.interval,
-            domain_names=self.registry.names, static_weights=self.registry.initial_weights,
-            log_file=log_file if distributed.is_rank_0() else None, dynamic=cfg.distill.mode == "ddk",
-            temperature=cfg.ddk.temperature, max_step=cfg.ddk.max_step,
+            mixing=cfg.ddk.mixing,
+            alpha=cfg.ddk.alpha,
+            interval=cfg.ddk.interval,
+            domain_names=self.registry.names,
+            static_weights=self.registry.initial_weights,
+            log_file=log_file if distributed.is_rank_0() else None,
+            dynamic=cfg.distill.mode == "ddk",
+            temperature=cfg.ddk.temperature,
+            max_step=cfg.ddk.max_step,
         )
 
     def _tensorboard(self):
@@ -303,9 +385,16 @@ class Trainer:
     # ============================================================================== evaluation
     def evaluate(self, *, with_teacher: bool, num_samples: int) -> DomainEvaluation:
         return evaluate_domains(
-            self.model, self.unwrapped, [d.valid for d in self.domains], num_samples=num_samples,
-            micro_batch_size=self.cfg.training.micro_batch_size, seq_length=self.cfg.data.seq_length,
-            settings=self.loss_settings, with_teacher=with_teacher, shape_adjuster=self.shape_adjuster, pg=self.pg,
+            self.model,
+            self.unwrapped,
+            [d.valid for d in self.domains],
+            num_samples=num_samples,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            seq_length=self.cfg.data.seq_length,
+            settings=self.loss_settings,
+            with_teacher=with_teacher,
+            shape_adjuster=self.shape_adjuster,
+            pg=self.pg,
         )
 
     def update_mixture(self) -> None:
@@ -316,17 +405,26 @@ class Trainer:
         """
         iteration, window = self.iteration, self.controller.window_of(self.iteration)
         first = iteration == 0
-        evaluation = (self._first_evaluation() if first
-                      else self.evaluate(with_teacher=False, num_samples=self.cfg.ddk.val_samples))
+        evaluation = (
+            self._first_evaluation()
+            if first
+            else self.evaluate(with_teacher=False, num_samples=self.cfg.ddk.val_samples)
+        )
         if self.cfg.training.check_for_nan_in_loss_and_grad:
-            nonfinite.raise_if(nonfinite.evaluation_problem(
-                evaluation, iteration=iteration, domain_names=self.registry.names,
-                teacher=self.cfg.distill.teacher_load or self.cfg.distill.teacher_cache))
+            nonfinite.raise_if(
+                nonfinite.evaluation_problem(
+                    evaluation,
+                    iteration=iteration,
+                    domain_names=self.registry.names,
+                    teacher=self.cfg.distill.teacher_load or self.cfg.distill.teacher_cache,
+                )
+            )
         if first:
             weights = self.controller.start(evaluation.ce_student, evaluation.ce_teacher)
         else:
-            weights = self.controller.update(self.schedule.weights_for_window(window - 1), evaluation.ce_student,
-                                             iteration=iteration)
+            weights = self.controller.update(
+                self.schedule.weights_for_window(window - 1), evaluation.ce_student, iteration=iteration
+            )
         _check_same_on_all_ranks(weights, "DDK domain weights")
         self.schedule.set_window_weights(window, weights)
         record = self.controller.last_record
@@ -353,16 +451,20 @@ class Trainer:
         self.optimizer.zero_grad()
         reports = get_forward_backward_func()(
             forward_step_func=partial(forward_step, settings=self.loss_settings, pg=self.pg),
-            data_iterator=self.batches, model=[self.model],
+            data_iterator=self.batches,
+            model=[self.model],
             num_microbatches=t.global_batch_size // (t.micro_batch_size * self.layout.data_parallel_size),
-            seq_length=self.cfg.data.seq_length, micro_batch_size=t.micro_batch_size, forward_only=False,
+            seq_length=self.cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
             adjust_tensor_shapes_fn=self.shape_adjuster,
         )
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.iteration += 1
-        totals = reduce_reports(reports if distributed.is_pp_last_stage(self.pg) else [], self._report_layout(),
-                                self.pg)
+        totals = reduce_reports(
+            reports if distributed.is_pp_last_stage(self.pg) else [], self._report_layout(), self.pg
+        )
         return StepResult(totals=totals, grad_norm=None if grad_norm is None else float(grad_norm))
 
     def train(self) -> DomainEvaluation | None:
@@ -374,10 +476,18 @@ class Trainer:
         window, last_saved = _LogWindow(self._report_layout()), None
         while self.iteration < t.train_iters:
             step = self.train_step()
-            if t.check_for_nan_in_loss_and_grad:  # identical totals on every rank: all stop here, before a save
-                nonfinite.raise_if(nonfinite.training_problem(
-                    step.totals, step.grad_norm, iteration=self.iteration, domain_names=self.registry.names,
-                    teacher=cfg.distill.teacher_load if self.unwrapped.teacher is not None else None))
+            if (
+                t.check_for_nan_in_loss_and_grad
+            ):  # identical totals on every rank: all stop here, before a save
+                nonfinite.raise_if(
+                    nonfinite.training_problem(
+                        step.totals,
+                        step.grad_norm,
+                        iteration=self.iteration,
+                        domain_names=self.registry.names,
+                        teacher=cfg.distill.teacher_load if self.unwrapped.teacher is not None else None,
+                    )
+                )
             window.add(step.totals)
             if self.controller.is_update_iteration(self.iteration, t.train_iters):
                 self.update_mixture()
@@ -388,7 +498,9 @@ class Trainer:
                 self._validate()
             signalled = self._signal_received()
             exiting = bool(t.exit_interval and self.iteration % t.exit_interval == 0) or signalled
-            periodic = bool(cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
+            periodic = bool(
+                cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
+            )
             if cfg.checkpoint.save and (periodic or exiting):
                 self.save()
                 last_saved = self.iteration
@@ -408,8 +520,10 @@ class Trainer:
         import signal
 
         if self.cfg.training.exit_signal_handler:
+
             def handler(signum, frame):
                 self._signalled = True
+
             signal.signal(signal.SIGTERM, handler)
 
     def _signal_received(self) -> bool:
@@ -437,23 +551,42 @@ class Trainer:
             losses["kd loss"] = mean(window.sums[KD_LOSS])
         if has_teacher:
             losses["teacher lm loss"] = mean(window.sums[TEACHER_LM_LOSS])
-        report.print_rank_0(report.iteration_line(
-            iteration=self.iteration, train_iters=t.train_iters, global_batch_size=t.global_batch_size,
-            elapsed_ms=1000 * elapsed / max(iters, 1), tokens_per_second=tokens_per_second, lr=lr, losses=losses,
-            grad_norm=grad_norm))
+        report.print_rank_0(
+            report.iteration_line(
+                iteration=self.iteration,
+                train_iters=t.train_iters,
+                global_batch_size=t.global_batch_size,
+                elapsed_ms=1000 * elapsed / max(iters, 1),
+                tokens_per_second=tokens_per_second,
+                lr=lr,
+                losses=losses,
+                grad_norm=grad_norm,
+            )
+        )
         if self.writer is not None:
             n, domain = len(self.registry.domains), window.sums[DOMAIN_LM_LOSS]
-            per_domain = {name: float(domain[i] / domain[n + i])
-                          for i, name in enumerate(self.registry.names) if domain[n + i] > 0}
-            report.write_iteration_scalars(self.writer, self.iteration, lr=lr, losses=losses, grad_norm=grad_norm,
-                                           tokens_per_second=tokens_per_second, domain_losses=per_domain)
+            per_domain = {
+                name: float(domain[i] / domain[n + i])
+                for i, name in enumerate(self.registry.names)
+                if domain[n + i] > 0
+            }
+            report.write_iteration_scalars(
+                self.writer,
+                self.iteration,
+                lr=lr,
+                losses=losses,
+                grad_norm=grad_norm,
+                tokens_per_second=tokens_per_second,
+                domain_losses=per_domain,
+            )
 
     def _validate(self) -> None:
         cfg = self.cfg
         samples = cfg.logging.eval_iters * cfg.training.micro_batch_size * self.layout.data_parallel_size
         evaluation = self.evaluate(with_teacher=False, num_samples=samples)
-        line, total = report.validation_line(self.iteration, self.registry.names, evaluation.ce_student,
-                                             evaluation.tokens)
+        line, total = report.validation_line(
+            self.iteration, self.registry.names, evaluation.ce_student, evaluation.tokens
+        )
         report.print_rank_0(line)
         if self.writer is not None:
             self.writer.add_scalar("validation/lm loss", total, self.iteration)
@@ -462,22 +595,39 @@ class Trainer:
 
     # ============================================================================== checkpoints
     def _parts(self) -> TrainingParts:
-        return TrainingParts(student=self.student, optimizer=self.optimizer, scheduler=self.scheduler,
-                             schedule=self.schedule, controller=self.controller)
+        return TrainingParts(
+            student=self.student,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            schedule=self.schedule,
+            controller=self.controller,
+        )
 
     def save(self) -> None:
         cfg = self.cfg
         meta = CheckpointMetadata(
-            iteration=self.iteration, model=cfg.model, tokenizer=tokenizer_identity(self.tokenizer),
+            iteration=self.iteration,
+            model=cfg.model,
+            tokenizer=tokenizer_identity(self.tokenizer),
             tensor_model_parallel_size=self.layout.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.layout.pipeline_model_parallel_size,
-            data_parallel_size=self.layout.data_parallel_size, ddk_mode=cfg.distill.mode, has_optimizer=True,
+            data_parallel_size=self.layout.data_parallel_size,
+            ddk_mode=cfg.distill.mode,
+            has_optimizer=True,
         )
         start, timings = time.time(), {}
-        path = save_training_checkpoint(cfg.checkpoint.save, self._parts(), meta,
-                                        global_batch_size=cfg.training.global_batch_size, pg=self.pg, timings=timings)
-        report.print_rank_0(f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
-                            f"[ {time.time() - start:.2f}s, manifest {timings.get('manifest', 0.0):.3f}s ]")
+        path = save_training_checkpoint(
+            cfg.checkpoint.save,
+            self._parts(),
+            meta,
+            global_batch_size=cfg.training.global_batch_size,
+            pg=self.pg,
+            timings=timings,
+        )
+        report.print_rank_0(
+            f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
+            f"[ {time.time() - start:.2f}s, manifest {timings.get('manifest', 0.0):.3f}s ]"
+        )
 
     def _load(self, path: Path) -> int:
         """Restore from ``path``; returns the iteration to continue from."""
@@ -486,20 +636,36 @@ class Trainer:
         if cfg.checkpoint.finetune:
             load_model_state(path, self.student)
             self.optimizer.reload_model_params()
-            report.print_rank_0(f"  loaded weights from {path} (--finetune: iteration, optimizer and data start fresh)")
+            report.print_rank_0(
+                f"  loaded weights from {path} (--finetune: iteration, optimizer and data start fresh)"
+            )
             return 0
-        same_layout = (meta.tensor_model_parallel_size, meta.pipeline_model_parallel_size, meta.data_parallel_size) == (
-            self.layout.tensor_model_parallel_size, self.layout.pipeline_model_parallel_size,
-            self.layout.data_parallel_size)
+        same_layout = (
+            meta.tensor_model_parallel_size,
+            meta.pipeline_model_parallel_size,
+            meta.data_parallel_size,
+        ) == (
+            self.layout.tensor_model_parallel_size,
+            self.layout.pipeline_model_parallel_size,
+            self.layout.data_parallel_size,
+        )
         iteration = load_training_checkpoint(
-            path, self._parts(), load_optimizer=meta.has_optimizer and not cfg.checkpoint.no_load_optim,
+            path,
+            self._parts(),
+            load_optimizer=meta.has_optimizer and not cfg.checkpoint.no_load_optim,
             load_rng=same_layout and not cfg.checkpoint.no_load_rng,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer, pg=self.pg)
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            pg=self.pg,
+        )
         self.controller.truncate_log(iteration)
         report.print_rank_0(
             f"  loaded checkpoint from {path} at iteration {iteration}"
-            + ("" if same_layout else f" (resharded from TP{meta.tensor_model_parallel_size} "
-                                       f"PP{meta.pipeline_model_parallel_size} DP{meta.data_parallel_size})")
+            + (
+                ""
+                if same_layout
+                else f" (resharded from TP{meta.tensor_model_parallel_size} "
+                f"PP{meta.pipeline_model_parallel_size} DP{meta.data_parallel_size})"
+            )
         )
         return iteration
 

@@ -54,8 +54,17 @@ def test_payload_in_the_index_of_a_teacher_never_runs(tiny_corpus, tmp_path, sav
     marker = tmp_path / "PWNED"
     faults.plant_in_metadata(iteration_dir(teacher, 2), marker, stealth=True)
     faults.rewrite_manifest(iteration_dir(teacher, 2))
-    run = pretrain(1, *STUDENT, *train_args(2), *data_args(tiny_corpus, tmp_path / "cache"), "--ddk-mode", "kd",
-                   "--teacher-load", teacher, check=False)
+    run = pretrain(
+        1,
+        *STUDENT,
+        *train_args(2),
+        *data_args(tiny_corpus, tmp_path / "cache"),
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        teacher,
+        check=False,
+    )
     line = one_line_failure(run)
     assert not marker.exists() and "iteration" not in run.stdout
     assert ".metadata refers to tests.checkpoint_faults._stealth" in line and "refusing" in line
@@ -100,17 +109,42 @@ def test_huge_learning_rate_stops_without_saving_the_nan(tiny_corpus, tmp_path):
 def test_teacher_with_a_nan_weight_is_named(tiny_corpus, tmp_path, saved):
     root, _ = saved
     python(SCRIPTS / "poison_checkpoint.py", root, tmp_path / "teacher")
-    run = pretrain(1, *STUDENT, *train_args(2), *data_args(tiny_corpus, tmp_path / "cache"), "--ddk-mode", "kd",
-                   "--teacher-load", tmp_path / "teacher", "--save", tmp_path / "ckpt", check=False)
+    run = pretrain(
+        1,
+        *STUDENT,
+        *train_args(2),
+        *data_args(tiny_corpus, tmp_path / "cache"),
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        tmp_path / "teacher",
+        "--save",
+        tmp_path / "ckpt",
+        check=False,
+    )
     line = one_line_failure(run)
     assert "non-finite teacher validation loss" in line and f"--teacher-load {tmp_path / 'teacher'}" in line
     assert read_tracker(tmp_path / "ckpt") is None
 
 
 def test_layout_mistakes_are_reported_together_before_any_model(tiny_corpus, tmp_path):
-    flags = [*STUDENT, *train_args(2), *data_args(tiny_corpus, tmp_path / "cache"), "--ddk-mode", "cpt",
-             "--position-embedding-type", "learned_absolute", "--max-position-embeddings", "16",
-             "--num-attention-heads", "2", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"]
+    flags = [
+        *STUDENT,
+        *train_args(2),
+        *data_args(tiny_corpus, tmp_path / "cache"),
+        "--ddk-mode",
+        "cpt",
+        "--position-embedding-type",
+        "learned_absolute",
+        "--max-position-embeddings",
+        "16",
+        "--num-attention-heads",
+        "2",
+        "--num-query-groups",
+        "1",
+        "--tensor-model-parallel-size",
+        "2",
+    ]
     run = pretrain(2, *flags, check=False)
     assert "iteration" not in run.stdout
     one_line_failure(run)
@@ -134,9 +168,15 @@ def _session_processes(session: int) -> list[int]:
 def test_killed_rank_leaves_no_helper_process(tiny_corpus, tmp_path):
     """dist_checkpointing's writer workers and result queue must not outlive a SIGKILLed rank."""
     args = cpt(tiny_corpus, tmp_path, 50, "--save", tmp_path / "ckpt", "--save-interval", "1")
-    proc = subprocess.Popen([sys.executable, "-u", "pretrain_ddk.py", *map(str, args)], cwd=REPO_ROOT,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "pretrain_ddk.py", *map(str, args)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     for line in proc.stdout:
         if "successfully saved checkpoint at iteration       2" in line:
             break

@@ -16,8 +16,18 @@ pytestmark = pytest.mark.slow
 
 
 def ddk(corpus, tmp, teacher_dir, iters, *extra):
-    return [*STUDENT, *train_args(iters), *data_args(corpus, tmp / "cache"), "--ddk-mode", "ddk",
-            "--teacher-load", str(teacher_dir), "--ddk-interval", "2", *extra]
+    return [
+        *STUDENT,
+        *train_args(iters),
+        *data_args(corpus, tmp / "cache"),
+        "--ddk-mode",
+        "ddk",
+        "--teacher-load",
+        str(teacher_dir),
+        "--ddk-interval",
+        "2",
+        *extra,
+    ]
 
 
 def read_log(path):
@@ -52,7 +62,9 @@ def test_weights_follow_the_schedule(ddk_reference):
 
 def test_dp2_matches_and_agrees_on_weights(tiny_corpus, tmp_path, teacher, ddk_reference):  # noqa: F811
     _, ref, ref_log = ddk_reference
-    run = pretrain(2, *ddk(tiny_corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt", "--lr-decay-iters", "6"))
+    run = pretrain(
+        2, *ddk(tiny_corpus, tmp_path, teacher, 4, "--save", tmp_path / "ckpt", "--lr-decay-iters", "6")
+    )
     log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
     assert_series_close(run.series("lm loss"), ref.series("lm loss")[:4])
     assert [r["iteration"] for r in log] == [0, 2] and [r["iteration"] for r in ref_log[:2]] == [0, 2]
@@ -84,7 +96,9 @@ def unequal_registry(corpus, tmp):
         domain["weight"] = float(i + 1)
     path = tmp / "unequal_domains.yaml"
     path.write_text(yaml.safe_dump(registry))
-    return {**corpus, "registry": path}, np.arange(1, len(registry["domains"]) + 1) / sum(range(1, len(registry["domains"]) + 1))
+    return {**corpus, "registry": path}, np.arange(1, len(registry["domains"]) + 1) / sum(
+        range(1, len(registry["domains"]) + 1)
+    )
 
 
 @pytest.mark.parametrize("mixing", ["equal", "static"])

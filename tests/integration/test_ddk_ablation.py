@@ -27,11 +27,37 @@ test_registry.__test__ = False  # a helper, not a test
 
 
 def ablation(corpus, registry, out, teacher_dir, *extra, check=True):
-    return python("benchmarks/ddk_ablation.py", "--domains", registry, "--tokenizer-model", corpus["tokenizer"],
-                  "--output-dir", out, "--teacher-load", teacher_dir, "--student-pretrain-iters", "2",
-                  "--train-iters", "4", "--ddk-interval", "2", "--seq-length", "32", "--micro-batch-size", "4",
-                  "--global-batch-size", "4", "--val-samples", "4", "--test-samples", "4", "--lr-warmup-iters", "1",
-                  *extra, check=check)
+    return python(
+        "benchmarks/ddk_ablation.py",
+        "--domains",
+        registry,
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--output-dir",
+        out,
+        "--teacher-load",
+        teacher_dir,
+        "--student-pretrain-iters",
+        "2",
+        "--train-iters",
+        "4",
+        "--ddk-interval",
+        "2",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--global-batch-size",
+        "4",
+        "--val-samples",
+        "4",
+        "--test-samples",
+        "4",
+        "--lr-warmup-iters",
+        "1",
+        *extra,
+        check=check,
+    )
 
 
 def test_shrunk_ablation_table(tiny_corpus, tmp_path, teacher):  # noqa: F811
@@ -43,7 +69,9 @@ def test_shrunk_ablation_table(tiny_corpus, tmp_path, teacher):  # noqa: F811
     ref, ddk = summary["methods"]["kd-equal"], summary["methods"]["ddk"]
     assert ref["diff_worst"][0] == 0.0 and ref["diff_mean"][0] == 0.0
     per_seed = ddk["per_seed"]["7"]
-    assert per_seed["worst"] == max(per_seed["ratio"]) and per_seed["mean"] == pytest.approx(np.mean(per_seed["ratio"]))
+    assert per_seed["worst"] == max(per_seed["ratio"]) and per_seed["mean"] == pytest.approx(
+        np.mean(per_seed["ratio"])
+    )
     assert ddk["diff_worst"][0] == pytest.approx(per_seed["worst"] - ref["per_seed"]["7"]["worst"])
     assert abs(sum(ddk["consumed_mixture"]) - 1) < 1e-9
     assert "worst - KD-eq" in run.stdout and (out / "ablation.png").stat().st_size > 10_000
@@ -55,14 +83,19 @@ def test_shrunk_ablation_table(tiny_corpus, tmp_path, teacher):  # noqa: F811
     assert again.stdout.splitlines()[-2] == run.stdout.splitlines()[-2]
 
 
-@pytest.mark.parametrize("extra,needle", [
-    (["--methods", "kd-equal", "greedy"], "unknown method 'greedy'"),
-    (["--methods", "ddk"], "must include kd-equal"),
-    (["--methods", "kd-equal", "ddk@beta=2"], "'beta=2' is not KEY=VALUE"),
-    (["--methods", "kd-equal", "hindsight:ddk"], "list ddk before it"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--methods", "kd-equal", "greedy"], "unknown method 'greedy'"),
+        (["--methods", "ddk"], "must include kd-equal"),
+        (["--methods", "kd-equal", "ddk@beta=2"], "'beta=2' is not KEY=VALUE"),
+        (["--methods", "kd-equal", "hindsight:ddk"], "list ddk before it"),
+    ],
+)
 def test_bad_methods(tiny_corpus, tmp_path, teacher, extra, needle):  # noqa: F811
-    run = ablation(tiny_corpus, test_registry(tiny_corpus, tmp_path), tmp_path / "out", teacher, *extra, check=False)
+    run = ablation(
+        tiny_corpus, test_registry(tiny_corpus, tmp_path), tmp_path / "out", teacher, *extra, check=False
+    )
     assert run.returncode == 2 and needle in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 

@@ -18,14 +18,30 @@ pytestmark = pytest.mark.slow
 def teacher(tiny_corpus, tmp_path_factory):
     """A small teacher trained briefly with --ddk-mode cpt (4 layers, hidden 96)."""
     tmp = tmp_path_factory.mktemp("teacher")
-    pretrain(1, *TEACHER, *train_args(8), *data_args(tiny_corpus, tmp / "cache"), "--ddk-mode", "cpt",
-             "--save", tmp / "ckpt")
+    pretrain(
+        1,
+        *TEACHER,
+        *train_args(8),
+        *data_args(tiny_corpus, tmp / "cache"),
+        "--ddk-mode",
+        "cpt",
+        "--save",
+        tmp / "ckpt",
+    )
     return tmp / "ckpt"
 
 
 def kd(corpus, tmp, teacher_dir, iters, *extra):
-    return [*STUDENT, *train_args(iters), *data_args(corpus, tmp / "cache"), "--ddk-mode", "kd",
-            "--teacher-load", str(teacher_dir), *extra]
+    return [
+        *STUDENT,
+        *train_args(iters),
+        *data_args(corpus, tmp / "cache"),
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        str(teacher_dir),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +78,14 @@ def test_kd_tp2_matches_tp1(tiny_corpus, tmp_path, teacher, kd_reference):
     assert_series_close(run.series("kd loss"), ref.series("kd loss")[:3])
 
 
-@pytest.mark.parametrize("nproc,layout", [
-    (2, ["--pipeline-model-parallel-size", "2"]),
-    (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-], ids=["pp2", "tp2xpp2"])
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        (2, ["--pipeline-model-parallel-size", "2"]),
+        (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ],
+    ids=["pp2", "tp2xpp2"],
+)
 def test_kd_pipeline_layouts_match_tp1(tiny_corpus, tmp_path, teacher, kd_reference, nproc, layout):
     """Student resumed from the TP1 checkpoint of iteration 1, teacher resharded from its own checkpoint."""
     tmp, ref = kd_reference
@@ -82,8 +102,21 @@ def test_kd_pipeline_layouts_match_tp1(tiny_corpus, tmp_path, teacher, kd_refere
 def test_kd_with_student_recompute_matches(tiny_corpus, tmp_path, teacher, kd_reference):
     """--recompute-* applies to the student only; losses (CE, KD, teacher CE) are those without it."""
     _, ref = kd_reference
-    run = pretrain(1, *kd(tiny_corpus, tmp_path, teacher, 3, "--recompute-granularity", "full",
-                          "--recompute-method", "uniform", "--recompute-num-layers", "1"))
+    run = pretrain(
+        1,
+        *kd(
+            tiny_corpus,
+            tmp_path,
+            teacher,
+            3,
+            "--recompute-granularity",
+            "full",
+            "--recompute-method",
+            "uniform",
+            "--recompute-num-layers",
+            "1",
+        ),
+    )
     for key in ("lm loss", "kd loss", "teacher lm loss"):
         assert_series_close(run.series(key), ref.series(key)[:3])
 
@@ -133,6 +166,7 @@ def test_vocabulary_size_mismatch(tiny_corpus, tmp_path, teacher):
     def edit(meta):
         meta["model"]["vocab_size"] = 700
         meta["tokenizer"]["vocab_size"] = 700
+
     err = _fails(tiny_corpus, tmp_path, _edited_teacher(teacher, tmp_path, edit))
     assert "share a vocabulary" in err
 

@@ -23,17 +23,48 @@ def setup(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
         entry["test_fraction"] = 0.1
     registry = tmp / "domains.yaml"
     registry.write_text(yaml.safe_dump(raw))
-    pretrain(1, *STUDENT, *train_args(2), *data_args(tiny_corpus, tmp / "cache"), "--ddk-mode", "cpt",
-             "--save", tmp / "student")
+    pretrain(
+        1,
+        *STUDENT,
+        *train_args(2),
+        *data_args(tiny_corpus, tmp / "cache"),
+        "--ddk-mode",
+        "cpt",
+        "--save",
+        tmp / "student",
+    )
     return tmp, registry
 
 
 def evaluate(corpus, tmp, registry, teacher_dir, nproc, *extra, output="eval.json", check=True):
-    return torchrun(REPO_ROOT / "tools" / "evaluate.py", nproc, "--load", tmp / "student", "--teacher-load",
-                    teacher_dir, "--domains", registry, "--split", "test", "--num-samples", "6",
-                    "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", corpus["tokenizer"],
-                    "--seq-length", "32", "--micro-batch-size", "2", "--data-cache-path", tmp / "cache",
-                    "--output", tmp / output, *extra, check=check)
+    return torchrun(
+        REPO_ROOT / "tools" / "evaluate.py",
+        nproc,
+        "--load",
+        tmp / "student",
+        "--teacher-load",
+        teacher_dir,
+        "--domains",
+        registry,
+        "--split",
+        "test",
+        "--num-samples",
+        "6",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--data-cache-path",
+        tmp / "cache",
+        "--output",
+        tmp / output,
+        *extra,
+        check=check,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +78,17 @@ def test_table_and_json(reference):
     run, result = reference
     assert "ratio S/T" in run.stdout and "worst-domain ratio" in run.stdout
     assert result["split"] == "test" and result["samples_per_domain"] == [6] * len(result["domains"])
-    np.testing.assert_allclose(result["ratio"], np.exp(np.subtract(result["ce_student"], result["ce_teacher"])))
+    np.testing.assert_allclose(
+        result["ratio"], np.exp(np.subtract(result["ce_student"], result["ce_teacher"]))
+    )
     assert all(t > 0 for t in result["tokens"]) and result["worst_ratio"] == max(result["ratio"])
 
 
-@pytest.mark.parametrize("layout", [("--tensor-model-parallel-size", "2"), ("--pipeline-model-parallel-size", "2"),
-                                    ()], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [("--tensor-model-parallel-size", "2"), ("--pipeline-model-parallel-size", "2"), ()],
+    ids=["tp2", "pp2", "dp2"],
+)
 def test_layouts_match_tp1(tiny_corpus, setup, teacher, reference, layout):  # noqa: F811
     tmp, registry = setup
     _, ref = reference

@@ -22,17 +22,30 @@ def hf_teacher(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_teacher")
     corpus = tiny_corpus["registry"].parent
     names = json.loads(tiny_corpus["names"])
-    texts = [json.loads(line)["text"] for n in names for line in (corpus / f"{n}.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"] for n in names for line in (corpus / f"{n}.jsonl").read_text().splitlines()
+    ]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+    )
     hf_dir = root / "hf"
     hf_dir.mkdir()
     tokenizer.save(str(hf_dir / "tokenizer.json"))
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
-    config = LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
     import torch
 
     torch.manual_seed(0)
@@ -41,22 +54,69 @@ def hf_teacher(tiny_corpus, tmp_path_factory):
     data = root / "data"
     data.mkdir()
     for name in names:
-        python("tools/preprocess_data.py", "--input", corpus / f"{name}.jsonl", "--output-prefix", data / name,
-               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--append-eod", "--no-progress")
+        python(
+            "tools/preprocess_data.py",
+            "--input",
+            corpus / f"{name}.jsonl",
+            "--output-prefix",
+            data / name,
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            hf_dir,
+            "--append-eod",
+            "--no-progress",
+        )
     registry = data / "domains.yaml"
-    registry.write_text(yaml.safe_dump({"domains": [
-        {"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}))
+    registry.write_text(
+        yaml.safe_dump(
+            {"domains": [{"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}
+        )
+    )
     return {"hf_dir": hf_dir, "teacher": root / "teacher", "registry": registry, "root": root}
 
 
 def test_converted_teacher_drives_a_kd_run(hf_teacher):
-    run = pretrain(1, "--ddk-mode", "kd", "--teacher-load", hf_teacher["teacher"],
-                   "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_teacher["hf_dir"],
-                   "--domains", hf_teacher["registry"], "--data-cache-path", hf_teacher["root"] / "cache",
-                   "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
-                   "--swiglu", "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--seq-length", "32",
-                   "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3", "--log-interval", "1",
-                   "--ddk-val-samples", "4", "--lr", "1e-3")
+    run = pretrain(
+        1,
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        hf_teacher["teacher"],
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        hf_teacher["hf_dir"],
+        "--domains",
+        hf_teacher["registry"],
+        "--data-cache-path",
+        hf_teacher["root"] / "cache",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--ffn-hidden-size",
+        "64",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "3",
+        "--log-interval",
+        "1",
+        "--ddk-val-samples",
+        "4",
+        "--lr",
+        "1e-3",
+    )
     assert sorted(run.metrics) == [1, 2, 3]
     for values in run.metrics.values():
         assert values["kd loss"] > 0 and values["teacher lm loss"] > 0
@@ -65,9 +125,30 @@ def test_converted_teacher_drives_a_kd_run(hf_teacher):
 
 
 def test_teacher_with_another_tokenizer_is_refused(hf_teacher, tiny_corpus):
-    run = pretrain(1, "--ddk-mode", "kd", "--teacher-load", hf_teacher["teacher"],
-                   "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tiny_corpus["tokenizer"],
-                   "--domains", tiny_corpus["registry"], "--num-layers", "2", "--hidden-size", "32",
-                   "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "1",
-                   check=False)
+    run = pretrain(
+        1,
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        hf_teacher["teacher"],
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        tiny_corpus["tokenizer"],
+        "--domains",
+        tiny_corpus["registry"],
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--train-iters",
+        "1",
+        check=False,
+    )
     assert run.returncode != 0 and "share a vocabulary" in run.stderr

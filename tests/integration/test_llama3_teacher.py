@@ -16,8 +16,13 @@ from tests.runs import pretrain
 
 pytestmark = pytest.mark.slow
 
-ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}  # short, so the 32-token sequences reach the scaled band
+ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}  # short, so the 32-token sequences reach the scaled band
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +32,60 @@ def llama3_teacher(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama3_teacher")
     corpus = tiny_corpus["registry"].parent
     names = json.loads(tiny_corpus["names"])
-    texts = [json.loads(line)["text"] for n in names for line in (corpus / f"{n}.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"] for n in names for line in (corpus / f"{n}.jsonl").read_text().splitlines()
+    ]
     hf_dir = root / "hf"
     raw = write_llama3_tokenizer(hf_dir, texts, instruct=True)
     eot, end = raw.token_to_id("<|eot_id|>"), raw.token_to_id("<|end_of_text|>")
-    config = LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64, rope_theta=500000.0,
-                         rope_scaling=ROPE, tie_word_embeddings=True, bos_token_id=end - 1, eos_token_id=[end, eot])
+    config = LlamaConfig(
+        vocab_size=raw.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        rope_theta=500000.0,
+        rope_scaling=ROPE,
+        tie_word_embeddings=True,
+        bos_token_id=end - 1,
+        eos_token_id=[end, eot],
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(hf_dir, safe_serialization=True)
     python("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--save", root / "teacher", "--fp32")
     data = root / "data"
     data.mkdir()
     for name in names:
-        python("tools/preprocess_data.py", "--input", corpus / f"{name}.jsonl", "--output-prefix", data / name,
-               "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", hf_dir, "--append-eod", "--no-progress")
+        python(
+            "tools/preprocess_data.py",
+            "--input",
+            corpus / f"{name}.jsonl",
+            "--output-prefix",
+            data / name,
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            hf_dir,
+            "--append-eod",
+            "--no-progress",
+        )
     registry = data / "domains.yaml"
-    registry.write_text(yaml.safe_dump({"domains": [
-        {"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}))
-    return {"hf_dir": hf_dir, "teacher": root / "teacher", "registry": registry, "root": root, "eod": end,
-            "data": data, "names": names}
+    registry.write_text(
+        yaml.safe_dump(
+            {"domains": [{"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}
+        )
+    )
+    return {
+        "hf_dir": hf_dir,
+        "teacher": root / "teacher",
+        "registry": registry,
+        "root": root,
+        "eod": end,
+        "data": data,
+        "names": names,
+    }
 
 
 def test_documents_end_with_end_of_text(llama3_teacher):
@@ -59,15 +98,60 @@ def test_documents_end_with_end_of_text(llama3_teacher):
 
 def test_llama3_teacher_drives_a_ddk_run_and_the_student_exports(llama3_teacher):
     root = llama3_teacher["root"]
-    run = pretrain(1, "--ddk-mode", "ddk", "--teacher-load", llama3_teacher["teacher"], "--ddk-interval", "2",
-                   "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", llama3_teacher["hf_dir"],
-                   "--domains", llama3_teacher["registry"], "--data-cache-path", root / "cache",
-                   "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "1",
-                   "--ffn-hidden-size", "64", "--swiglu", "--disable-bias-linear", "--seq-length", "32",
-                   "--max-position-embeddings", "64", "--rotary-base", "500000", "--use-rope-scaling",
-                   "--rope-scaling-factor", "32", "--rope-scaling-original-max-position-embeddings", "16",
-                   "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1",
-                   "--ddk-val-samples", "4", "--lr", "1e-3", "--save", root / "student")
+    run = pretrain(
+        1,
+        "--ddk-mode",
+        "ddk",
+        "--teacher-load",
+        llama3_teacher["teacher"],
+        "--ddk-interval",
+        "2",
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        llama3_teacher["hf_dir"],
+        "--domains",
+        llama3_teacher["registry"],
+        "--data-cache-path",
+        root / "cache",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--num-query-groups",
+        "1",
+        "--ffn-hidden-size",
+        "64",
+        "--swiglu",
+        "--disable-bias-linear",
+        "--seq-length",
+        "32",
+        "--max-position-embeddings",
+        "64",
+        "--rotary-base",
+        "500000",
+        "--use-rope-scaling",
+        "--rope-scaling-factor",
+        "32",
+        "--rope-scaling-original-max-position-embeddings",
+        "16",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        "4",
+        "--log-interval",
+        "1",
+        "--ddk-val-samples",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save",
+        root / "student",
+    )
     assert sorted(run.metrics) == [1, 2, 3, 4]
     assert all(m["kd loss"] > 0 and m["teacher lm loss"] > 0 for m in run.metrics.values())
     log = [json.loads(line) for line in (root / "student" / "ddk_log.jsonl").read_text().splitlines()]
@@ -75,8 +159,15 @@ def test_llama3_teacher_drives_a_ddk_run_and_the_student_exports(llama3_teacher)
 
     from transformers import AutoModelForCausalLM
 
-    python("tools/convert_megatron_to_hf.py", "--load", root / "student", "--output-dir", root / "student_hf",
-           "--tokenizer-dir", llama3_teacher["hf_dir"])
+    python(
+        "tools/convert_megatron_to_hf.py",
+        "--load",
+        root / "student",
+        "--output-dir",
+        root / "student_hf",
+        "--tokenizer-dir",
+        llama3_teacher["hf_dir"],
+    )
     student, info = AutoModelForCausalLM.from_pretrained(root / "student_hf", output_loading_info=True)
     assert not any(info.values()) and student.config.rope_scaling == {**ROPE, "factor": 32.0}
     # generation stops where the copied (instruct) tokenizer says: its eos_token, <|eot_id|>

@@ -9,20 +9,48 @@ from tests.runs import STUDENT, TEACHER, assert_series_close, data_args, pretrai
 
 pytestmark = pytest.mark.slow
 
-MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64", "--moe-aux-loss-coeff", "0.01"]
+MOE = [
+    "--num-experts",
+    "4",
+    "--moe-router-topk",
+    "2",
+    "--moe-ffn-hidden-size",
+    "64",
+    "--moe-aux-loss-coeff",
+    "0.01",
+]
 
 
 @pytest.fixture(scope="module")
 def moe_teacher(tiny_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("moe_teacher")
-    run = pretrain(1, *TEACHER, *MOE, *train_args(4), *data_args(tiny_corpus, tmp / "cache"), "--ddk-mode", "cpt",
-                   "--save", tmp / "ckpt")
+    run = pretrain(
+        1,
+        *TEACHER,
+        *MOE,
+        *train_args(4),
+        *data_args(tiny_corpus, tmp / "cache"),
+        "--ddk-mode",
+        "cpt",
+        "--save",
+        tmp / "ckpt",
+    )
     return tmp / "ckpt", run
 
 
 def kd_at(corpus, tmp, teacher, ep: int):
-    return pretrain(2, *STUDENT, *train_args(3), *data_args(corpus, tmp / "cache"), "--ddk-mode", "kd",
-                    "--teacher-load", teacher, "--expert-model-parallel-size", str(ep))
+    return pretrain(
+        2,
+        *STUDENT,
+        *train_args(3),
+        *data_args(corpus, tmp / "cache"),
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        teacher,
+        "--expert-model-parallel-size",
+        str(ep),
+    )
 
 
 def test_moe_student_trains(moe_teacher):
@@ -42,7 +70,22 @@ def test_kd_with_moe_teacher_ep2_matches_ep1(tiny_corpus, tmp_path, moe_teacher)
 
 def test_ep_times_tp_not_dividing_the_world_is_refused(tiny_corpus, tmp_path, moe_teacher):
     teacher, _ = moe_teacher
-    run = pretrain(2, *STUDENT, *train_args(1, gbs=4), *data_args(tiny_corpus, tmp_path / "cache"), "--ddk-mode", "kd",
-                   "--teacher-load", teacher, "--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
-                   check=False)
-    assert run.returncode != 0 and "--expert-model-parallel-size 2 x --tensor-model-parallel-size 2" in run.stderr
+    run = pretrain(
+        2,
+        *STUDENT,
+        *train_args(1, gbs=4),
+        *data_args(tiny_corpus, tmp_path / "cache"),
+        "--ddk-mode",
+        "kd",
+        "--teacher-load",
+        teacher,
+        "--expert-model-parallel-size",
+        "2",
+        "--tensor-model-parallel-size",
+        "2",
+        check=False,
+    )
+    assert (
+        run.returncode != 0
+        and "--expert-model-parallel-size 2 x --tensor-model-parallel-size 2" in run.stderr
+    )

@@ -14,11 +14,28 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_script_runs_end_to_end(tmp_path):
-    env = subprocess_env({"PYTHON": sys.executable, "OUT": str(tmp_path / "qs"), "SIZE_MB": "0.5",
-                          "TEACHER_ITERS": "4", "STUDENT_PRETRAIN_ITERS": "2", "STUDENT_ITERS": "4", "DDK_INTERVAL": "2", "VAL_SAMPLES": "8", "WARMUP": "1",
-                          "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(["bash", "examples/quickstart/run_cpu.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = subprocess_env(
+        {
+            "PYTHON": sys.executable,
+            "OUT": str(tmp_path / "qs"),
+            "SIZE_MB": "0.5",
+            "TEACHER_ITERS": "4",
+            "STUDENT_PRETRAIN_ITERS": "2",
+            "STUDENT_ITERS": "4",
+            "DDK_INTERVAL": "2",
+            "VAL_SAMPLES": "8",
+            "WARMUP": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    proc = subprocess.run(
+        ["bash", "examples/quickstart/run_cpu.sh"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "teacher ppl | student ppl before | student ppl after | ratio S/T | final weight" in out

@@ -28,15 +28,45 @@ RUN = ["--train-iters", "6", "--global-batch-size", "8", "--ddk-interval", "2", 
 
 
 def tool_args(corpus, out, teacher_dir, *extra):
-    return ["--output", out, "--teacher-load", teacher_dir, "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", corpus["tokenizer"], "--domains", corpus["registry"],
-            "--data-cache-path", Path(out).parent / "data_cache", "--seq-length", "32", "--top-k", "16",
-            "--micro-batch-size", "4", "--val-samples", "8", "--no-progress", *map(str, extra)]
+    return [
+        "--output",
+        out,
+        "--teacher-load",
+        teacher_dir,
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--domains",
+        corpus["registry"],
+        "--data-cache-path",
+        Path(out).parent / "data_cache",
+        "--seq-length",
+        "32",
+        "--top-k",
+        "16",
+        "--micro-batch-size",
+        "4",
+        "--val-samples",
+        "8",
+        "--no-progress",
+        *map(str, extra),
+    ]
 
 
 def ddk(corpus, tmp, iters, *extra):
-    return [*STUDENT, *train_args(iters), *data_args(corpus, tmp / "cache"), "--ddk-mode", "ddk",
-            "--ddk-interval", "2", "--kd-weight", "0.5", *map(str, extra)]
+    return [
+        *STUDENT,
+        *train_args(iters),
+        *data_args(corpus, tmp / "cache"),
+        "--ddk-mode",
+        "ddk",
+        "--ddk-interval",
+        "2",
+        "--kd-weight",
+        "0.5",
+        *map(str, extra),
+    ]
 
 
 def read_log(path):
@@ -47,8 +77,13 @@ def read_log(path):
 def cache(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
     """What the DDK run below can draw, cached by the teacher at TP=2 (the run itself is at TP=1)."""
     out = tmp_path_factory.mktemp("teacher_cache") / "cache"
-    proc = torchrun(TOOL, 2, *tool_args(tiny_corpus, out, teacher, *RUN, "--shard-size", "16",
-                                        "--tensor-model-parallel-size", "2"))
+    proc = torchrun(
+        TOOL,
+        2,
+        *tool_args(
+            tiny_corpus, out, teacher, *RUN, "--shard-size", "16", "--tensor-model-parallel-size", "2"
+        ),
+    )
     assert "complete" in proc.stdout and "tokens/s" in proc.stdout
     return out
 
@@ -68,13 +103,20 @@ def test_ddk_from_the_cache_trains_with_the_sparse_kd_term(reference, cache):
     assert [r["iteration"] for r in log] == [0, 2, 4]
     index = tc.read_index(cache)
     assert all(shard["sha256"] for shard in index["shards"])
-    assert index["layout"] == {"seq_length": 32, "top_k": 16, "id_dtype": "uint16", "log_prob_dtype": "float16"}
+    assert index["layout"] == {
+        "seq_length": 32,
+        "top_k": 16,
+        "id_dtype": "uint16",
+        "log_prob_dtype": "float16",
+    }
 
 
 def test_first_window_weights_equal_online_ddk(tiny_corpus, tmp_path, teacher, reference):  # noqa: F811
     """The teacher's validation CE from the (TP=2) cache is the online teacher's: same Eq. 1 weights."""
     _, _, cached_log = reference
-    online = pretrain(1, *ddk(tiny_corpus, tmp_path, 2, "--teacher-load", teacher, "--save", tmp_path / "ckpt"))
+    online = pretrain(
+        1, *ddk(tiny_corpus, tmp_path, 2, "--teacher-load", teacher, "--save", tmp_path / "ckpt")
+    )
     assert online.returncode == 0
     online_log = read_log(tmp_path / "ckpt" / "ddk_log.jsonl")
     np.testing.assert_allclose(cached_log[0]["ce_teacher"], online_log[0]["ce_teacher"], rtol=1e-5)
@@ -92,8 +134,17 @@ def test_dp2_equals_dp1(tiny_corpus, tmp_path, cache, reference):
 
 def test_resume_reproduces_uninterrupted_run(tiny_corpus, tmp_path, cache, reference):
     _, ref, ref_log = reference
-    args = ddk(tiny_corpus, tmp_path, 6, "--teacher-cache", cache, "--save", tmp_path / "ckpt", "--load",
-               tmp_path / "ckpt")
+    args = ddk(
+        tiny_corpus,
+        tmp_path,
+        6,
+        "--teacher-cache",
+        cache,
+        "--save",
+        tmp_path / "ckpt",
+        "--load",
+        tmp_path / "ckpt",
+    )
     first = pretrain(1, *args, "--exit-interval", "3")
     second = pretrain(1, *args)
     assert_series_close(first.series("lm loss") + second.series("lm loss"), ref.series("lm loss"))
@@ -114,8 +165,20 @@ def test_run_that_could_draw_uncached_samples_is_refused(tiny_corpus, tmp_path, 
 def test_online_teacher_fills_in_for_uncached_samples(tiny_corpus, tmp_path, cache, teacher, reference):  # noqa: F811
     """Twice as long as the cache covers, with --teacher-load: the covered part is the cached run's."""
     _, ref, _ = reference
-    run = pretrain(1, *ddk(tiny_corpus, tmp_path, 12, "--teacher-cache", cache, "--teacher-load", teacher,
-                           "--lr-decay-iters", "6"))
+    run = pretrain(
+        1,
+        *ddk(
+            tiny_corpus,
+            tmp_path,
+            12,
+            "--teacher-cache",
+            cache,
+            "--teacher-load",
+            teacher,
+            "--lr-decay-iters",
+            "6",
+        ),
+    )
     assert sorted(run.metrics) == list(range(1, 13)) and all(v > 0 for v in run.series("kd loss"))
     assert_series_close(run.series("lm loss")[:6], ref.series("lm loss"))
     assert_series_close(run.series("kd loss")[:6], ref.series("kd loss"))
@@ -140,11 +203,18 @@ def edited_cache(cache, tmp_path, edit):
     return copy
 
 
-@pytest.mark.parametrize("edit,words", [
-    (lambda i: i["identity"]["tokenizer"].update(sha256="0" * 64), "another tokenizer"),
-    (lambda i: i["identity"]["data"]["domains"][1]["train"][0].update(idx_sha256="0" * 64), "other datasets"),
-    (lambda i: i["identity"]["data"].update(seed=7), "other datasets"),
-], ids=["tokenizer", "dataset", "seed"])
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda i: i["identity"]["tokenizer"].update(sha256="0" * 64), "another tokenizer"),
+        (
+            lambda i: i["identity"]["data"]["domains"][1]["train"][0].update(idx_sha256="0" * 64),
+            "other datasets",
+        ),
+        (lambda i: i["identity"]["data"].update(seed=7), "other datasets"),
+    ],
+    ids=["tokenizer", "dataset", "seed"],
+)
 def test_cache_of_another_identity_is_refused(tiny_corpus, tmp_path, cache, edit, words):
     with pytest.raises(CheckpointError, match=words):
         cached_teacher(tiny_corpus, tmp_path, edited_cache(cache, tmp_path, edit))
@@ -176,8 +246,13 @@ def test_damaged_shard_is_named(tiny_corpus, tmp_path, cache, damage):
     victim.write_bytes(bytes(data if damage == "corrupted" else data[:-100]))
     with pytest.raises(CheckpointError) as err:
         source = cached_teacher(tiny_corpus, tmp_path, copy)
-        domains = build_domain_datasets(source.registry, tokenizer=_tokenizer(tiny_corpus), seq_length=32,
-                                        seed=1234, cache_dir=str(tmp_path / "cache"))
+        domains = build_domain_datasets(
+            source.registry,
+            tokenizer=_tokenizer(tiny_corpus),
+            seq_length=32,
+            seed=1234,
+            cache_dir=str(tmp_path / "cache"),
+        )
         source.check_coverage(domains, rank=0, world=1)
     message = str(err.value)
     assert victim.name in message and "\n" not in message
@@ -202,13 +277,29 @@ def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher):  # n
     small = ["--max-samples-per-domain", "6", "--val-samples", "2", "--shard-size", "1"]
     torchrun(TOOL, 1, *tool_args(tiny_corpus, tmp_path / "whole", teacher, *small))
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
-           "--master_addr=127.0.0.1", str(TOOL), *map(str, tool_args(tiny_corpus, killed, teacher, *small))]
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        f"--master_port={free_port()}",
+        "--master_addr=127.0.0.1",
+        str(TOOL),
+        *map(str, tool_args(tiny_corpus, killed, teacher, *small)),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 300
-        while len(list(killed.glob("shards/*.sha256"))) < 3 and proc.poll() is None and time.time() < deadline:
+        while (
+            len(list(killed.glob("shards/*.sha256"))) < 3 and proc.poll() is None and time.time() < deadline
+        ):
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -217,7 +308,11 @@ def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher):  # n
     assert 3 <= finished < 32, finished  # killed mid-way
     resumed = torchrun(TOOL, 1, *tool_args(tiny_corpus, killed, teacher, *small))
     assert f"{finished} finished and verified" in resumed.stdout or "finished and verified" in resumed.stdout
-    whole = {p.relative_to(tmp_path / "whole"): p.read_bytes() for p in (tmp_path / "whole").rglob("*") if p.is_file()}
+    whole = {
+        p.relative_to(tmp_path / "whole"): p.read_bytes()
+        for p in (tmp_path / "whole").rglob("*")
+        if p.is_file()
+    }
     again = {p.relative_to(killed): p.read_bytes() for p in killed.rglob("*") if p.is_file()}
     assert sorted(whole) == sorted(again) and len(whole) == 1 + 4 * 2 + 32 * 2
     assert all(whole[name] == again[name] for name in whole), [n for n in whole if whole[n] != again[n]]

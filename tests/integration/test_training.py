@@ -21,8 +21,23 @@ def cpt(corpus, tmp, *extra):
 def reference(tiny_corpus, tmp_path_factory):
     """TP1 run of 3 iterations that also saves after iteration 1 (the starting point for PP runs)."""
     tmp = tmp_path_factory.mktemp("cpt_ref")
-    run = pretrain(1, *cpt(tiny_corpus, tmp, "--save", tmp / "ckpt", "--save-interval", "1",
-                           "--eval-interval", "2", "--eval-iters", "2", "--tensorboard-dir", tmp / "tb"))
+    run = pretrain(
+        1,
+        *cpt(
+            tiny_corpus,
+            tmp,
+            "--save",
+            tmp / "ckpt",
+            "--save-interval",
+            "1",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "2",
+            "--tensorboard-dir",
+            tmp / "tb",
+        ),
+    )
     return tmp, run
 
 
@@ -44,20 +59,25 @@ def test_loss_decreases_and_checkpoint_is_published(reference):
     assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("nproc,layout", [(2, ["--tensor-model-parallel-size", "2"]), (2, [])],
-                         ids=["tp2", "dp2"])
+@pytest.mark.parametrize(
+    "nproc,layout", [(2, ["--tensor-model-parallel-size", "2"]), (2, [])], ids=["tp2", "dp2"]
+)
 def test_tp2_and_dp2_match_tp1_from_scratch(tiny_corpus, tmp_path, reference, nproc, layout):
     _, ref = reference
     run = pretrain(nproc, *cpt(tiny_corpus, tmp_path, *layout))
     assert_series_close(run.series("lm loss"), ref.series("lm loss"))
 
 
-@pytest.mark.parametrize("nproc,layout", [
-    (1, []),
-    (2, ["--tensor-model-parallel-size", "2"]),
-    (2, ["--pipeline-model-parallel-size", "2"]),
-    (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-], ids=["tp1", "tp2", "pp2", "tp2xpp2"])
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        (1, []),
+        (2, ["--tensor-model-parallel-size", "2"]),
+        (2, ["--pipeline-model-parallel-size", "2"]),
+        (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ],
+    ids=["tp1", "tp2", "pp2", "tp2xpp2"],
+)
 def test_resume_from_tp1_checkpoint_reshards(tiny_corpus, tmp_path, reference, nproc, layout):
     """Load the TP1 checkpoint of iteration 1 at another layout: iterations 2-3 equal the TP1 run."""
     tmp, ref = reference
@@ -110,10 +130,24 @@ def test_sigterm_saves_and_exits_cleanly(tiny_corpus, tmp_path):
     from megatron_ddk.checkpointing import read_tracker
     from tests.helpers import REPO_ROOT, subprocess_env
 
-    args = [*STUDENT, *train_args(500), *data_args(tiny_corpus, tmp_path / "cache"), "--ddk-mode", "cpt",
-            "--save", str(tmp_path / "ckpt"), "--exit-signal-handler"]
-    proc = subprocess.Popen([sys.executable, "-u", "pretrain_ddk.py", *args], cwd=REPO_ROOT, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    args = [
+        *STUDENT,
+        *train_args(500),
+        *data_args(tiny_corpus, tmp_path / "cache"),
+        "--ddk-mode",
+        "cpt",
+        "--save",
+        str(tmp_path / "ckpt"),
+        "--exit-signal-handler",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "pretrain_ddk.py", *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -142,7 +176,9 @@ def test_distributed_optimizer_with_overlap_matches_and_resumes(tiny_corpus, tmp
 def test_data_from_another_tokenizer_stops_every_rank(tiny_corpus, tmp_path):
     """Rank 0 alone scans the tokens; its one-line error must still end the 2-rank job (no hang)."""
     names = json.loads(tiny_corpus["names"])
-    train_sentencepiece(tiny_corpus["registry"].parent / f"{names[0]}.jsonl", tmp_path / "small", vocab_size=400)
+    train_sentencepiece(
+        tiny_corpus["registry"].parent / f"{names[0]}.jsonl", tmp_path / "small", vocab_size=400
+    )
     args = cpt(tiny_corpus, tmp_path)
     args[args.index("--tokenizer-model") + 1] = str(tmp_path / "small.model")
     run = pretrain(2, *args, check=False, timeout=120)

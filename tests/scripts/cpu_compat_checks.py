@@ -14,11 +14,26 @@ def tiny_gpt(recompute=None, **moe):
     from megatron_ddk.models.gpt import build_gpt_model
     from megatron_ddk.platform.distributed import ParallelLayout, initialize
 
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                      vocab_size=100, max_position_embeddings=16, **moe)
-    return build_gpt_model(cfg, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
-                           padded_vocab_size=padded_vocab_size(cfg.vocab_size, 1, cfg.make_vocab_size_divisible_by),
-                           pg=initialize(ParallelLayout(world_size=1)), recompute=recompute)
+    cfg = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        vocab_size=100,
+        max_position_embeddings=16,
+        **moe,
+    )
+    return build_gpt_model(
+        cfg,
+        ParallelConfig(),
+        PrecisionConfig(),
+        pre_process=True,
+        post_process=True,
+        padded_vocab_size=padded_vocab_size(cfg.vocab_size, 1, cfg.make_vocab_size_divisible_by),
+        pg=initialize(ParallelLayout(world_size=1)),
+        recompute=recompute,
+    )
 
 
 def batch():
@@ -69,8 +84,15 @@ def check_schedules():
         out = m(tokens, pos, None, labels=tokens)
         return out, lambda o: (o.sum(), torch.tensor(o.numel(), dtype=torch.int), {"x": o.sum().detach()})
 
-    losses = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([0, 0]), model=[model],
-                                         num_microbatches=2, seq_length=16, micro_batch_size=2, forward_only=True)
+    losses = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter([0, 0]),
+        model=[model],
+        num_microbatches=2,
+        seq_length=16,
+        micro_batch_size=2,
+        forward_only=True,
+    )
     assert len(losses) == 2
 
 
@@ -82,11 +104,24 @@ def _ddp_and_optimizer(clip_grad=0.0, bf16=False, distributed_optimizer=False):
     if bf16:
         model = model.to(torch.bfloat16)
         model.config.bf16, model.config.params_dtype = True, torch.bfloat16
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=clip_grad, bf16=bf16,
-                                                 params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 use_distributed_optimizer=distributed_optimizer), [ddp])
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
+        ),
+        model,
+    )
+    opt = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-3,
+            clip_grad=clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=distributed_optimizer,
+        ),
+        [ddp],
+    )
     tokens, pos = batch()
     ddp.zero_grad_buffer()
     ddp(tokens, pos, None, labels=tokens).float().mean().backward()
@@ -140,8 +175,15 @@ def check_moe():
     shared expert's gate and the load-balancing loss's backward, then a dist_checkpointing round trip."""
     from megatron.core import dist_checkpointing
 
-    moe = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_shared_expert_intermediate_size=24,
-               moe_shared_expert_gate=True, moe_aux_loss_coeff=0.01, add_bias_linear=False)
+    moe = dict(
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=24,
+        moe_shared_expert_gate=True,
+        moe_aux_loss_coeff=0.01,
+        add_bias_linear=False,
+    )
     model = tiny_gpt(**moe)
     tokens, pos = batch()
     model(tokens, pos, None, labels=tokens).float().mean().backward()
@@ -164,7 +206,7 @@ def check_optimizer_type_checks():
     _ddp_and_optimizer(distributed_optimizer=True)
 
 
-CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+CHECKS = {name[len("check_") :]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ def main(out_path: str) -> None:
     initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=2))
     rank = parallel_state.get_tensor_model_parallel_rank()
     full = torch.arange(24, dtype=torch.float32).view(2, 3, 4)  # [s, b, h]
-    local = full[..., rank * 2:(rank + 1) * 2].clone().requires_grad_(True)  # [s, b, h/2]
+    local = full[..., rank * 2 : (rank + 1) * 2].clone().requires_grad_(True)  # [s, b, h/2]
     gathered = tensor_parallel.gather_from_tensor_model_parallel_region(local)
     upstream = torch.linspace(-1.0, 1.0, full.numel()).view_as(full)
     (gathered * upstream).sum().backward()
     result = {
         "forward": gathered.device.type == "cpu" and torch.equal(gathered, full),
-        "backward": torch.equal(local.grad, upstream[..., rank * 2:(rank + 1) * 2]),
+        "backward": torch.equal(local.grad, upstream[..., rank * 2 : (rank + 1) * 2]),
     }
     results = [None, None]
     dist.all_gather_object(results, result)

@@ -20,10 +20,18 @@ def gathered_logits(ckpt: str, tokens: torch.Tensor, parallel, pg) -> tuple[torc
 
     meta = read_metadata(ckpt)
     tp = parallel.tensor_model_parallel_size
-    model = build_gpt_model(meta.model, parallel, PrecisionConfig(), pg=pg,
-                            padded_vocab_size=padded_vocab_size(meta.model.vocab_size, tp,
-                                                                meta.model.make_vocab_size_divisible_by),
-                            pre_process=True, post_process=True, initialize_weights=False)
+    model = build_gpt_model(
+        meta.model,
+        parallel,
+        PrecisionConfig(),
+        pg=pg,
+        padded_vocab_size=padded_vocab_size(
+            meta.model.vocab_size, tp, meta.model.make_vocab_size_divisible_by
+        ),
+        pre_process=True,
+        post_process=True,
+        initialize_weights=False,
+    )
     with torch.no_grad():
         for param in model.parameters():
             param.fill_(float("nan"))  # anything the load does not write shows up as NaN
@@ -43,7 +51,9 @@ def main() -> None:
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 
     out, tp, ep, pairs = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
-    pg = initialize(ParallelLayout(world_size=2, tensor_model_parallel_size=tp, expert_model_parallel_size=ep))
+    pg = initialize(
+        ParallelLayout(world_size=2, tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
+    )
     set_seed(1234, pg)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     records = []
@@ -53,16 +63,18 @@ def main() -> None:
         vocab = ref["logits"].shape[-1]
         both = [torch.empty_like(logits) for _ in range(2)]
         dist.all_gather(both, logits)
-        records.append({
-            "ckpt": ckpt,
-            "tp": tp,
-            "ep": ep,
-            "local_columns": local_columns,
-            "padded_columns": logits.shape[-1],
-            "max_abs_diff": (logits[..., :vocab] - ref["logits"]).abs().max().item(),
-            "padding_max_abs": logits[..., vocab:].abs().max().item(),
-            "ranks_agree": torch.equal(both[0], both[1]),
-        })
+        records.append(
+            {
+                "ckpt": ckpt,
+                "tp": tp,
+                "ep": ep,
+                "local_columns": local_columns,
+                "padded_columns": logits.shape[-1],
+                "max_abs_diff": (logits[..., :vocab] - ref["logits"]).abs().max().item(),
+                "padding_max_abs": logits[..., vocab:].abs().max().item(),
+                "ranks_agree": torch.equal(both[0], both[1]),
+            }
+        )
     if dist.get_rank() == 0:
         out.write_text(json.dumps(records, indent=2))
     destroy()

@@ -27,13 +27,22 @@ def run_case(kind, temperature, chunk, vocab_size, dtype, group, rank) -> dict:
     weights = torch.rand(S, B, generator=torch.Generator().manual_seed(2))  # non-uniform upstream gradient
     cols = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
     local = student[..., cols].clone().requires_grad_()  # [s, b, v_local]
-    loss = vocab_parallel_kd_loss(local, teacher[..., cols].clone(), kind=kind, temperature=temperature,
-                                  jsd_beta=0.3, chunk_size=chunk, vocab_size=vocab_size, tp_group=group)
+    loss = vocab_parallel_kd_loss(
+        local,
+        teacher[..., cols].clone(),
+        kind=kind,
+        temperature=temperature,
+        jsd_beta=0.3,
+        chunk_size=chunk,
+        vocab_size=vocab_size,
+        tp_group=group,
+    )
     (loss * weights).sum().backward()
 
     ref_student = student.clone().requires_grad_()
-    ref = reference_kd_loss(ref_student, teacher, kind=kind, temperature=temperature, jsd_beta=0.3,
-                            vocab_size=vocab_size)
+    ref = reference_kd_loss(
+        ref_student, teacher, kind=kind, temperature=temperature, jsd_beta=0.3, vocab_size=vocab_size
+    )
     (ref * weights).sum().backward()
 
     grads = [torch.empty_like(local.grad) for _ in range(2)]

@@ -18,12 +18,22 @@ def main() -> None:
     set_seed(0, pg)
     meta = read_metadata(src)
     rows = padded_vocab_size(meta.model.vocab_size, 1, meta.model.make_vocab_size_divisible_by)
-    model = build_gpt_model(meta.model, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
-                            padded_vocab_size=rows, pg=pg, initialize_weights=False)
+    model = build_gpt_model(
+        meta.model,
+        ParallelConfig(),
+        PrecisionConfig(),
+        pre_process=True,
+        post_process=True,
+        padded_vocab_size=rows,
+        pg=pg,
+        initialize_weights=False,
+    )
     load_model_state(src, model)
     with torch.no_grad():
         model.decoder.final_layernorm.weight[0] = float("nan")
-    save_checkpoint(dst, dataclasses.replace(meta, has_optimizer=False), {"model": model.sharded_state_dict()})
+    save_checkpoint(
+        dst, dataclasses.replace(meta, has_optimizer=False), {"model": model.sharded_state_dict()}
+    )
     destroy()
 
 

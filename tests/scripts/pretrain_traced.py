@@ -19,8 +19,17 @@ def trace() -> None:
 
     def traced_next(self):
         batch = draw(self)
-        log.write(json.dumps({"iteration": self.iteration, "first": int(batch["global_position"][0]),
-                              "domain": batch["domain_id"].tolist(), "sample": batch["sample_id"].tolist()}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "iteration": self.iteration,
+                    "first": int(batch["global_position"][0]),
+                    "domain": batch["domain_id"].tolist(),
+                    "sample": batch["sample_id"].tolist(),
+                }
+            )
+            + "\n"
+        )
         return batch
 
     evaluate, save = trainer.Trainer.evaluate, trainer.Trainer.save

@@ -32,24 +32,41 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
     student, teacher = full_logits(0), full_logits(1)
     weights = torch.rand(S, B, generator=torch.Generator().manual_seed(2))
     cols = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
-    ids, logp, tail = vocab_parallel_topk(teacher[..., cols].reshape(S * B, V_LOCAL), k, temperature=temperature,
-                                          vocab_size=vocab_size, tp_group=group)
-    ref_ids, ref_logp, ref_tail = vocab_parallel_topk(teacher.reshape(S * B, -1), k, temperature=temperature,
-                                                      vocab_size=vocab_size)
+    ids, logp, tail = vocab_parallel_topk(
+        teacher[..., cols].reshape(S * B, V_LOCAL),
+        k,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        tp_group=group,
+    )
+    ref_ids, ref_logp, ref_tail = vocab_parallel_topk(
+        teacher.reshape(S * B, -1), k, temperature=temperature, vocab_size=vocab_size
+    )
     local = student[..., cols].clone().requires_grad_()
-    loss = vocab_parallel_topk_kd_loss(local, ids.reshape(S, B, k), logp.reshape(S, B, k), tail.reshape(S, B),
-                                       kind=kind, temperature=temperature, jsd_beta=0.3, chunk_size=chunk,
-                                       vocab_size=vocab_size, tp_group=group)
+    loss = vocab_parallel_topk_kd_loss(
+        local,
+        ids.reshape(S, B, k),
+        logp.reshape(S, B, k),
+        tail.reshape(S, B),
+        kind=kind,
+        temperature=temperature,
+        jsd_beta=0.3,
+        chunk_size=chunk,
+        vocab_size=vocab_size,
+        tp_group=group,
+    )
     (loss * weights).sum().backward()
 
     ref_student = student.clone().requires_grad_()
     full_vocab = k == (vocab_size or 2 * V_LOCAL)
     if full_vocab:
-        ref = reference_kd_loss(ref_student, teacher, kind=kind, temperature=temperature, jsd_beta=0.3,
-                                vocab_size=vocab_size)
+        ref = reference_kd_loss(
+            ref_student, teacher, kind=kind, temperature=temperature, jsd_beta=0.3, vocab_size=vocab_size
+        )
     else:
-        ref = reference_topk_kd_loss(ref_student, teacher, k, kind=kind, temperature=temperature, jsd_beta=0.3,
-                                     vocab_size=vocab_size)
+        ref = reference_topk_kd_loss(
+            ref_student, teacher, k, kind=kind, temperature=temperature, jsd_beta=0.3, vocab_size=vocab_size
+        )
     (ref * weights).sum().backward()
 
     grads = [torch.empty_like(local.grad) for _ in range(2)]

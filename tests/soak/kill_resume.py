@@ -52,9 +52,23 @@ class Trajectory:
 
 
 def ddk_args(corpus: dict, teacher: Path, work: Path, iters: int) -> list[str]:
-    return [*STUDENT, *train_args(iters), *data_args(corpus, work / "cache"), "--ddk-mode", "ddk",
-            "--teacher-load", str(teacher), "--ddk-interval", "2", "--save", str(work / "ckpt"),
-            "--load", str(work / "ckpt"), "--save-interval", "2"]
+    return [
+        *STUDENT,
+        *train_args(iters),
+        *data_args(corpus, work / "cache"),
+        "--ddk-mode",
+        "ddk",
+        "--teacher-load",
+        str(teacher),
+        "--ddk-interval",
+        "2",
+        "--save",
+        str(work / "ckpt"),
+        "--load",
+        str(work / "ckpt"),
+        "--save-interval",
+        "2",
+    ]
 
 
 def run_segment(args: list[str], work: Path, kill: tuple[str, int, float] | None) -> tuple[str, str | None]:
@@ -62,8 +76,14 @@ def run_segment(args: list[str], work: Path, kill: tuple[str, int, float] | None
     the n-th start of ``phase``. Returns its stdout and what was killed (None: it finished)."""
     env = subprocess_env({"SOAK_SAMPLE_LOG": str(work / "samples.jsonl")})
     with open(work / "stderr.log", "a") as stderr:
-        proc = subprocess.Popen([sys.executable, "-u", str(SCRIPTS / "pretrain_traced.py"), *args], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-u", str(SCRIPTS / "pretrain_traced.py"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
         lines, seen, killed = [], 0, None
         for line in proc.stdout:
             lines.append(line)
@@ -105,7 +125,9 @@ def run(args: list[str], work: Path, *, kills: int, seed: int) -> Trajectory:
             key = (record["iteration"], record["first"])
             trajectory.samples.setdefault(key, []).append((tuple(record["domain"]), tuple(record["sample"])))
     log = work / "ckpt" / "ddk_log.jsonl"
-    trajectory.weights = [json.loads(line)["weights"] for line in log.read_text().splitlines() if line.strip()]
+    trajectory.weights = [
+        json.loads(line)["weights"] for line in log.read_text().splitlines() if line.strip()
+    ]
     return trajectory
 
 
@@ -122,41 +144,68 @@ def differences(reference: Trajectory, resumed: Trajectory) -> list[str]:
                 if a is None or b is None or abs(a - b) > LOSS_RTOL * abs(b):
                     found.append(f"iteration {iteration} {key}: {a} vs {b}")
     if set(resumed.samples) != set(reference.samples):
-        found.append(f"micro-batches drawn differ: {sorted(set(resumed.samples) ^ set(reference.samples))[:5]}")
+        found.append(
+            f"micro-batches drawn differ: {sorted(set(resumed.samples) ^ set(reference.samples))[:5]}"
+        )
     for key, draws in resumed.samples.items():
         if any(draw != reference.samples.get(key, [None])[0] for draw in draws):
-            found.append(f"samples of iteration {key[0]} (position {key[1]}): {draws} vs {reference.samples.get(key)}")
+            found.append(
+                f"samples of iteration {key[0]} (position {key[1]}): {draws} vs {reference.samples.get(key)}"
+            )
     if len(resumed.weights) != len(reference.weights) or any(
-            abs(a - b) > 1e-9 * abs(b) for x, y in zip(resumed.weights, reference.weights) for a, b in zip(x, y)):
+        abs(a - b) > 1e-9 * abs(b) for x, y in zip(resumed.weights, reference.weights) for a, b in zip(x, y)
+    ):
         found.append(f"DDK weights {resumed.weights} vs {reference.weights}")
     return found
 
 
-def soak(corpus: dict, teacher: Path, work: Path, *, kills: int, seed: int, iters: int) -> tuple[list[str], list[str]]:
+def soak(
+    corpus: dict, teacher: Path, work: Path, *, kills: int, seed: int, iters: int
+) -> tuple[list[str], list[str]]:
     """Run uninterrupted and killed ``kills`` times; returns (the kills, the differences)."""
-    reference = run(ddk_args(corpus, teacher, work / "reference", iters), work / "reference", kills=0, seed=seed)
+    reference = run(
+        ddk_args(corpus, teacher, work / "reference", iters), work / "reference", kills=0, seed=seed
+    )
     resumed = run(ddk_args(corpus, teacher, work / "killed", iters), work / "killed", kills=kills, seed=seed)
     return resumed.kills, differences(reference, resumed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iters", type=int, default=16)
-    parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temporary one)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="scratch directory (default: a new temporary one)"
+    )
     args = parser.parse_args(argv)
     import tempfile
 
     from tests.corpus import build_tiny_corpus
 
     work = args.work or Path(tempfile.mkdtemp(prefix="kill_resume_"))
-    corpus = build_tiny_corpus(work / "corpus") if not (work / "corpus" / "tokenizer.model").exists() else {
-        "registry": work / "corpus" / "corpus" / "domains.yaml", "tokenizer": work / "corpus" / "tokenizer.model"}
+    corpus = (
+        build_tiny_corpus(work / "corpus")
+        if not (work / "corpus" / "tokenizer.model").exists()
+        else {
+            "registry": work / "corpus" / "corpus" / "domains.yaml",
+            "tokenizer": work / "corpus" / "tokenizer.model",
+        }
+    )
     teacher = work / "teacher" / "ckpt"
     if not teacher.exists():
-        pretrain(1, *TEACHER, *train_args(8), *data_args(corpus, work / "teacher" / "cache"), "--ddk-mode", "cpt",
-                 "--save", teacher)
+        pretrain(
+            1,
+            *TEACHER,
+            *train_args(8),
+            *data_args(corpus, work / "teacher" / "cache"),
+            "--ddk-mode",
+            "cpt",
+            "--save",
+            teacher,
+        )
     for sub in ("reference", "killed"):
         if (work / sub).exists():
             import shutil
@@ -164,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / sub)
     start = time.time()
     kills, found = soak(corpus, teacher, work, kills=args.kills, seed=args.seed, iters=args.iters)
-    print(f"{len(kills)} kills (seed {args.seed}, {args.iters} iterations, {time.time() - start:.0f}s): "
-          + "; ".join(kills))
-    print("trajectory identical to the uninterrupted run" if not found else "DIFFERENCES:\n" + "\n".join(found))
+    print(
+        f"{len(kills)} kills (seed {args.seed}, {args.iters} iterations, {time.time() - start:.0f}s): "
+        + "; ".join(kills)
+    )
+    print(
+        "trajectory identical to the uninterrupted run" if not found else "DIFFERENCES:\n" + "\n".join(found)
+    )
     return 0 if not found and len(kills) == args.kills else 1
 
 

@@ -37,8 +37,17 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 import convert_megatron_to_hf as to_hf  # noqa: E402
 import verify_checkpoint  # noqa: E402
 
-MODEL = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
-                    vocab_size=200, max_position_embeddings=16, swiglu=True, add_bias_linear=False)
+MODEL = ModelConfig(
+    num_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=64,
+    vocab_size=200,
+    max_position_embeddings=16,
+    swiglu=True,
+    add_bias_linear=False,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,15 +62,28 @@ def build_model():
     from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
 
-    return build_gpt_model(MODEL, ParallelConfig(), PrecisionConfig(), pre_process=True, post_process=True,
-                           padded_vocab_size=padded_vocab_size(MODEL.vocab_size, 1, MODEL.make_vocab_size_divisible_by),
-                           pg=initialize(ParallelLayout(world_size=1)))
+    return build_gpt_model(
+        MODEL,
+        ParallelConfig(),
+        PrecisionConfig(),
+        pre_process=True,
+        post_process=True,
+        padded_vocab_size=padded_vocab_size(MODEL.vocab_size, 1, MODEL.make_vocab_size_divisible_by),
+        pg=initialize(ParallelLayout(world_size=1)),
+    )
 
 
 def save(model, root: Path, iteration: int) -> Path:
-    meta = CheckpointMetadata(iteration=iteration, model=MODEL, tokenizer={"type": None, "vocab_size": 200,
-                              "sha256": None}, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                              data_parallel_size=1, ddk_mode="cpt", has_optimizer=False)
+    meta = CheckpointMetadata(
+        iteration=iteration,
+        model=MODEL,
+        tokenizer={"type": None, "vocab_size": 200, "sha256": None},
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        data_parallel_size=1,
+        ddk_mode="cpt",
+        has_optimizer=False,
+    )
     state = {"model": model.sharded_state_dict(), "iteration": iteration, "note": {"plain": [1, 2.0, "x"]}}
     return save_checkpoint(root, meta, state)
 
@@ -130,8 +152,10 @@ def test_clean_checkpoint_roundtrips_and_has_a_manifest(saved, tmp_path):
     assert verify_checkpoint.main([str(root)]) == 0
 
 
-@pytest.mark.parametrize("where", [".metadata", ".metadata (stealth)", "common.pt", "shard", "metadata.json",
-                                   "ddk_checkpoint.json"])
+@pytest.mark.parametrize(
+    "where",
+    [".metadata", ".metadata (stealth)", "common.pt", "shard", "metadata.json", "ddk_checkpoint.json"],
+)
 def test_planted_payload_never_runs_on_any_load_path(saved, tmp_path, where, capsys):
     """The attacker also rewrites the manifest, so the parsers are what stands in the way."""
     directory = fresh_copy(saved, tmp_path)
@@ -189,7 +213,9 @@ def test_truncated_or_missing_shard_is_named_before_any_process_group(saved, tmp
     with pytest.raises(CheckpointError) as err:
         read_metadata(directory.parent)  # what the trainer's early checks call
     message = str(err.value)
-    assert str(shard) in message and ("truncated" in message if damage == "truncated" else "missing" in message)
+    assert str(shard) in message and (
+        "truncated" in message if damage == "truncated" else "missing" in message
+    )
     assert "--ckpt-step 1" in message and "\n" not in message
 
 
@@ -229,9 +255,31 @@ def test_ckpt_step_selects_an_iteration(saved):
 def test_ckpt_step_flag_needs_load():
     from megatron_ddk.arguments import ArgumentError, parse_run_config
 
-    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-             "--micro-batch-size", "1", "--train-iters", "2", "--tokenizer-type", "SentencePieceTokenizer",
-             "--tokenizer-model", "t", "--data-path", "x", "--ddk-mode", "cpt"]
-    assert parse_run_config([*flags, "--load", "c", "--ckpt-step", "3"], vocab_size=100).checkpoint.ckpt_step == 3
+    flags = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "16",
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "2",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        "t",
+        "--data-path",
+        "x",
+        "--ddk-mode",
+        "cpt",
+    ]
+    assert (
+        parse_run_config([*flags, "--load", "c", "--ckpt-step", "3"], vocab_size=100).checkpoint.ckpt_step
+        == 3
+    )
     with pytest.raises(ArgumentError, match="--ckpt-step needs --load"):
         parse_run_config([*flags, "--ckpt-step", "3"], vocab_size=100)

@@ -31,7 +31,9 @@ def test_static_mixtures_are_exact(mode, mixing):
 
 @pytest.mark.parametrize("mixing", ["ddk", "no-smoothing"])
 def test_ddk_bound_covers_every_trajectory(mixing):
-    run = RunDraws(train_iters=9, global_batch_size=4, interval=2, seed=5, mode="ddk", mixing=mixing, alpha=0.5)
+    run = RunDraws(
+        train_iters=9, global_batch_size=4, interval=2, seed=5, mode="ddk", mixing=mixing, alpha=0.5
+    )
     samples, exact = samples_a_run_can_draw(SIZES, STATIC, run)
     assert not exact
     rng = np.random.default_rng(0)
@@ -41,8 +43,11 @@ def test_ddk_bound_covers_every_trajectory(mixing):
         schedule = DomainMixingSchedule(SIZES, window_size=8, seed=5, initial_weights=r)
         for window in range(1, 5):
             ce_student = ce_teacher + rng.uniform(0, 6, 3)
-            r = initial_factor(ce_student, ce_teacher) if mixing == "no-smoothing" else \
-                smoothed_update(r, ce_student, ce_teacher, alpha=0.5)
+            r = (
+                initial_factor(ce_student, ce_teacher)
+                if mixing == "no-smoothing"
+                else smoothed_update(r, ce_student, ce_teacher, alpha=0.5)
+            )
             schedule.set_window_weights(window, r)
         for bound, used in zip(samples, drawn(schedule, 36)):
             assert np.isin(used, bound).all()

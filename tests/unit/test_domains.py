@@ -80,13 +80,23 @@ def test_test_splits(data):
     assert registry.has_test_split
     validate_registry(registry, vocab_size=400)
     check_test_documents_disjoint(registry)
-    leaky = DomainRegistry(domains=(Domain(name="code", train_prefixes=(str(data / "code_text_document"),),
-                                           test_prefix=str(data / "leaky_test_text_document")),), source="--domains r")
+    leaky = DomainRegistry(
+        domains=(
+            Domain(
+                name="code",
+                train_prefixes=(str(data / "code_text_document"),),
+                test_prefix=str(data / "leaky_test_text_document"),
+            ),
+        ),
+        source="--domains r",
+    )
     with pytest.raises(DataConfigError, match="shares 1 documents with its training/validation data") as err:
         check_test_documents_disjoint(leaky)
     assert len(str(err.value).splitlines()) == 1
     assert not DomainRegistry(domains=(Domain(name="x", train_prefixes=("p",)),)).has_test_split
-    (data / "bad.yaml").write_text("domains:\n  - {name: c, train: code_text_document, test: t, test_fraction: 0.1}\n")
+    (data / "bad.yaml").write_text(
+        "domains:\n  - {name: c, train: code_text_document, test: t, test_fraction: 0.1}\n"
+    )
     with pytest.raises(DataConfigError, match="either 'test' or 'test_fraction'"):
         load_domain_registry(data / "bad.yaml")
 
@@ -182,7 +192,9 @@ def test_validation_reports_every_problem(data):
         f"domain 'peeking': test prefix {prose} is also the 'valid' prefix",
         "domain 'greedy': test_fraction 0.6 must be in [0, 1) and leave training documents",
     ]
-    assert len(lines) == len(expected) + 2  # prose's token ids, reported again for the two domains validating on it
+    assert (
+        len(lines) == len(expected) + 2
+    )  # prose's token ids, reported again for the two domains validating on it
     for needle in expected:
         assert any(needle in line for line in lines), needle
     with pytest.raises(DataConfigError, match="no domains"):

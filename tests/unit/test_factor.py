@@ -23,7 +23,9 @@ def test_ratio_is_perplexity_quotient_and_clipped():
 def test_eq1_softmax_of_ratios():
     # ratios 1 and 2: softmax = [e^1, e^2] / (e^1 + e^2) = [0.268941..., 0.731058...]
     s, t = ce_for_ratios([1.0, 2.0])
-    np.testing.assert_allclose(factor.initial_factor(s, t), [0.2689414213699951, 0.7310585786300049], rtol=1e-12)
+    np.testing.assert_allclose(
+        factor.initial_factor(s, t), [0.2689414213699951, 0.7310585786300049], rtol=1e-12
+    )
 
 
 def test_eq1_three_domains():
@@ -36,15 +38,20 @@ def test_eq2_with_alpha_half():
     # r = [0.5, 0.5], ratios [1, 2]: psi ~ [0.5e, 0.5e^2] -> normalised [0.268941, 0.731059]
     # r' = 0.5 * that + 0.25 = [0.384471, 0.615529]
     s, t = ce_for_ratios([1.0, 2.0])
-    np.testing.assert_allclose(factor.smoothed_update([0.5, 0.5], s, t, alpha=0.5),
-                               [0.38447071068499755, 0.6155292893150024], rtol=1e-12)
+    np.testing.assert_allclose(
+        factor.smoothed_update([0.5, 0.5], s, t, alpha=0.5),
+        [0.38447071068499755, 0.6155292893150024],
+        rtol=1e-12,
+    )
 
 
 def test_eq2_history_matters():
     # r = [0.8, 0.2], ratios [1, 2]: psi = [0.8e, 0.2e^2] = [2.174625, 1.477811] -> [0.595390, 0.404610]
     # r' = 0.5 * that + 0.25 = [0.547695, 0.452305]
     s, t = ce_for_ratios([1.0, 2.0])
-    np.testing.assert_allclose(factor.smoothed_update([0.8, 0.2], s, t, alpha=0.5), [0.547695, 0.452305], atol=1e-6)
+    np.testing.assert_allclose(
+        factor.smoothed_update([0.8, 0.2], s, t, alpha=0.5), [0.547695, 0.452305], atol=1e-6
+    )
 
 
 def test_eq2_alpha_one_and_zero():
@@ -101,7 +108,9 @@ def test_modes():
     eq1 = factor.initial_factor(s, t)
     np.testing.assert_allclose(factor.next_weights("no-smoothing", r_prev=[0.9, 0.1], **kw), eq1)
     np.testing.assert_allclose(factor.next_weights("ddk", r_prev=None, **kw), eq1)
-    np.testing.assert_allclose(factor.next_weights("ddk", r_prev=[0.5, 0.5], **kw), [0.384470711, 0.615529289])
+    np.testing.assert_allclose(
+        factor.next_weights("ddk", r_prev=[0.5, 0.5], **kw), [0.384470711, 0.615529289]
+    )
     assert factor.first_weights("equal", static, 2).tolist() == [0.5, 0.5]
     assert factor.first_weights("ddk", static, 2).tolist() == [0.75, 0.25]
     assert factor.first_weights("no-smoothing", static, 2).tolist() == [0.75, 0.25]
@@ -109,25 +118,56 @@ def test_modes():
     assert factor.MIXING_MODES[:4] == ("ddk", "no-smoothing", "equal", "static")
 
 
-@pytest.mark.parametrize("call,needle", [
-    (lambda: factor.smoothed_update([0.5, 0.5], [1, 1], [1, 1], alpha=1.5), "--ddk-alpha"),
-    (lambda: factor.next_weights("equal", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=-0.1,
-                                 static_weights=[1]), "--ddk-alpha"),
-    (lambda: factor.initial_factor([1, 2], [1]), "domains"),
-    (lambda: factor.smoothed_update([1.0], [1, 2], [1, 2], alpha=0.5), "r_prev has 1 domains"),
-    (lambda: factor.smoothed_update([1.0, 0.0], [1, 2], [1, 2], alpha=0.5), "positive"),
-    (lambda: factor.initial_factor([float("nan")], [1]), "finite"),
-    (lambda: factor.initial_factor([], []), "non-empty"),
-    (lambda: factor.next_weights("greedy", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5,
-                                 static_weights=[1]), "--ddk-mixing"),
-    (lambda: factor.first_weights("static", [1.0, -1.0], 2), "positive"),
-    (lambda: factor.first_weights("ddk", [1.0], 2), "2 positive numbers"),
-    (lambda: factor.next_weights("ddk-log", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5,
-                                 static_weights=[1], temperature=0.0), "--ddk-temperature"),
-    (lambda: factor.next_weights("ddk-tempered", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5,
-                                 static_weights=[1], temperature=-1.0), "--ddk-temperature"),
-    (lambda: factor.bounded_step([0.5, 0.5], [0.1, 0.9], 0.0), "--ddk-max-step"),
-])
+@pytest.mark.parametrize(
+    "call,needle",
+    [
+        (lambda: factor.smoothed_update([0.5, 0.5], [1, 1], [1, 1], alpha=1.5), "--ddk-alpha"),
+        (
+            lambda: factor.next_weights(
+                "equal", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=-0.1, static_weights=[1]
+            ),
+            "--ddk-alpha",
+        ),
+        (lambda: factor.initial_factor([1, 2], [1]), "domains"),
+        (lambda: factor.smoothed_update([1.0], [1, 2], [1, 2], alpha=0.5), "r_prev has 1 domains"),
+        (lambda: factor.smoothed_update([1.0, 0.0], [1, 2], [1, 2], alpha=0.5), "positive"),
+        (lambda: factor.initial_factor([float("nan")], [1]), "finite"),
+        (lambda: factor.initial_factor([], []), "non-empty"),
+        (
+            lambda: factor.next_weights(
+                "greedy", r_prev=None, ce_student=[1], ce_teacher=[1], alpha=0.5, static_weights=[1]
+            ),
+            "--ddk-mixing",
+        ),
+        (lambda: factor.first_weights("static", [1.0, -1.0], 2), "positive"),
+        (lambda: factor.first_weights("ddk", [1.0], 2), "2 positive numbers"),
+        (
+            lambda: factor.next_weights(
+                "ddk-log",
+                r_prev=None,
+                ce_student=[1],
+                ce_teacher=[1],
+                alpha=0.5,
+                static_weights=[1],
+                temperature=0.0,
+            ),
+            "--ddk-temperature",
+        ),
+        (
+            lambda: factor.next_weights(
+                "ddk-tempered",
+                r_prev=None,
+                ce_student=[1],
+                ce_teacher=[1],
+                alpha=0.5,
+                static_weights=[1],
+                temperature=-1.0,
+            ),
+            "--ddk-temperature",
+        ),
+        (lambda: factor.bounded_step([0.5, 0.5], [0.1, 0.9], 0.0), "--ddk-max-step"),
+    ],
+)
 def test_bad_input(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
@@ -136,34 +176,52 @@ def test_bad_input(call, needle):
 # ------------------------------------------------------------------ the ddk-* modes (beyond the paper)
 def weights(mode, ratios, r_prev=None, **kw):
     s, t = ce_for_ratios(ratios)
-    return factor.next_weights(mode, r_prev=r_prev, ce_student=s, ce_teacher=t, alpha=kw.pop("alpha", 0.5),
-                               static_weights=kw.pop("static", [1.0] * len(ratios)), **kw)
+    return factor.next_weights(
+        mode,
+        r_prev=r_prev,
+        ce_student=s,
+        ce_teacher=t,
+        alpha=kw.pop("alpha", 0.5),
+        static_weights=kw.pop("static", [1.0] * len(ratios)),
+        **kw,
+    )
 
 
 def test_smooth0_mixes_window_0_with_uniform():
     # Eq. 1 on ratios [1, 2] = [0.268941, 0.731059]; 0.5 * that + 0.25 = [0.384471, 0.615529]
-    np.testing.assert_allclose(weights("ddk-smooth0", [1.0, 2.0]), [0.38447071068499755, 0.6155292893150024],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        weights("ddk-smooth0", [1.0, 2.0]), [0.38447071068499755, 0.6155292893150024], rtol=1e-12
+    )
     # later windows: Eq. 2 unchanged
-    np.testing.assert_allclose(weights("ddk-smooth0", [1.0, 2.0], r_prev=[0.5, 0.5]), [0.384471, 0.615529],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        weights("ddk-smooth0", [1.0, 2.0], r_prev=[0.5, 0.5]), [0.384471, 0.615529], atol=1e-6
+    )
 
 
 def test_tempered_divides_the_ratios():
     # tau = 2: softmax([0.5, 1.0]) = [1, e^0.5] / (1 + e^0.5) = [0.377541, 0.622459]
-    np.testing.assert_allclose(weights("ddk-tempered", [1.0, 2.0], temperature=2.0), [0.377541, 0.622459],
-                               atol=1e-6)
-    np.testing.assert_allclose(weights("ddk-tempered", [1.0, 2.0]), factor.initial_factor(*ce_for_ratios([1, 2])))
+    np.testing.assert_allclose(
+        weights("ddk-tempered", [1.0, 2.0], temperature=2.0), [0.377541, 0.622459], atol=1e-6
+    )
+    np.testing.assert_allclose(
+        weights("ddk-tempered", [1.0, 2.0]), factor.initial_factor(*ce_for_ratios([1, 2]))
+    )
 
 
 def test_log_space_weights_are_proportional_to_the_ratio():
     # g = log ratio: softmax(log [1, 2]) = [1/3, 2/3]; tau = 2: ~ sqrt(ratio) = [1, 1.414214] / 2.414214
     np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0]), [1 / 3, 2 / 3], rtol=1e-12)
-    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0], temperature=2.0), [0.414214, 0.585786], atol=1e-6)
+    np.testing.assert_allclose(
+        weights("ddk-log", [1.0, 2.0], temperature=2.0), [0.414214, 0.585786], atol=1e-6
+    )
     # Eq. 2 in log space: psi = r_t * ratio = [0.5, 1.0] -> [1/3, 2/3]; 0.5 * that + 0.25
-    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0], r_prev=[0.5, 0.5]), [5 / 12, 7 / 12], rtol=1e-12)
+    np.testing.assert_allclose(
+        weights("ddk-log", [1.0, 2.0], r_prev=[0.5, 0.5]), [5 / 12, 7 / 12], rtol=1e-12
+    )
     # from r = [0.8, 0.2]: psi = [0.8, 0.4] -> [2/3, 1/3] -> [0.583333, 0.416667]
-    np.testing.assert_allclose(weights("ddk-log", [1.0, 2.0], r_prev=[0.8, 0.2]), [7 / 12, 5 / 12], rtol=1e-12)
+    np.testing.assert_allclose(
+        weights("ddk-log", [1.0, 2.0], r_prev=[0.8, 0.2]), [7 / 12, 5 / 12], rtol=1e-12
+    )
 
 
 def test_robust_on_the_issue_ratios():
@@ -175,21 +233,27 @@ def test_robust_on_the_issue_ratios():
     proportional = np.array(ratios) / 20.4
     np.testing.assert_allclose(weights("ddk-log", ratios), proportional, rtol=1e-12)
     np.testing.assert_allclose(weights("ddk-robust", ratios), 0.5 * proportional + 0.125, rtol=1e-12)
-    np.testing.assert_allclose(weights("ddk-robust", ratios), [0.176471, 0.245098, 0.193627, 0.384804], atol=1e-6)
+    np.testing.assert_allclose(
+        weights("ddk-robust", ratios), [0.176471, 0.245098, 0.193627, 0.384804], atol=1e-6
+    )
     # its updates are ddk-log's
     prev = [0.1, 0.2, 0.3, 0.4]
-    np.testing.assert_allclose(weights("ddk-robust", ratios, r_prev=prev), weights("ddk-log", ratios, r_prev=prev))
+    np.testing.assert_allclose(
+        weights("ddk-robust", ratios, r_prev=prev), weights("ddk-log", ratios, r_prev=prev)
+    )
 
 
 def test_bounded_moves_at_most_max_step():
     # window 0 starts from the registry's weights [0.5, 0.5]; Eq. 1 wants [0.268941, 0.731059] (TV 0.231059);
     # a step of 0.1 goes 0.1 / 0.231059 of the way: [0.4, 0.6]
     np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], max_step=0.1), [0.4, 0.6], rtol=1e-12)
-    np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], static=[3.0, 1.0], max_step=0.1), [0.65, 0.35],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        weights("ddk-bounded", [1.0, 2.0], static=[3.0, 1.0], max_step=0.1), [0.65, 0.35], rtol=1e-12
+    )
     # a step larger than the distance reaches the paper's weights
     np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], max_step=0.5), weights("ddk", [1.0, 2.0]))
     # an update: Eq. 2 from [0.5, 0.5] wants [0.384471, 0.615529] (TV 0.115529); a step of 0.05: [0.45, 0.55]
-    np.testing.assert_allclose(weights("ddk-bounded", [1.0, 2.0], r_prev=[0.5, 0.5], max_step=0.05), [0.45, 0.55],
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        weights("ddk-bounded", [1.0, 2.0], r_prev=[0.5, 0.5], max_step=0.05), [0.45, 0.55], rtol=1e-12
+    )
     assert factor.total_variation([0.5, 0.5], [0.45, 0.55]) == pytest.approx(0.05)

@@ -23,10 +23,15 @@ def compare(kind, temperature, chunk, beta=0.4, vocab_size=None, dtype=torch.flo
     s_ours = s_ref.detach().clone().requires_grad_()
     t = logits(1, dtype=dtype)
     t_before = t.clone()
-    weights = torch.rand(SHAPE[:2], generator=torch.Generator().manual_seed(2))  # non-uniform upstream gradient
-    ref = reference_kd_loss(s_ref, t, kind=kind, temperature=temperature, jsd_beta=beta, vocab_size=vocab_size)
-    ours = vocab_parallel_kd_loss(s_ours, t, kind=kind, temperature=temperature, jsd_beta=beta, chunk_size=chunk,
-                                  vocab_size=vocab_size)
+    weights = torch.rand(
+        SHAPE[:2], generator=torch.Generator().manual_seed(2)
+    )  # non-uniform upstream gradient
+    ref = reference_kd_loss(
+        s_ref, t, kind=kind, temperature=temperature, jsd_beta=beta, vocab_size=vocab_size
+    )
+    ours = vocab_parallel_kd_loss(
+        s_ours, t, kind=kind, temperature=temperature, jsd_beta=beta, chunk_size=chunk, vocab_size=vocab_size
+    )
     assert torch.equal(t, t_before) and torch.equal(s_ours.detach(), s_ref.detach())  # inputs untouched
     (ref * weights).sum().backward()
     (ours * weights).sum().backward()
@@ -59,7 +64,8 @@ def test_hand_worked_values():
     m = [0.5 * 0.75 + 0.5 * 0.5, 0.5 * 0.25 + 0.5 * 0.5]
     jsd = vocab_parallel_kd_loss(student.detach(), teacher, kind="jsd", jsd_beta=0.5)
     expected = 0.5 * (0.75 * math.log(0.75 / m[0]) + 0.25 * math.log(0.25 / m[1])) + 0.5 * (
-        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1]))
+        0.5 * math.log(0.5 / m[0]) + 0.5 * math.log(0.5 / m[1])
+    )
     assert jsd.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -73,8 +79,10 @@ def test_padding_columns_get_no_mass(kind):
     s, t = logits(0), logits(1)
     s2, t2 = s.clone(), t.clone()
     s2[..., 33:], t2[..., 33:] = 1e4, -7.0
-    torch.testing.assert_close(vocab_parallel_kd_loss(s2, t2, kind=kind, vocab_size=33),
-                               vocab_parallel_kd_loss(s, t, kind=kind, vocab_size=33))
+    torch.testing.assert_close(
+        vocab_parallel_kd_loss(s2, t2, kind=kind, vocab_size=33),
+        vocab_parallel_kd_loss(s, t, kind=kind, vocab_size=33),
+    )
 
 
 def test_identical_distributions_give_zero():
@@ -110,9 +118,16 @@ def test_teacher_gets_no_gradient_and_no_grad_mode_keeps_none():
     torch.testing.assert_close(out, reference_kd_loss(s, t, kind="reverse_kl").detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"kind": "kl"}, "--kd-loss-type"), ({"temperature": 0.0}, "--kd-temperature"),
-    ({"jsd_beta": 1.5}, "--kd-jsd-beta"), ({"vocab_size": 41}, "vocab_size 41"), ({"vocab_size": 0}, "vocab_size 0")])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"kind": "kl"}, "--kd-loss-type"),
+        ({"temperature": 0.0}, "--kd-temperature"),
+        ({"jsd_beta": 1.5}, "--kd-jsd-beta"),
+        ({"vocab_size": 41}, "vocab_size 41"),
+        ({"vocab_size": 0}, "vocab_size 0"),
+    ],
+)
 def test_bad_arguments(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         vocab_parallel_kd_loss(logits(0), logits(1), **kwargs)
@@ -138,7 +153,9 @@ def test_only_the_student_gradient_is_kept_for_backward(dtype):
     s, t = logits(0, dtype=dtype).requires_grad_(), logits(1, dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         loss = vocab_parallel_kd_loss(s, t, kind="jsd", chunk_size=3)
-    assert saved == [((SHAPE[0] * SHAPE[1], SHAPE[2]), dtype)]  # one [tokens, v] gradient in the logits' dtype
+    assert saved == [
+        ((SHAPE[0] * SHAPE[1], SHAPE[2]), dtype)
+    ]  # one [tokens, v] gradient in the logits' dtype
     loss.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass per forward"):  # it was scaled in place
         loss.sum().backward()

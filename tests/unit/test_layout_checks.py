@@ -11,10 +11,30 @@ from megatron_ddk.config import ModelConfig
 from megatron_ddk.errors import ConfigError
 from megatron_ddk.layout_checks import check_layout, layout_problems
 
-FLAGS = ["--num-layers", "4", "--hidden-size", "96", "--num-attention-heads", "6",
-         "--ffn-hidden-size", "240", "--seq-length", "64", "--micro-batch-size", "1", "--train-iters", "1",
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "t.model", "--data-path", "x",
-         "--ddk-mode", "cpt"]
+FLAGS = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "96",
+    "--num-attention-heads",
+    "6",
+    "--ffn-hidden-size",
+    "240",
+    "--seq-length",
+    "64",
+    "--micro-batch-size",
+    "1",
+    "--train-iters",
+    "1",
+    "--tokenizer-type",
+    "SentencePieceTokenizer",
+    "--tokenizer-model",
+    "t.model",
+    "--data-path",
+    "x",
+    "--ddk-mode",
+    "cpt",
+]
 
 
 def config(*extra, world_size=1):
@@ -47,16 +67,25 @@ def test_sequence_longer_than_the_position_table(positions):
 
 def test_teacher_shapes_against_the_runs_layout():
     cfg = config("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", world_size=4)
-    teacher = ModelConfig(num_layers=3, hidden_size=120, num_attention_heads=5, ffn_hidden_size=301, vocab_size=500,
-                          max_position_embeddings=32, num_query_groups=5)
+    teacher = ModelConfig(
+        num_layers=3,
+        hidden_size=120,
+        num_attention_heads=5,
+        ffn_hidden_size=301,
+        vocab_size=500,
+        max_position_embeddings=32,
+        num_query_groups=5,
+    )
     problems = layout_problems(cfg, teacher, teacher_source="--teacher-load T")
     joined = "\n".join(problems)
-    for phrase in ("the teacher's (--teacher-load T) num_attention_heads 5 is not divisible by "
-                   "--tensor-model-parallel-size 2",
-                   "the teacher's (--teacher-load T) num_query_groups 5",
-                   "the teacher's (--teacher-load T) ffn_hidden_size 301",
-                   "the teacher's (--teacher-load T) num_layers 3 is not divisible by --pipeline-model-parallel-size 2",
-                   "--seq-length 64 exceeds the teacher's (--teacher-load T) max_position_embeddings 32"):
+    for phrase in (
+        "the teacher's (--teacher-load T) num_attention_heads 5 is not divisible by "
+        "--tensor-model-parallel-size 2",
+        "the teacher's (--teacher-load T) num_query_groups 5",
+        "the teacher's (--teacher-load T) ffn_hidden_size 301",
+        "the teacher's (--teacher-load T) num_layers 3 is not divisible by --pipeline-model-parallel-size 2",
+        "--seq-length 64 exceeds the teacher's (--teacher-load T) max_position_embeddings 32",
+    ):
         assert phrase in joined, joined
     assert len(problems) == 5
 

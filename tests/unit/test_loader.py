@@ -26,7 +26,12 @@ class FakeDomain(torch.utils.data.Dataset):
         if not 0 <= i < self.size:
             raise IndexError(i)
         tokens = torch.full((SEQ,), 1000 * self.domain + i)
-        return {"tokens": tokens, "labels": tokens + 1, "loss_mask": torch.ones(SEQ), "position_ids": torch.arange(SEQ)}
+        return {
+            "tokens": tokens,
+            "labels": tokens + 1,
+            "loss_mask": torch.ones(SEQ),
+            "position_ids": torch.arange(SEQ),
+        }
 
 
 def count_evaluation_samples(batches) -> int:
@@ -43,8 +48,15 @@ def schedule(window=16):
 
 
 def loader(sched, rank=0, dp=1, gbs=8, mbs=2, start=0):
-    return MixedDomainBatches(domains(), sched, global_batch_size=gbs, micro_batch_size=mbs, dp_rank=rank,
-                              dp_size=dp, start_iteration=start)
+    return MixedDomainBatches(
+        domains(),
+        sched,
+        global_batch_size=gbs,
+        micro_batch_size=mbs,
+        dp_rank=rank,
+        dp_size=dp,
+        start_iteration=start,
+    )
 
 
 def test_batches_carry_domain_and_sample_ids_and_dp_ranks_split_the_stream():
@@ -66,7 +78,9 @@ def test_batches_carry_domain_and_sample_ids_and_dp_ranks_split_the_stream():
             pos = b["global_position"].numpy()
             np.testing.assert_array_equal(b["domain_id"].numpy(), ref_domains[pos])
             np.testing.assert_array_equal(b["sample_id"].numpy(), ref_samples[pos])
-            np.testing.assert_array_equal(b["tokens"][:, 0].numpy(), 1000 * ref_domains[pos] + ref_samples[pos])
+            np.testing.assert_array_equal(
+                b["tokens"][:, 0].numpy(), 1000 * ref_domains[pos] + ref_samples[pos]
+            )
 
 
 def test_weights_set_at_a_window_end_apply_to_the_next_window():
@@ -92,20 +106,32 @@ def test_resume_at_an_iteration():
 
 def test_bad_setup():
     with pytest.raises(ValueError, match="2 datasets for a schedule of 3"):
-        MixedDomainBatches(domains()[:2], schedule(), global_batch_size=8, micro_batch_size=2, dp_rank=0, dp_size=1)
+        MixedDomainBatches(
+            domains()[:2], schedule(), global_batch_size=8, micro_batch_size=2, dp_rank=0, dp_size=1
+        )
     with pytest.raises(ValueError, match="dataset sizes"):
-        MixedDomainBatches([FakeDomain(0, 5), *domains()[1:]], schedule(), global_batch_size=8, micro_batch_size=2,
-                           dp_rank=0, dp_size=1)
+        MixedDomainBatches(
+            [FakeDomain(0, 5), *domains()[1:]],
+            schedule(),
+            global_batch_size=8,
+            micro_batch_size=2,
+            dp_rank=0,
+            dp_size=1,
+        )
     with pytest.raises(ValueError, match="--global-batch-size 6"):
         loader(schedule(), dp=2, gbs=6)
 
 
-@pytest.mark.parametrize("num_samples,size,mbs,dp", [(9, 11, 2, 2), (20, 11, 2, 2), (5, 11, 3, 1), (3, 11, 2, 3)])
+@pytest.mark.parametrize(
+    "num_samples,size,mbs,dp", [(9, 11, 2, 2), (20, 11, 2, 2), (5, 11, 3, 1), (3, 11, 2, 3)]
+)
 def test_evaluation_batches_split_without_overlap_and_pad_with_zero_mask(num_samples, size, mbs, dp):
     data = FakeDomain(0, size)
     total = min(num_samples, size)
-    per_rank = [evaluation_batches(data, num_samples=num_samples, micro_batch_size=mbs, dp_rank=r, dp_size=dp)
-                for r in range(dp)]
+    per_rank = [
+        evaluation_batches(data, num_samples=num_samples, micro_batch_size=mbs, dp_rank=r, dp_size=dp)
+        for r in range(dp)
+    ]
     steps = -(-total // (mbs * dp))
     assert [len(b) for b in per_rank] == [steps] * dp  # every rank runs the same number of micro-batches
     counted = []

@@ -51,7 +51,9 @@ def test_sample_ids_follow_the_per_domain_permutation_across_windows():
     for d, size in enumerate(SIZES):
         drawn = samples[domains == d]  # the k-th draw ever from d, in order, over both windows
         k = np.arange(drawn.size)
-        expected = [np.random.default_rng([3, d, int(e)]).permutation(size)[i] for e, i in zip(k // size, k % size)]
+        expected = [
+            np.random.default_rng([3, d, int(e)]).permutation(size)[i] for e, i in zip(k // size, k % size)
+        ]
         assert drawn.tolist() == expected
 
 
@@ -60,7 +62,7 @@ def test_small_domain_wraps_into_a_new_shuffled_epoch_without_repeats():
     domains, samples = sched.lookup(0, 100)
     small = samples[domains == 2]
     assert len(small) > 2 * SIZES[2]
-    epochs = [small[i: i + SIZES[2]] for i in range(0, len(small) - SIZES[2] + 1, SIZES[2])]
+    epochs = [small[i : i + SIZES[2]] for i in range(0, len(small) - SIZES[2] + 1, SIZES[2])]
     for epoch in epochs:
         assert sorted(epoch.tolist()) == list(range(SIZES[2]))  # every sample once per epoch
     assert any(not np.array_equal(epochs[0], e) for e in epochs[1:])  # reshuffled
@@ -143,12 +145,15 @@ def test_resume_with_other_settings_is_refused():
         make().load_state_dict(state)
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    (dict(domain_sizes=[5, 0]), "at least one training sample"),
-    (dict(window_size=0), "must be > 0"),
-    (dict(seed=-1), "--seed"),
-    (dict(initial_weights=(1, 1)), "3 positive finite"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(domain_sizes=[5, 0]), "at least one training sample"),
+        (dict(window_size=0), "must be > 0"),
+        (dict(seed=-1), "--seed"),
+        (dict(initial_weights=(1, 1)), "3 positive finite"),
+    ],
+)
 def test_bad_construction(kwargs, needle):
     args = dict(domain_sizes=SIZES, window_size=10, seed=0, initial_weights=(1, 1, 1)) | kwargs
     sizes = args.pop("domain_sizes")
@@ -157,15 +162,19 @@ def test_bad_construction(kwargs, needle):
 
 
 def test_large_window_is_cheap():
-    sched = DomainMixingSchedule([10_000, 300_000, 70], window_size=1_000_000, seed=0, initial_weights=(1, 2, 3))
+    sched = DomainMixingSchedule(
+        [10_000, 300_000, 70], window_size=1_000_000, seed=0, initial_weights=(1, 2, 3)
+    )
     np.testing.assert_array_equal(sched.window_counts(0), helper_layout((1, 2, 3), 1_000_000)[1])
     domains, samples = sched.lookup(999_000, 1_001_000)  # straddles windows 0 and 1
     assert domains.size == 2000 and samples.max() < 300_000
 
 
 def test_dp_slices_are_disjoint_and_cover_the_global_batch():
-    ranks = [dp_micro_batch_indices(3, global_batch_size=16, micro_batch_size=2, dp_rank=r, dp_size=2)
-             for r in range(2)]
+    ranks = [
+        dp_micro_batch_indices(3, global_batch_size=16, micro_batch_size=2, dp_rank=r, dp_size=2)
+        for r in range(2)
+    ]
     assert [len(r) for r in ranks] == [4, 4]
     assert ranks[0] == [range(48, 50), range(52, 54), range(56, 58), range(60, 62)]
     assert ranks[1] == [range(50, 52), range(54, 56), range(58, 60), range(62, 64)]

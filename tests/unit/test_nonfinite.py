@@ -15,9 +15,12 @@ NAN = float("nan")
 
 
 def totals(lm=1.0, kd=0.5, teacher=2.0, domains=(1.0, 1.0, 1.0)):
-    return {LM_LOSS: torch.tensor([lm, 10.0]), KD_LOSS: torch.tensor([kd, 10.0]),
-            TEACHER_LM_LOSS: torch.tensor([teacher, 10.0]),
-            DOMAIN_LM_LOSS: torch.tensor([*domains, 3.0, 3.0, 4.0])}
+    return {
+        LM_LOSS: torch.tensor([lm, 10.0]),
+        KD_LOSS: torch.tensor([kd, 10.0]),
+        TEACHER_LM_LOSS: torch.tensor([teacher, 10.0]),
+        DOMAIN_LM_LOSS: torch.tensor([*domains, 3.0, 3.0, 4.0]),
+    }
 
 
 def problem(values, grad_norm=1.0, teacher="T"):
@@ -52,12 +55,15 @@ def test_teacher_is_blamed_for_its_own_nan():
 
 
 def test_evaluation_names_teacher_then_student():
-    bad_teacher = DomainEvaluation(ce_student=np.ones(3), ce_teacher=np.array([1.0, np.inf, NAN]), tokens=np.ones(3))
+    bad_teacher = DomainEvaluation(
+        ce_student=np.ones(3), ce_teacher=np.array([1.0, np.inf, NAN]), tokens=np.ones(3)
+    )
     message = evaluation_problem(bad_teacher, iteration=0, domain_names=NAMES, teacher="T")
     assert message.startswith("iteration 0: non-finite teacher validation loss on domain(s) prose, math;")
     bad_student = DomainEvaluation(ce_student=np.array([NAN, 1, 1]), ce_teacher=None, tokens=np.ones(3))
     assert "student validation loss on domain(s) code" in evaluation_problem(
-        bad_student, iteration=4, domain_names=NAMES, teacher=None)
+        bad_student, iteration=4, domain_names=NAMES, teacher=None
+    )
     with pytest.raises(NonFiniteError):
         raise_if(evaluation_problem(bad_student, iteration=4, domain_names=NAMES, teacher=None))
 
@@ -65,9 +71,29 @@ def test_evaluation_names_teacher_then_student():
 def test_megatron_flag_is_on_by_default_and_can_be_turned_off():
     from megatron_ddk.arguments import parse_run_config
 
-    flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-             "--micro-batch-size", "1", "--train-iters", "2", "--tokenizer-type", "SentencePieceTokenizer",
-             "--tokenizer-model", "t", "--data-path", "x", "--ddk-mode", "cpt"]
+    flags = [
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "16",
+        "--micro-batch-size",
+        "1",
+        "--train-iters",
+        "2",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        "t",
+        "--data-path",
+        "x",
+        "--ddk-mode",
+        "cpt",
+    ]
     assert parse_run_config(flags, vocab_size=100).training.check_for_nan_in_loss_and_grad
-    assert not parse_run_config([*flags, "--no-check-for-nan-in-loss-and-grad"],
-                                vocab_size=100).training.check_for_nan_in_loss_and_grad
+    assert not parse_run_config(
+        [*flags, "--no-check-for-nan-in-loss-and-grad"], vocab_size=100
+    ).training.check_for_nan_in_loss_and_grad

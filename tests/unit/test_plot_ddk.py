@@ -13,9 +13,18 @@ DOMAINS = ["web", "code", "math"]
 
 
 def record(iteration, weights, ratio=(1.5, 1.2, 1.8)):
-    return {"iteration": iteration, "window": iteration // 10, "mixing": "ddk", "domains": DOMAINS,
-            "ce_student": [2.0, 1.5, 2.5], "ce_teacher": [1.6, 1.3, 1.9], "ppl_student": [7.4, 4.5, 12.2],
-            "ppl_teacher": [4.9, 3.7, 6.7], "ratio": None if ratio is None else list(ratio), "weights": weights}
+    return {
+        "iteration": iteration,
+        "window": iteration // 10,
+        "mixing": "ddk",
+        "domains": DOMAINS,
+        "ce_student": [2.0, 1.5, 2.5],
+        "ce_teacher": [1.6, 1.3, 1.9],
+        "ppl_student": [7.4, 4.5, 12.2],
+        "ppl_teacher": [4.9, 3.7, 6.7],
+        "ratio": None if ratio is None else list(ratio),
+        "weights": weights,
+    }
 
 
 def write_log(path, records, extra_lines=()):
@@ -39,9 +48,15 @@ def png_size(path):
 
 
 def test_cli_writes_a_two_panel_png(tmp_path):
-    log = write_log(tmp_path / "ddk_log.jsonl",
-                    [record(0, [0.3, 0.3, 0.4]), record(10, [0.28, 0.27, 0.45], (1.4, 1.1, 1.7)),
-                     record(20, [0.27, 0.25, 0.48], (1.3, 1.1, 1.5))], extra_lines=["\n"])
+    log = write_log(
+        tmp_path / "ddk_log.jsonl",
+        [
+            record(0, [0.3, 0.3, 0.4]),
+            record(10, [0.28, 0.27, 0.45], (1.4, 1.1, 1.7)),
+            record(20, [0.27, 0.25, 0.48], (1.3, 1.1, 1.5)),
+        ],
+        extra_lines=["\n"],
+    )
     out = tmp_path / "plots" / "ddk.png"
     proc = python("tools/plot_ddk.py", log, "--output", out)
     assert "3 updates, 3 domains" in proc.stdout
@@ -56,16 +71,24 @@ def test_a_log_without_teacher_gets_only_the_weights_panel(tmp_path, plot_ddk):
     assert png_size(out) == (9 * 120, 4 * 120)
 
 
-@pytest.mark.parametrize("lines,needle", [
-    (None, "no such file"),
-    ([], "empty log"),
-    ([json.dumps(record(0, [0.3, 0.3, 0.4])), "{not json"], "log.jsonl:2: not JSON"),
-    (['{"iteration": 0}'], "log.jsonl:1: record lacks domains, weights, ratio"),
-    ([json.dumps(record(0, [0.5, 0.5]))], "log.jsonl:1: 'weights' must be 3 numbers"),
-    ([json.dumps(record(0, [0.3, 0.3, 0.4])), json.dumps(dict(record(1, [0.3, 0.3, 0.4]), domains=["a", "b", "c"]))],
-     "log.jsonl:2: domains"),
-    (["[1, 2]"], "log.jsonl:1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines,needle",
+    [
+        (None, "no such file"),
+        ([], "empty log"),
+        ([json.dumps(record(0, [0.3, 0.3, 0.4])), "{not json"], "log.jsonl:2: not JSON"),
+        (['{"iteration": 0}'], "log.jsonl:1: record lacks domains, weights, ratio"),
+        ([json.dumps(record(0, [0.5, 0.5]))], "log.jsonl:1: 'weights' must be 3 numbers"),
+        (
+            [
+                json.dumps(record(0, [0.3, 0.3, 0.4])),
+                json.dumps(dict(record(1, [0.3, 0.3, 0.4]), domains=["a", "b", "c"])),
+            ],
+            "log.jsonl:2: domains",
+        ),
+        (["[1, 2]"], "log.jsonl:1: expected a JSON object"),
+    ],
+)
 def test_bad_logs_fail_with_the_line(tmp_path, plot_ddk, capsys, lines, needle):
     log = tmp_path / "log.jsonl"
     if lines is not None:

@@ -245,7 +245,9 @@ def test_many_chunks_and_workers_keep_order_and_line_numbers(spm, tmp_path, monk
     """Several chunks per file over two workers: same bytes as one worker, bad lines numbered per file."""
     import tools.preprocess_data as tool
 
-    monkeypatch.setattr(tool, "CHUNK_BYTES", 200)  # the spawned workers never read it: only the main process chunks
+    monkeypatch.setattr(
+        tool, "CHUNK_BYTES", 200
+    )  # the spawned workers never read it: only the main process chunks
     records = [{"text": d} for d in DOCS] + ["{broken"] + [{"text": d} for d in DOCS]
     src = tmp_path / "in.jsonl"
     src.write_text(lines(records))
@@ -254,7 +256,9 @@ def test_many_chunks_and_workers_keep_order_and_line_numbers(spm, tmp_path, monk
     assert one.first_bad == two.first_bad == {"malformed JSON": [f"{src}:{len(DOCS) + 1}"]}
     assert one.documents == two.documents == 2 * len(DOCS)
     for ext in (".bin", ".idx"):
-        assert (tmp_path / f"one_text_document{ext}").read_bytes() == (tmp_path / f"two_text_document{ext}").read_bytes()
+        assert (tmp_path / f"one_text_document{ext}").read_bytes() == (
+            tmp_path / f"two_text_document{ext}"
+        ).read_bytes()
 
 
 def test_killed_run_leaves_nothing_the_next_run_keeps(spm, tmp_path):
@@ -269,13 +273,30 @@ def test_killed_run_leaves_nothing_the_next_run_keeps(spm, tmp_path):
 
     src = tmp_path / "in.jsonl"
     src.write_text(lines({"text": d * 40} for d in DOCS * 40))  # long enough to be caught mid-run
-    args = ["--input", str(src), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type",
-            "SentencePieceTokenizer", "--tokenizer-model", spm, "--no-progress", "--overwrite"]
-    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", *args], cwd=REPO_ROOT,
-                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "--input",
+        str(src),
+        "--output-prefix",
+        str(tmp_path / "out"),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        spm,
+        "--no-progress",
+        "--overwrite",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "tools/preprocess_data.py", *args],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     staged = tmp_path / f".out_text_document.bin.tmp{proc.pid}"
     deadline = time.time() + 60
-    while not (staged.exists() and staged.stat().st_size > 0) and time.time() < deadline and proc.poll() is None:
+    while (
+        not (staged.exists() and staged.stat().st_size > 0) and time.time() < deadline and proc.poll() is None
+    ):
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -21,7 +21,7 @@ def launched(script, tmp_path, entry_name, **env):
     assert proc.returncode == 0, proc.stderr
     tokens = shlex.split(proc.stdout.strip())
     entry = next(i for i, t in enumerate(tokens) if t.endswith(entry_name))
-    return tokens[entry + 1:]
+    return tokens[entry + 1 :]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -31,8 +31,17 @@ def test_cache_stage_caches_what_the_run_can_draw(script, tmp_path):
     assert cache_teacher_logits.check_args(args, world_size=16) == []
     train = flag_values(launched(script, tmp_path, "pretrain_ddk.py"))
     assert args.top_k == 16 and args.output == f"{tmp_path / 'ckpt'}_teacher_cache_k16"
-    for flag in ("--train-iters", "--global-batch-size", "--ddk-interval", "--ddk-alpha", "--seq-length", "--seed",
-                 "--domains", "--tokenizer-model", "--tensor-model-parallel-size"):
+    for flag in (
+        "--train-iters",
+        "--global-batch-size",
+        "--ddk-interval",
+        "--ddk-alpha",
+        "--seq-length",
+        "--seed",
+        "--domains",
+        "--tokenizer-model",
+        "--tensor-model-parallel-size",
+    ):
         assert str(getattr(args, flag[2:].replace("-", "_"))) == train[flag][0], flag
     assert args.val_samples == int(train["--ddk-val-samples"][0]) and args.ddk_mode == train["--ddk-mode"][0]
     assert args.teacher_load == train["--teacher-load"][0]
@@ -41,7 +50,9 @@ def test_cache_stage_caches_what_the_run_can_draw(script, tmp_path):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 @pytest.mark.parametrize("fallback", ["", "1"])
 def test_training_from_the_cache(script, tmp_path, fallback):
-    flags = launched(script, tmp_path, "pretrain_ddk.py", TEACHER_CACHE=str(tmp_path / "tc"), TEACHER_FALLBACK=fallback)
+    flags = launched(
+        script, tmp_path, "pretrain_ddk.py", TEACHER_CACHE=str(tmp_path / "tc"), TEACHER_FALLBACK=fallback
+    )
     values = flag_values(flags)
     assert values["--teacher-cache"] == [str(tmp_path / "tc")]
     assert ("--teacher-load" in values) == bool(fallback)

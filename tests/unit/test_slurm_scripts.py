@@ -36,14 +36,19 @@ SETUPS = {
 }
 
 
-def run_script(script: Path, tmp_path: Path, *, dry_run: bool = True, **env: str) -> subprocess.CompletedProcess:
+def run_script(
+    script: Path, tmp_path: Path, *, dry_run: bool = True, **env: str
+) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    base.update({"NNODES": str(SETUPS[script.name][3]), "CKPT_DIR": str(tmp_path / "ckpt"), "PATH": "/usr/bin:/bin"})
+    base.update(
+        {"NNODES": str(SETUPS[script.name][3]), "CKPT_DIR": str(tmp_path / "ckpt"), "PATH": "/usr/bin:/bin"}
+    )
     if dry_run:
         base["DRY_RUN"] = "1"
     base.update(env)
-    return subprocess.run(["bash", str(script)], cwd=REPO_ROOT, env=base, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(
+        ["bash", str(script)], cwd=REPO_ROOT, env=base, capture_output=True, text=True, timeout=60
+    )
 
 
 def launch_line(script: Path, tmp_path: Path, **env: str) -> dict:
@@ -54,8 +59,13 @@ def launch_line(script: Path, tmp_path: Path, **env: str) -> dict:
     tokens = shlex.split(lines[0])
     start = tokens.index("torchrun")
     entry = next(i for i, t in enumerate(tokens) if t.endswith("pretrain_ddk.py"))
-    torchrun_opts = dict(zip(tokens[start + 1:entry:2], tokens[start + 2:entry:2]))
-    return {"srun": tokens[:start], "torchrun": torchrun_opts, "entry": tokens[entry], "flags": tokens[entry + 1:]}
+    torchrun_opts = dict(zip(tokens[start + 1 : entry : 2], tokens[start + 2 : entry : 2]))
+    return {
+        "srun": tokens[:start],
+        "torchrun": torchrun_opts,
+        "entry": tokens[entry],
+        "flags": tokens[entry + 1 :],
+    }
 
 
 def flag_values(flags: list[str]) -> dict[str, list[str]]:
@@ -118,16 +128,32 @@ def test_dry_run_prints_a_valid_multi_node_torchrun_line(script, tmp_path):
 
     # The student's architecture is the published one.
     preset = estimate_memory.PRESETS[student_name]
-    for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "norm_epsilon",
-                  "rotary_base", "add_qkv_bias", "add_bias_linear", "untie_embeddings_and_output_weights",
-                  "max_position_embeddings", "swiglu", "normalization", "position_embedding_type", "qk_layernorm",
-                  "use_rope_scaling", "rope_scaling_factor", "rope_scaling_original_max_position_embeddings",
-                  "num_experts"):
+    for field in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "norm_epsilon",
+        "rotary_base",
+        "add_qkv_bias",
+        "add_bias_linear",
+        "untie_embeddings_and_output_weights",
+        "max_position_embeddings",
+        "swiglu",
+        "normalization",
+        "position_embedding_type",
+        "qk_layernorm",
+        "use_rope_scaling",
+        "rope_scaling_factor",
+        "rope_scaling_original_max_position_embeddings",
+        "num_experts",
+    ):
         assert getattr(cfg.model, field) == getattr(preset, field), field
     assert cfg.model.query_groups == preset.query_groups
     # ... and its logits are exactly as wide as the teacher's.
-    assert padded_vocab_size(vocab, tp, cfg.model.make_vocab_size_divisible_by) == \
-        padded_vocab_size(teacher_rows, tp, 128)
+    assert padded_vocab_size(vocab, tp, cfg.model.make_vocab_size_divisible_by) == padded_vocab_size(
+        teacher_rows, tp, 128
+    )
 
     # The paper's hyperparameters.
     t, d, k = cfg.training, cfg.distill, cfg.ddk
@@ -149,13 +175,20 @@ def test_fits_80_gib_by_the_estimator(script, tmp_path):
     cfg = parse_run_config(launch_line(script, tmp_path)["flags"], vocab_size=vocab, world_size=world)
     p = cfg.parallel
     layout = estimate_memory.Layout(
-        tp=p.tensor_model_parallel_size, pp=p.pipeline_model_parallel_size, ep=p.expert_model_parallel_size,
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        ep=p.expert_model_parallel_size,
         dp=world // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size),
-        micro_batch_size=cfg.training.micro_batch_size, global_batch_size=cfg.training.global_batch_size,
-        seq_length=cfg.data.seq_length, use_distributed_optimizer=p.use_distributed_optimizer,
-        sequence_parallel=p.sequence_parallel, kd_chunk_size=cfg.distill.kd_chunk_size)
-    result = estimate_memory.estimate(estimate_memory.PRESETS[teacher_name], estimate_memory.PRESETS[student_name],
-                                      layout)
+        micro_batch_size=cfg.training.micro_batch_size,
+        global_batch_size=cfg.training.global_batch_size,
+        seq_length=cfg.data.seq_length,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        sequence_parallel=p.sequence_parallel,
+        kd_chunk_size=cfg.distill.kd_chunk_size,
+    )
+    result = estimate_memory.estimate(
+        estimate_memory.PRESETS[teacher_name], estimate_memory.PRESETS[student_name], layout
+    )
     assert result.total < 70 * 1024**3  # 10 GiB of headroom on an 80 GiB GPU
 
 
@@ -166,8 +199,9 @@ def test_qwen_vocab_padding_matches_the_teacher_at_every_tp(tp, tmp_path):
     cfg = parse_run_config(launch["flags"], vocab_size=151646, world_size=16)
     assert cfg.parallel.tensor_model_parallel_size == int(tp)
     assert cfg.parallel.sequence_parallel == (tp != "1")
-    assert padded_vocab_size(151646, int(tp), cfg.model.make_vocab_size_divisible_by) == \
-        padded_vocab_size(152064, int(tp), 128)
+    assert padded_vocab_size(151646, int(tp), cfg.model.make_vocab_size_divisible_by) == padded_vocab_size(
+        152064, int(tp), 128
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -193,10 +227,15 @@ def test_baselines_and_options_from_the_environment(script, tmp_path):
     cpt = launch_line(script, tmp_path, DDK_MODE="cpt")["flags"]
     assert "--teacher-load" not in cpt
     assert parse_run_config(cpt, vocab_size=vocab, world_size=16).distill.mode == "cpt"
-    kd = parse_run_config(launch_line(script, tmp_path, DDK_MODE="kd", DDK_MIXING="equal")["flags"],
-                          vocab_size=vocab, world_size=16)
+    kd = parse_run_config(
+        launch_line(script, tmp_path, DDK_MODE="kd", DDK_MIXING="equal")["flags"],
+        vocab_size=vocab,
+        world_size=16,
+    )
     assert (kd.distill.mode, kd.ddk.mixing) == ("kd", "equal")
-    fp8 = parse_run_config(launch_line(script, tmp_path, FP8="hybrid")["flags"], vocab_size=vocab, world_size=16)
+    fp8 = parse_run_config(
+        launch_line(script, tmp_path, FP8="hybrid")["flags"], vocab_size=vocab, world_size=16
+    )
     assert fp8.precision.fp8_format == "hybrid"
     one_node = launch_line(script, tmp_path, NNODES="1")
     assert one_node["torchrun"]["--nnodes"] == "1"
@@ -206,12 +245,18 @@ def test_baselines_and_options_from_the_environment(script, tmp_path):
     assert "--container-mounts=/data:/data" in container["srun"]
 
 
-@pytest.mark.parametrize(("env", "message"), [
-    ({"PP": "3"}, "PP=3 does not divide the teacher's 40 layers"),
-    ({"TP": "16"}, "TP=16 does not divide GPUS_PER_NODE=8"),
-    ({"PP": "2", "NNODES": "1", "GPUS_PER_NODE": "3", "TP": "1"}, "TP=1 x PP=2 does not divide the 3 GPUs"),
-    ({"GLOBAL_BATCH": "100"}, "GLOBAL_BATCH=100 is not a multiple of MICRO_BATCH"),
-])
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"PP": "3"}, "PP=3 does not divide the teacher's 40 layers"),
+        ({"TP": "16"}, "TP=16 does not divide GPUS_PER_NODE=8"),
+        (
+            {"PP": "2", "NNODES": "1", "GPUS_PER_NODE": "3", "TP": "1"},
+            "TP=1 x PP=2 does not divide the 3 GPUs",
+        ),
+        ({"GLOBAL_BATCH": "100"}, "GLOBAL_BATCH=100 is not a multiple of MICRO_BATCH"),
+    ],
+)
 def test_bad_layouts_fail_before_launch(env, message, tmp_path):
     proc = run_script(SLURM_DIR / "llama2-13b_to_tinyllama-1.1b.sbatch", tmp_path, **env)
     assert proc.returncode != 0 and proc.stdout == ""
@@ -229,8 +274,12 @@ def test_real_launch_needs_existing_paths_and_a_slurm_job(tmp_path):
     assert proc.returncode != 0 and "not found: DOMAINS=" in proc.stderr and proc.stdout == ""
     for name in ("domains.yaml", "tokenizer.json", "teacher", "student"):
         (tmp_path / name).touch()
-    paths = {"DOMAINS": str(tmp_path / "domains.yaml"), "TOKENIZER": str(tmp_path / "tokenizer.json"),
-             "TEACHER_CKPT": str(tmp_path / "teacher"), "STUDENT_CKPT": str(tmp_path / "student")}
+    paths = {
+        "DOMAINS": str(tmp_path / "domains.yaml"),
+        "TOKENIZER": str(tmp_path / "tokenizer.json"),
+        "TEACHER_CKPT": str(tmp_path / "teacher"),
+        "STUDENT_CKPT": str(tmp_path / "student"),
+    }
     proc = run_script(script, tmp_path, dry_run=False, **paths)
     assert proc.returncode != 0 and "not inside a SLURM job" in proc.stderr
     assert not (tmp_path / "ckpt").exists()  # nothing was started or created
@@ -276,7 +325,9 @@ def test_dockerfile_installs_the_exact_megatron_core_pin_of_pyproject():
     installs = [line for line in text.splitlines() if "pip install" in line]
     assert any("--no-deps" in line and f"megatron-core=={version}" in line for line in installs)
     assert any("--no-deps" in line and "-e ." in line for line in installs)
-    assert not any(re.search(r"\btorch\b|transformer.engine|\[cpu\]|\.\[", line) for line in installs), installs
+    assert not any(re.search(r"\btorch\b|transformer.engine|\[cpu\]|\.\[", line) for line in installs), (
+        installs
+    )
 
 
 def test_moe_recipe_refuses_ep_not_dividing_dp(tmp_path):
@@ -287,10 +338,19 @@ def test_moe_recipe_refuses_ep_not_dividing_dp(tmp_path):
 
 def test_moe_recipe_needs_expert_parallelism_to_fit(tmp_path):
     """Without EP the Qwen3-30B-A3B teacher alone takes 57 GiB per GPU: the estimator says it does not fit."""
-    cfg = parse_run_config(launch_line(SLURM_DIR / "qwen3-30b-a3b_to_qwen3-1.7b.sbatch", tmp_path, EP="1")["flags"],
-                           vocab_size=151669, world_size=8)
-    layout = estimate_memory.Layout(dp=8, micro_batch_size=cfg.training.micro_batch_size,
-                                    seq_length=cfg.data.seq_length, use_distributed_optimizer=True,
-                                    kd_chunk_size=cfg.distill.kd_chunk_size)
+    cfg = parse_run_config(
+        launch_line(SLURM_DIR / "qwen3-30b-a3b_to_qwen3-1.7b.sbatch", tmp_path, EP="1")["flags"],
+        vocab_size=151669,
+        world_size=8,
+    )
+    layout = estimate_memory.Layout(
+        dp=8,
+        micro_batch_size=cfg.training.micro_batch_size,
+        seq_length=cfg.data.seq_length,
+        use_distributed_optimizer=True,
+        kd_chunk_size=cfg.distill.kd_chunk_size,
+    )
     presets = estimate_memory.PRESETS
-    assert estimate_memory.estimate(presets["qwen3-30b-a3b"], presets["qwen3-1.7b"], layout).total > 80 * 1024**3
+    assert (
+        estimate_memory.estimate(presets["qwen3-30b-a3b"], presets["qwen3-1.7b"], layout).total > 80 * 1024**3
+    )

@@ -19,8 +19,11 @@ NOT_COLLECTED = {
 def test_every_test_directory_is_collected():
     proc = python("-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider")
     collected = {line.split("/")[1] for line in proc.stdout.splitlines() if line.startswith("tests/")}
-    directories = {p.name for p in (REPO_ROOT / "tests").iterdir()
-                   if p.is_dir() and any(p.glob("*.py")) and p.name not in NOT_COLLECTED}
+    directories = {
+        p.name
+        for p in (REPO_ROOT / "tests").iterdir()
+        if p.is_dir() and any(p.glob("*.py")) and p.name not in NOT_COLLECTED
+    }
     assert directories and directories <= collected, (directories, collected)
     assert not collected & set(NOT_COLLECTED), collected  # deliberately out of the default suite
     assert (REPO_ROOT / "tests" / "soak" / "kill_resume.py").is_file()

@@ -27,10 +27,14 @@ def rows(samples, seed=0):
     n = len(samples)
     tokens = rng.integers(0, 500, (n, S + 1))
     return tokens, {
-        "sample_id": np.asarray(samples), "ce_sum": rng.uniform(0, 50, n), "ce_tokens": np.full(n, S),
+        "sample_id": np.asarray(samples),
+        "ce_sum": rng.uniform(0, 50, n),
+        "ce_tokens": np.full(n, S),
         "fingerprint": np.array([tc.sample_fingerprint(t[:-1], t[1:]) for t in tokens], dtype=np.uint64),
-        "ids": rng.integers(0, 500, (n, S, K)), "log_probs": -rng.uniform(0, 9, (n, S, K)),
-        "tail": -rng.uniform(0, 3, (n, S))}
+        "ids": rng.integers(0, 500, (n, S, K)),
+        "log_probs": -rng.uniform(0, 9, (n, S, K)),
+        "tail": -rng.uniform(0, 3, (n, S)),
+    }
 
 
 @pytest.fixture
@@ -44,15 +48,34 @@ def cache_dir(tmp_path):
     for number, (start, stop) in enumerate([(0, 2), (2, 3), (3, 4)]):
         _, arrays = rows(plan[start:stop], seed=number)
         checksum = tc.write_shard(tmp_path / tc.shard_name("train", 0, number), layout, arrays)
-        shards.append({"file": tc.shard_name("train", 0, number), "split": "train", "domain": 0, "start": start,
-                       "stop": stop, "sha256": checksum if number < 2 else None})
-    index = {"format": tc.FORMAT, "format_version": tc.FORMAT_VERSION, "layout": layout.to_json(),
-             "identity": {"seq_length": S, "tokenizer": {"sha256": "a" * 64}, "temperature": 1.0},
-             "domains": [{"name": "a", "train_samples": 10, "valid_samples": 1},
-                         {"name": "b", "train_samples": 4, "valid_samples": 1}],
-             "plans": {"train-d000": {"file": tc.plan_name("train", 0), "count": 4,
-                                      "sha256": tc.file_sha256(tmp_path / tc.plan_name("train", 0))}},
-             "shards": shards}
+        shards.append(
+            {
+                "file": tc.shard_name("train", 0, number),
+                "split": "train",
+                "domain": 0,
+                "start": start,
+                "stop": stop,
+                "sha256": checksum if number < 2 else None,
+            }
+        )
+    index = {
+        "format": tc.FORMAT,
+        "format_version": tc.FORMAT_VERSION,
+        "layout": layout.to_json(),
+        "identity": {"seq_length": S, "tokenizer": {"sha256": "a" * 64}, "temperature": 1.0},
+        "domains": [
+            {"name": "a", "train_samples": 10, "valid_samples": 1},
+            {"name": "b", "train_samples": 4, "valid_samples": 1},
+        ],
+        "plans": {
+            "train-d000": {
+                "file": tc.plan_name("train", 0),
+                "count": 4,
+                "sha256": tc.file_sha256(tmp_path / tc.plan_name("train", 0)),
+            }
+        },
+        "shards": shards,
+    }
     tc.write_index(tmp_path, index)
     return tmp_path
 
@@ -89,7 +112,10 @@ def test_corrupted_shard_is_named_by_its_checksum(cache_dir):
 def test_truncated_shard_is_refused_on_open(cache_dir):
     path = cache_dir / tc.shard_name("train", 0, 0)
     path.write_bytes(path.read_bytes()[:-5])
-    with pytest.raises(CheckpointError, match=r"train-d000-00000.bin \(sha256 [0-9a-f]{12}\) is 227 bytes, expected 232 \(truncated"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"train-d000-00000.bin \(sha256 [0-9a-f]{12}\) is 227 bytes, expected 232 \(truncated",
+    ):
         tc.TeacherCache(cache_dir)
 
 

@@ -263,7 +263,10 @@ def test_llama3_tokenizer_ends_documents_with_end_of_text(tmp_path, instruct):
     tok = build_tokenizer("HuggingFaceTokenizer", tmp_path)
     reference = AutoTokenizer.from_pretrained(str(tmp_path))
     end_of_text = raw.token_to_id("<|end_of_text|>")
-    assert end_of_text == raw.token_to_id("<|begin_of_text|>") + 1 and raw.token_to_id("<|eot_id|>") == end_of_text + 8
+    assert (
+        end_of_text == raw.token_to_id("<|begin_of_text|>") + 1
+        and raw.token_to_id("<|eot_id|>") == end_of_text + 8
+    )
     assert tok.eod == tok.pad == end_of_text and tok.vocab_size == len(reference)
     assert reference.eos_token == ("<|eot_id|>" if instruct else "<|end_of_text|>")
     for text in DOCS:

@@ -24,31 +24,45 @@ def logits(seed, shape=SHAPE, scale=3.0):
 
 
 def cached_topk(teacher, k, temperature, vocab_size=None):
-    ids, logp, tail = vocab_parallel_topk(teacher.reshape(-1, teacher.shape[-1]), k, temperature=temperature,
-                                          vocab_size=vocab_size)
+    ids, logp, tail = vocab_parallel_topk(
+        teacher.reshape(-1, teacher.shape[-1]), k, temperature=temperature, vocab_size=vocab_size
+    )
     lead = teacher.shape[:-1]
     return ids.reshape(*lead, k), logp.reshape(*lead, k), tail.reshape(lead)
 
 
 def compare(kind, temperature, chunk, k, *, vocab_size=None, beta=0.4, reference=None):
     student, teacher = logits(0), logits(1)
-    weights = torch.rand(SHAPE[:2], generator=torch.Generator().manual_seed(2))  # non-uniform upstream gradient
+    weights = torch.rand(
+        SHAPE[:2], generator=torch.Generator().manual_seed(2)
+    )  # non-uniform upstream gradient
     s_ref = student.clone().requires_grad_()
     if reference is None:
-        ref = reference_topk_kd_loss(s_ref, teacher, k, kind=kind, temperature=temperature, jsd_beta=beta,
-                                     vocab_size=vocab_size)
+        ref = reference_topk_kd_loss(
+            s_ref, teacher, k, kind=kind, temperature=temperature, jsd_beta=beta, vocab_size=vocab_size
+        )
     else:
-        ref = reference(s_ref, teacher, kind=kind, temperature=temperature, jsd_beta=beta, vocab_size=vocab_size)
+        ref = reference(
+            s_ref, teacher, kind=kind, temperature=temperature, jsd_beta=beta, vocab_size=vocab_size
+        )
     (ref * weights).sum().backward()
     s_ours = student.clone().requires_grad_()
-    ours = vocab_parallel_topk_kd_loss(s_ours, *cached_topk(teacher, k, temperature, vocab_size), kind=kind,
-                                       temperature=temperature, jsd_beta=beta, chunk_size=chunk,
-                                       vocab_size=vocab_size)
+    ours = vocab_parallel_topk_kd_loss(
+        s_ours,
+        *cached_topk(teacher, k, temperature, vocab_size),
+        kind=kind,
+        temperature=temperature,
+        jsd_beta=beta,
+        chunk_size=chunk,
+        vocab_size=vocab_size,
+    )
     (ours * weights).sum().backward()
     return ref.detach(), ours.detach(), s_ref.grad, s_ours.grad
 
 
-@pytest.mark.parametrize("kind,temperature,chunk,k", list(itertools.product(KD_KINDS, [1.0, 2.0], [0, 3], [1, 5])))
+@pytest.mark.parametrize(
+    "kind,temperature,chunk,k", list(itertools.product(KD_KINDS, [1.0, 2.0], [0, 3], [1, 5]))
+)
 def test_matches_bucketed_reference(kind, temperature, chunk, k):
     ref, ours, g_ref, g_ours = compare(kind, temperature, chunk, k)
     assert ours.dtype == torch.float32 and ours.shape == SHAPE[:2]
@@ -65,11 +79,15 @@ def test_padding_columns_get_no_mass_and_no_gradient(kind):
     assert torch.count_nonzero(g_ours[..., 33:]) == 0
 
 
-@pytest.mark.parametrize("kind,temperature,vocab_size", [
-    ("forward_kl", 1.0, None), ("forward_kl", 2.0, 33), ("reverse_kl", 1.0, None), ("jsd", 1.5, 33)])
+@pytest.mark.parametrize(
+    "kind,temperature,vocab_size",
+    [("forward_kl", 1.0, None), ("forward_kl", 2.0, 33), ("reverse_kl", 1.0, None), ("jsd", 1.5, 33)],
+)
 def test_k_equal_to_vocabulary_is_the_online_loss(kind, temperature, vocab_size):
     k = vocab_size or SHAPE[-1]
-    ref, ours, g_ref, g_ours = compare(kind, temperature, 5, k, vocab_size=vocab_size, reference=reference_kd_loss)
+    ref, ours, g_ref, g_ours = compare(
+        kind, temperature, 5, k, vocab_size=vocab_size, reference=reference_kd_loss
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-5, atol=1e-7)
 
