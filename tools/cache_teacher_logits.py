@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> None:
             bar.update(len(samples) * args.seq_length)
     bar.close()
     elapsed = time.time() - start
-    distributed.barrier()
+    torch.distributed.barrier()  # every rank's shards are written before rank 0 indexes them
     if distributed.is_rank_0():
         for shard in index["shards"]:
             checksum = finished(output, shard, layout)
@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> None:
                 )
             shard["sha256"] = checksum
         tc.write_index(output, index)
-    distributed.barrier()
+    torch.distributed.barrier()  # the index is published before any rank reports completion
     done = tokens_total * dp_size
     distributed_print(
         f"teacher cache {output}: complete ({len(index['shards'])} shards); computed about {done} "

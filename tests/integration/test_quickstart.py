@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,7 +40,15 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "teacher ppl | student ppl before | student ppl after | ratio S/T | final weight" in out
-    assert "DDK update at iteration 2" in out
+    assert "DDK update at iteration 2 (window 1, mixing ddk-log)" in out
+    # the last table: DDK and KD students side by side on the test split
+    header = next(line for line in out.splitlines() if "student_kd S/T" in line)
+    assert [c.strip() for c in header.split("|")] == [
+        "domain", "teacher ppl", "student ppl", "student_kd ppl", "student S/T", "student_kd S/T"]
+    assert out.rstrip().splitlines()[-1].startswith("done:")
+    result = json.loads((tmp_path / "qs" / "test_eval.json").read_text())
+    assert result["split"] == "test" and [s["student"].split("/")[-1] for s in result["students"]] == [
+        "student", "student_kd"]
     for name in ("python_code", "prose", "arithmetic", "records"):
         assert name in out
     assert os.path.getsize(tmp_path / "qs" / "ddk.png") > 10_000
