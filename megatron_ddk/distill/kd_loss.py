@@ -216,6 +216,19 @@ class _ChunkedKDLoss(torch.autograd.Function):
         return (grad.reshape(ctx.shape),) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
+def vocab_shard(local: int, vocab_size: int | None, tp_group) -> tuple[object | None, int]:
+    """The TP group to reduce over (None: this rank holds the whole vocabulary) and how many of this
+    rank's ``local`` logit columns are real tokens (the rest is the padded vocabulary's tail)."""
+    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    if vocab_size is not None and not 1 <= vocab_size <= local * world:
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
+            f"{local} logits per rank x {world} tensor-parallel ranks)"
+        )
+    return group, local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
+
+
 def vocab_parallel_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -237,15 +250,7 @@ def vocab_parallel_kd_loss(
     is the caller's business.
     """
     _check(kind, temperature, jsd_beta, student_logits, teacher_logits)
-    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
-    local = student_logits.shape[-1]
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-    if vocab_size is not None and not 1 <= vocab_size <= local * world:
-        raise ValueError(
-            f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
-            f"{local} logits per rank x {world} tensor-parallel ranks)"
-        )
-    num_valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
+    group, num_valid = vocab_shard(student_logits.shape[-1], vocab_size, tp_group)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _ChunkedKDLoss.apply(
         student_logits,

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_ddk.distill.kd_loss import KD_KINDS, _ChunkedKDLoss, _reduce_tp
+from megatron_ddk.distill.kd_loss import KD_KINDS, _ChunkedKDLoss, _reduce_tp, vocab_shard
 
 
 def _check(
@@ -250,15 +250,9 @@ def vocab_parallel_topk_kd_loss(
     the vocabulary). Other arguments as ``vocab_parallel_kd_loss``. Only the student gets a gradient.
     """
     _check(kind, temperature, jsd_beta, student_logits, teacher_ids, teacher_log_probs, teacher_tail_log_mass)
-    group = tp_group if tp_group is not None and dist.get_world_size(tp_group) > 1 else None
     local = student_logits.shape[-1]
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-    if vocab_size is not None and not 1 <= vocab_size <= local * world:
-        raise ValueError(
-            f"vocab_size {vocab_size} must be in [1, {local * world}] (the padded vocabulary: "
-            f"{local} logits per rank x {world} tensor-parallel ranks)"
-        )
-    num_valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
+    group, num_valid = vocab_shard(local, vocab_size, tp_group)
+    first_column = (dist.get_rank(group) if group is not None else 0) * local  # of this rank's shard
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     return _ChunkedTopKLoss.apply(
         student_logits,
@@ -270,7 +264,7 @@ def vocab_parallel_topk_kd_loss(
         float(jsd_beta),
         int(chunk_size),
         num_valid,
-        rank * local,
+        first_column,
         group,
         need_grad,
     )
