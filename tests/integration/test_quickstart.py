@@ -44,11 +44,19 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
     # the last table: DDK and KD students side by side on the test split
     header = next(line for line in out.splitlines() if "student_kd S/T" in line)
     assert [c.strip() for c in header.split("|")] == [
-        "domain", "teacher ppl", "student ppl", "student_kd ppl", "student S/T", "student_kd S/T"]
+        "domain",
+        "teacher ppl",
+        "student ppl",
+        "student_kd ppl",
+        "student S/T",
+        "student_kd S/T",
+    ]
     assert out.rstrip().splitlines()[-1].startswith("done:")
     result = json.loads((tmp_path / "qs" / "test_eval.json").read_text())
     assert result["split"] == "test" and [s["student"].split("/")[-1] for s in result["students"]] == [
-        "student", "student_kd"]
+        "student",
+        "student_kd",
+    ]
     for name in ("python_code", "prose", "arithmetic", "records"):
         assert name in out
     assert os.path.getsize(tmp_path / "qs" / "ddk.png") > 10_000
