@@ -1,4 +1,4 @@
-"""Cost of the checkpoint manifest (per-file CRC-32, checkpoint_manifest.py) on the quickstart teacher's saves.
+"""Cost of the checkpoint manifest (per-file XXH3-128, checkpoint_manifest.py) on the quickstart teacher's saves.
 
     python benchmarks/checkpoint_manifest.py                 # 8 saves of the quickstart teacher (CPU)
     python benchmarks/checkpoint_manifest.py --saves 20 --work /tmp/bench

@@ -6,45 +6,43 @@ It catches rot, truncation, missing shards and files edited after the save; it i
 (``megatron_ddk.checkpoint_safety``). A checkpoint without a manifest (written before this existed)
 loads with a warning.
 
-The checksum is CRC-32 (``zlib.crc32``, about as fast as writing the bytes) rather than a
-cryptographic hash: it only has to notice accidents, and it must cost little next to the save.
+The checksum is XXH3-128 (the ``xxhash`` package: ~10 GB/s per core, 4-6x zlib's CRC-32 here) over a
+memory map of the file (no copy), rather than a cryptographic hash: it only has to notice accidents,
+and it must cost little next to the save (``benchmarks/checkpoint_manifest.py``).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
-import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import xxhash
 
 from megatron_ddk.errors import CheckpointError
 
 MANIFEST_FILENAME = "ddk_manifest.json"
 MANIFEST_FORMAT = 1
-ALGORITHM = "crc32"
-_CHUNK = 8 << 20
+ALGORITHM = "xxh3_128"
 
 
 def file_checksum(path: Path) -> str:
-    """``zlib.crc32`` of the file's bytes, as 8 hex digits."""
-    value = 0
-    with open(path, "rb", buffering=0) as handle:
-        buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
-        while True:
-            n = handle.readinto(buffer)
-            if not n:
-                break
-            value = zlib.crc32(view[:n], value)
-    return f"{value:08x}"
+    """XXH3-128 of the file's bytes, as 32 hex digits (hashed from a read-only memory map)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size:  # an empty file cannot be mapped
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                digest.update(mapped)
+    return digest.hexdigest()
 
 
 def describe(directory: Path, names: Iterable[str]) -> dict[str, dict[str, int | str]]:
-    """``{name: {"size", "crc32"}}`` of the given files of ``directory``; files are read in parallel
-    threads (zlib releases the GIL while it checksums)."""
+    """``{name: {"size", "xxh3_128"}}`` of the given files of ``directory``; files are hashed in
+    parallel threads (xxhash releases the GIL on large buffers)."""
     names = list(names)
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))) as pool:
         sums = list(pool.map(file_checksum, [directory / name for name in names]))
