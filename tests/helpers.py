@@ -12,6 +12,28 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 
+MINIMAL_RUN_FLAGS = [
+    "--num-layers",
+    "4",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--train-iters",
+    "10",
+    "--tokenizer-type",
+    "SentencePieceTokenizer",
+    "--tokenizer-model",
+    "tok.model",
+    "--domains",
+    "d.yaml",
+]
+"""The fewest flags a run parses with (files are not opened): unit tests of the command line add to them."""
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -10,31 +10,13 @@ import pytest
 
 from megatron_ddk.arguments import CONFIG_GROUPS, ArgumentError, build_parser, flag_of, parse_run_config
 from megatron_ddk.config import ModelConfig
+from tests.helpers import MINIMAL_RUN_FLAGS
 
 GOLDEN_HELP = Path(__file__).parent / "golden" / "pretrain_ddk_help.txt"
 """The whole flag interface. After a deliberate change, regenerate it with
 ``MEGATRON_DDK_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_arguments.py`` and review the diff."""
 
-BASE = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--train-iters",
-    "10",
-    "--tokenizer-type",
-    "SentencePieceTokenizer",
-    "--tokenizer-model",
-    "tok.model",
-    "--domains",
-    "d.yaml",
-]
+BASE = MINIMAL_RUN_FLAGS
 
 
 def parse(*extra, world_size=1):

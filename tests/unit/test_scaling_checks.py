@@ -8,29 +8,9 @@ import torch
 from megatron_ddk.arguments import ArgumentError, parse_run_config
 from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
 from megatron_ddk.models.gpt import build_transformer_config, check_context_parallel_supported
+from tests.helpers import MINIMAL_RUN_FLAGS
 
-BASE = [
-    "--num-layers",
-    "4",
-    "--hidden-size",
-    "64",
-    "--num-attention-heads",
-    "4",
-    "--seq-length",
-    "32",
-    "--micro-batch-size",
-    "2",
-    "--train-iters",
-    "10",
-    "--tokenizer-type",
-    "SentencePieceTokenizer",
-    "--tokenizer-model",
-    "tok.model",
-    "--domains",
-    "d.yaml",
-    "--ddk-mode",
-    "cpt",
-]
+BASE = [*MINIMAL_RUN_FLAGS, "--ddk-mode", "cpt"]
 
 
 def parse(*extra, world_size=1):
