@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from megatron_ddk.config import (
+    DYNAMIC_MIXING_MODES,
     CheckpointConfig,
     DataConfig,
     DDKConfig,
@@ -229,6 +230,14 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
         world_size=world_size,
         seq_length=args.seq_length,
     )
+    if args.ddk_signal == "kd-gap" and (
+        args.ddk_mode != "ddk" or args.ddk_mixing not in DYNAMIC_MIXING_MODES
+    ):
+        problems.append(
+            f"--ddk-signal kd-gap steers DDK's mixture updates, but this run has --ddk-mode {args.ddk_mode} "
+            f"--ddk-mixing {args.ddk_mixing}; use --ddk-mode ddk with a dynamic --ddk-mixing "
+            f"({', '.join(DYNAMIC_MIXING_MODES)}) or drop --ddk-signal"
+        )
     dp = _data_parallel_size(args, world_size)
     gbs = args.global_batch_size or args.micro_batch_size * dp
     if args.micro_batch_size >= 1 and gbs % (args.micro_batch_size * dp):

@@ -31,6 +31,9 @@ MIXING_MODES = (
     "ddk-robust",
 )
 """``ddk`` is the paper's exact Eq. 1/2; the ``ddk-*`` modes are this project's variants (docs/DDK.md)."""
+DYNAMIC_MIXING_MODES = tuple(m for m in MIXING_MODES if m not in ("equal", "static"))
+DDK_SIGNALS = ("ppl-ratio", "kd-gap")
+"""What DDK's factor is computed from: the paper's perplexity ratio, or this project's KD gap (docs/DDK.md)."""
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
@@ -611,6 +614,13 @@ class DDKConfig:
     max_step: float = option(
         0.25,
         help="ddk-bounded / ddk-robust: the most one update may move the mixture (total variation distance)",
+    )
+    signal: str = option(
+        "ppl-ratio",
+        help="what the factor is computed from: ppl-ratio (the paper: ppl_S / ppl_T on each domain's "
+        "validation set) or kd-gap (exp of the mean per-token KD divergence, teacher || student, on "
+        "the same samples; the teacher runs at every update)",
+        choices=DDK_SIGNALS,
     )
     log_file: str | None = option(None, help="JSONL of every update (default <save>/ddk_log.jsonl)")
 

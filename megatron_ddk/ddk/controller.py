@@ -7,6 +7,13 @@ Timeline (window j = iterations [jK, (j+1)K), laid out by ``DomainMixingSchedule
 - after iteration jK (j >= 1): evaluate the student, apply Eq. 2 (or the ablation's rule) and fix
   window j's weights before any of its samples is read.
 
+Signal (``--ddk-signal``): the paper computes the factor from the perplexity ratio
+ppl_S / ppl_T = exp(ce_S - ce_T). ``kd-gap`` replaces the exponent ce_S - ce_T by the student's mean
+per-token KD divergence from the teacher on the same validation samples (``KL(T || S)`` with the default
+``--kd-loss-type``), so the ratio the equations see is exp(KD gap): a domain weighs more where the
+student is furthest from the teacher's distributions, rather than where its data fit lags most. The
+teacher then runs at every update (its outputs change nothing else).
+
 The controller works on plain arrays (per-domain mean CE from the caller's evaluation) and holds
 K (``interval``): the window of an iteration is ``window_of(iteration)``. It does not keep the
 mixture: the sampler (``data.mixing.DomainMixingSchedule``) is the one owner of every window's
@@ -43,8 +50,10 @@ class DDKController:
         dynamic: bool,
         temperature: float = 1.0,
         max_step: float = 1.0,
+        signal: str = "ppl-ratio",
     ):
         self.mixing = mixing
+        self.signal = signal
         self.alpha = alpha
         self.temperature = temperature
         self.max_step = max_step
@@ -75,7 +84,12 @@ class DDKController:
         return self.dynamic and iteration > 0 and iteration % self.interval == 0 and iteration < train_iters
 
     def start(
-        self, ce_student: np.ndarray, ce_teacher: np.ndarray | None, *, iteration: int = 0
+        self,
+        ce_student: np.ndarray,
+        ce_teacher: np.ndarray | None,
+        *,
+        iteration: int = 0,
+        kd_gap: np.ndarray | None = None,
     ) -> np.ndarray:
         """First evaluation of a fresh run: cache the teacher, compute window 0's weights (Eq. 1)."""
         self.ce_teacher = ce_teacher
@@ -83,34 +97,46 @@ class DDKController:
         self.ce_student_last = ce_student
         weights = self.initial_weights()
         if self.dynamic and self.ce_teacher is not None:
-            weights = factor.next_weights(
-                self.mixing,
-                r_prev=None,
-                ce_student=ce_student,
-                ce_teacher=self.ce_teacher,
-                alpha=self.alpha,
-                static_weights=self.static_weights,
-                **self._variant,
-            )
-        self._log(iteration, window=0, ce_student=ce_student, weights=weights)
+            weights = self._weights(None, ce_student, kd_gap)
+        self._log(iteration, window=0, ce_student=ce_student, weights=weights, kd_gap=kd_gap)
         return weights
 
-    def update(self, r_prev: np.ndarray, ce_student: np.ndarray, *, iteration: int) -> np.ndarray:
+    def update(
+        self, r_prev: np.ndarray, ce_student: np.ndarray, *, iteration: int, kd_gap: np.ndarray | None = None
+    ) -> np.ndarray:
         """Eq. 2 at the start of window ``window_of(iteration)``: r_prev (r_t) -> r_{t+1}."""
         if self.ce_teacher is None:
             raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
         self.ce_student_last = ce_student
-        weights = factor.next_weights(
+        weights = self._weights(r_prev, ce_student, kd_gap)
+        self._log(
+            iteration, window=self.window_of(iteration), ce_student=ce_student, weights=weights, kd_gap=kd_gap
+        )
+        return weights
+
+    def _weights(
+        self, r_prev: np.ndarray | None, ce_student: np.ndarray, kd_gap: np.ndarray | None
+    ) -> np.ndarray:
+        """Eq. 1 (``r_prev`` None) or Eq. 2 on the signal: exponent ce_S - ce_T, or the KD gap (ratio exp(gap))."""
+        assert self.ce_teacher is not None
+        if self.signal == "kd-gap":
+            if kd_gap is None:
+                raise RuntimeError("--ddk-signal kd-gap: the evaluation did not measure the KD gap")
+            gap = np.maximum(
+                np.asarray(kd_gap, dtype=np.float64), 0.0
+            )  # a divergence; fp noise can dip below 0
+            ce_student, ce_teacher = gap, np.zeros_like(gap)
+        else:
+            ce_teacher = self.ce_teacher
+        return factor.next_weights(
             self.mixing,
             r_prev=r_prev,
             ce_student=ce_student,
-            ce_teacher=self.ce_teacher,
+            ce_teacher=ce_teacher,
             alpha=self.alpha,
             static_weights=self.static_weights,
             **self._variant,
         )
-        self._log(iteration, window=self.window_of(iteration), ce_student=ce_student, weights=weights)
-        return weights
 
     @property
     def _variant(self) -> dict[str, float]:
@@ -122,11 +148,16 @@ class DDKController:
 
     # ------------------------------------------------------------------------------- reporting
     def record(
-        self, iteration: int, window: int, ce_student: np.ndarray, weights: np.ndarray
+        self,
+        iteration: int,
+        window: int,
+        ce_student: np.ndarray,
+        weights: np.ndarray,
+        kd_gap: np.ndarray | None = None,
     ) -> dict[str, Any]:
         ce_teacher = self.ce_teacher
         ratio = None if ce_teacher is None else factor.perplexity_ratio(ce_student, ce_teacher)
-        return {
+        record = {
             "iteration": iteration,
             "window": window,
             "mixing": self.mixing if self.dynamic else "static",
@@ -138,9 +169,20 @@ class DDKController:
             "ratio": _list(ratio),
             "weights": _list(weights),
         }
+        if self.signal != "ppl-ratio":
+            record.update(signal=self.signal, kd_gap=_list(kd_gap))
+        return record
 
-    def _log(self, iteration: int, *, window: int, ce_student: np.ndarray, weights: np.ndarray) -> None:
-        self.last_record = self.record(iteration, window, ce_student, weights)
+    def _log(
+        self,
+        iteration: int,
+        *,
+        window: int,
+        ce_student: np.ndarray,
+        weights: np.ndarray,
+        kd_gap: np.ndarray | None = None,
+    ) -> None:
+        self.last_record = self.record(iteration, window, ce_student, weights, kd_gap)
         if self.log_file is None:
             return
         Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +209,7 @@ class DDKController:
     def state_dict(self) -> dict[str, Any]:
         return {
             "mixing": self.mixing,
+            "signal": self.signal,
             "domains": self.domain_names,
             "ce_teacher": _list(self.ce_teacher),
             "ce_student_initial": _list(self.ce_student_initial),
@@ -180,6 +223,11 @@ class DDKController:
             raise CheckpointError(
                 f"the checkpoint was trained on domains {state['domains']} but this run has "
                 f"{self.domain_names}; use the same --domains registry to resume"
+            )
+        if state.get("signal", "ppl-ratio") != self.signal:
+            raise CheckpointError(
+                f"the checkpoint's DDK updates used --ddk-signal {state.get('signal', 'ppl-ratio')}, this run "
+                f"--ddk-signal {self.signal}; resume with the same signal (or start a new run with --finetune)"
             )
         self.ce_teacher = _array(state["ce_teacher"])
         self.ce_student_initial = _array(state["ce_student_initial"])

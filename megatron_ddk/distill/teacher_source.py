@@ -170,18 +170,22 @@ class CachedTeacher:
         return "torchrun --nproc-per-node N " + " ".join(shlex.quote(str(a)) for a in args)
 
     # ------------------------------------------------------------------------------- serving
-    def rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The cached fields of a training micro-batch ``TEACHER_FIELDS``, or None if any row is not cached."""
+    def rows(self, batch: dict[str, torch.Tensor], split: str = "train") -> dict[str, torch.Tensor] | None:
+        """The cached fields ``TEACHER_FIELDS`` of a micro-batch of ``split``, or None if any row is not cached.
+
+        A validation batch's padding rows (``sample_id`` -1) repeat sample 0 (``data.loader``) and get its row.
+        """
         found = []
         for d, sample, tokens, labels in zip(
             batch["domain_id"].tolist(), batch["sample_id"].tolist(), batch["tokens"], batch["labels"]
         ):
-            fields = self.cache.row("train", d, sample)
+            sample = max(sample, 0)
+            fields = self.cache.row(split, d, sample)
             if fields is None:
                 return None
             if int(fields["fingerprint"]) != sample_fingerprint(tokens.numpy(), labels.numpy()):
                 raise CheckpointError(
-                    f"{self.flag}: the cached row of training sample {sample} of domain "
+                    f"{self.flag}: the cached row of {split} sample {sample} of domain "
                     f"{self.cache.domain_names[d]!r} was computed on other tokens; the cache "
                     "does not belong to these datasets: rebuild it"
                 )
@@ -192,6 +196,15 @@ class CachedTeacher:
             "teacher_tail_log_mass": torch.from_numpy(np.stack([f["tail"] for f in found])),
             "teacher_ce_sum": torch.tensor([float(f["ce_sum"]) for f in found], dtype=torch.float64),
         }
+
+    def validation_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The cached fields of a validation micro-batch (``--ddk-signal kd-gap``); every row must be cached."""
+        rows = self.rows(batch, split="valid")
+        if rows is None:
+            raise CheckpointError(
+                f"{self.flag} lacks validation samples this run evaluates; fill it with: {self.fill_command()}"
+            )
+        return rows
 
     def validation_ce(self, valid_sizes: Sequence[int], num_samples: int) -> np.ndarray | None:
         """Mean teacher CE per domain over the first ``num_samples`` validation samples; None if any is missing."""

@@ -1,4 +1,4 @@
-"""Per-domain validation cross-entropy of the student (and, once, of the teacher).
+"""Per-domain validation cross-entropy of the student (and, once, of the teacher); the KD gap on request.
 
 Runs megatron-core's forward-only schedule over each domain's held-out samples, split across DP
 ranks without overlap, through every TP/PP stage; the per-domain token sums are reduced so that
@@ -22,16 +22,24 @@ from megatron_ddk.distill.model import DistillationModel
 from megatron_ddk.errors import DataError
 from megatron_ddk.platform.distributed import is_pp_last_stage
 from megatron_ddk.training.metrics import reduce_reports
-from megatron_ddk.training.step import DOMAIN_LM_LOSS, DOMAIN_TEACHER_LM_LOSS, LossSettings, forward_step
+from megatron_ddk.training.step import (
+    DOMAIN_KD_LOSS,
+    DOMAIN_LM_LOSS,
+    DOMAIN_TEACHER_LM_LOSS,
+    LossSettings,
+    forward_step,
+)
 
 
 @dataclass(frozen=True)
 class DomainEvaluation:
-    """Mean token CE per domain; ``ce_teacher`` is None for student-only passes."""
+    """Mean token CE per domain; ``ce_teacher`` is None for student-only passes, ``kd_gap`` (the mean
+    per-token KD divergence, teacher || student) unless it was asked for."""
 
     ce_student: np.ndarray
     ce_teacher: np.ndarray | None
     tokens: np.ndarray
+    kd_gap: np.ndarray | None = None
 
     @property
     def ppl_student(self) -> np.ndarray:
@@ -54,10 +62,14 @@ def evaluate_domains(
     with_teacher: bool,
     shape_adjuster: Callable | None,
     pg,
+    measure_kd: bool = False,
+    cached_rows: Callable[[dict], dict] | None = None,
 ) -> DomainEvaluation:
     """Mean CE of each domain's first ``num_samples`` validation samples (all ranks get the result).
 
     ``pg``: the ProcessGroupCollection; samples are split over ``pg.dp``, stages run over ``pg.pp``.
+    ``measure_kd``: also the KD divergence per domain, from the online teacher (``with_teacher``) or
+    from ``cached_rows(batch)``, the teacher cache's fields of a validation micro-batch.
     """
     dp_rank, dp_size = dist.get_rank(pg.dp), dist.get_world_size(pg.dp)
     batches = []
@@ -71,9 +83,11 @@ def evaluate_domains(
         ):
             batch = dict(batch)
             batch["domain_id"] = torch.full((batch["tokens"].shape[0],), domain_id, dtype=torch.long)
+            if cached_rows is not None:
+                batch.update(cached_rows(batch))
             batches.append(batch)
     num_domains = len(valid_sets)
-    eval_settings = replace(settings, train_on_kd=False)
+    eval_settings = replace(settings, train_on_kd=False, measure_kd=measure_kd)
     was_training = model.training
     unwrapped.run_teacher = with_teacher
     model.eval()
@@ -94,7 +108,11 @@ def evaluate_domains(
         model.train(was_training)
     totals = reduce_reports(
         reports if is_pp_last_stage(pg) else [],
-        {DOMAIN_LM_LOSS: 2 * num_domains, DOMAIN_TEACHER_LM_LOSS: 2 * num_domains},
+        {
+            DOMAIN_LM_LOSS: 2 * num_domains,
+            DOMAIN_TEACHER_LM_LOSS: 2 * num_domains,
+            DOMAIN_KD_LOSS: 2 * num_domains,
+        },
         pg,
     )
     student = totals[DOMAIN_LM_LOSS].numpy()
@@ -107,4 +125,8 @@ def evaluate_domains(
     if with_teacher:
         teacher = totals[DOMAIN_TEACHER_LM_LOSS].numpy()
         ce_teacher = teacher[:num_domains] / teacher[num_domains:]
-    return DomainEvaluation(ce_student=ce_student, ce_teacher=ce_teacher, tokens=tokens)
+    kd_gap = None
+    if measure_kd:
+        kd = totals[DOMAIN_KD_LOSS].numpy()
+        kd_gap = kd[:num_domains] / kd[num_domains:]
+    return DomainEvaluation(ce_student=ce_student, ce_teacher=ce_teacher, tokens=tokens, kd_gap=kd_gap)

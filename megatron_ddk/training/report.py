@@ -28,6 +28,8 @@ def ddk_update_lines(record: dict[str, Any], what: str) -> str:
         part = f"   {name:>20s} | student ppl {record['ppl_student'][i]:10.3f}"
         if record["ppl_teacher"] is not None:
             part += f" | teacher ppl {record['ppl_teacher'][i]:10.3f} | ratio {record['ratio'][i]:7.3f}"
+        if record.get("kd_gap") is not None:
+            part += f" | kd gap {record['kd_gap'][i]:7.4f}"
         part += f" | weight {record['weights'][i]:.4f}"
         lines.append(part)
     return "\n".join(lines)

@@ -38,6 +38,8 @@ TEACHER_LM_LOSS = "teacher lm loss"
 # Per-domain report: [ce sums (N) | token counts (N)] of the student, and of the teacher when present.
 DOMAIN_LM_LOSS = "domain lm loss"
 DOMAIN_TEACHER_LM_LOSS = "domain teacher lm loss"
+# Per-domain KD divergence [sums (N) | token counts (N)]: DDK's kd-gap signal (LossSettings.measure_kd).
+DOMAIN_KD_LOSS = "domain kd loss"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,8 @@ class LossSettings:
     kd_chunk_size: int | None = None
     train_on_kd: bool = True
     """False for validation: report CE (and teacher CE) only."""
+    measure_kd: bool = False
+    """Validation for ``--ddk-signal kd-gap``: also report the KD divergence per domain (not trained on)."""
 
 
 def move_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,9 +95,10 @@ def loss_func(
     """CE + gamma * KD summed over unmasked tokens; logits are ``[b, s, v]`` vocab shards."""
     labels, mask = batch["labels"], batch["loss_mask"].float()
     num_tokens = mask.sum()
-    kd_sum = None
+    kd = None
     cached = "teacher_topk_ids" in batch  # rows of a teacher cache (distill/teacher_source.py)
-    if cached and settings.train_on_kd and settings.kd_weight > 0:
+    want_kd = (settings.train_on_kd and settings.kd_weight > 0) or settings.measure_kd
+    if cached and want_kd:
         kd = vocab_parallel_topk_kd_loss(
             student_logits,
             batch["teacher_topk_ids"],
@@ -106,8 +111,7 @@ def loss_func(
             vocab_size=settings.vocab_size,
             tp_group=tp_group,
         )  # [b, s]
-        kd_sum = (kd * mask).sum()
-    elif teacher_logits is not None and settings.train_on_kd and settings.kd_weight > 0:
+    elif teacher_logits is not None and want_kd:
         # before the cross-entropies: megatron-core's vocab_parallel_cross_entropy works in place on
         # fp32 logits (``.float()`` of an fp32 tensor is the tensor itself)
         kd = vocab_parallel_kd_loss(
@@ -120,7 +124,6 @@ def loss_func(
             vocab_size=settings.vocab_size,
             tp_group=tp_group,
         )  # [b, s]
-        kd_sum = (kd * mask).sum()
     ce = tensor_parallel.vocab_parallel_cross_entropy(student_logits.float(), labels)  # [b, s]
     loss = (ce * mask).sum()
     report = {
@@ -136,7 +139,10 @@ def loss_func(
         report[DOMAIN_TEACHER_LM_LOSS] = _per_domain(
             teacher_ce, mask, batch["domain_id"], settings.num_domains
         )
-    if kd_sum is not None:
+    if kd is not None and settings.measure_kd:
+        report[DOMAIN_KD_LOSS] = _per_domain(kd.detach(), mask, batch["domain_id"], settings.num_domains)
+    if kd is not None and settings.train_on_kd:
+        kd_sum = (kd * mask).sum()
         loss = loss + settings.kd_weight * kd_sum
         report[KD_LOSS] = torch.stack([kd_sum.detach(), num_tokens])
     return loss, num_tokens.to(torch.int), report

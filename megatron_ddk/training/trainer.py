@@ -373,6 +373,7 @@ class Trainer:
             dynamic=cfg.distill.mode == "ddk",
             temperature=cfg.ddk.temperature,
             max_step=cfg.ddk.max_step,
+            signal=cfg.ddk.signal,
         )
 
     def _tensorboard(self):
@@ -383,7 +384,15 @@ class Trainer:
         return SummaryWriter(log_dir=self.cfg.logging.tensorboard_dir)
 
     # ============================================================================== evaluation
-    def evaluate(self, *, with_teacher: bool, num_samples: int) -> DomainEvaluation:
+    def evaluate(self, *, with_teacher: bool, num_samples: int, measure_kd: bool = False) -> DomainEvaluation:
+        """Per-domain validation; ``measure_kd`` (``--ddk-signal kd-gap``) adds the KD gap, from the
+        teacher cache when it holds every validation sample evaluated, else from the online teacher."""
+        cached_rows = None
+        if measure_kd and self._validation_cached(num_samples):
+            assert self.cached_teacher is not None
+            cached_rows, with_teacher = self.cached_teacher.validation_rows, False
+        elif measure_kd:
+            with_teacher = True
         return evaluate_domains(
             self.model,
             self.unwrapped,
@@ -395,6 +404,15 @@ class Trainer:
             with_teacher=with_teacher,
             shape_adjuster=self.shape_adjuster,
             pg=self.pg,
+            measure_kd=measure_kd,
+            cached_rows=cached_rows,
+        )
+
+    def _validation_cached(self, num_samples: int) -> bool:
+        return (
+            self.cached_teacher is not None
+            and self.cached_teacher.validation_ce([len(d.valid) for d in self.domains], num_samples)
+            is not None
         )
 
     def update_mixture(self) -> None:
@@ -405,10 +423,11 @@ class Trainer:
         """
         iteration, window = self.iteration, self.controller.window_of(self.iteration)
         first = iteration == 0
+        kd_gap = self.controller.dynamic and self.cfg.ddk.signal == "kd-gap"
         evaluation = (
-            self._first_evaluation()
+            self._first_evaluation(measure_kd=kd_gap)
             if first
-            else self.evaluate(with_teacher=False, num_samples=self.cfg.ddk.val_samples)
+            else self.evaluate(with_teacher=False, num_samples=self.cfg.ddk.val_samples, measure_kd=kd_gap)
         )
         if self.cfg.training.check_for_nan_in_loss_and_grad:
             nonfinite.raise_if(
@@ -420,10 +439,15 @@ class Trainer:
                 )
             )
         if first:
-            weights = self.controller.start(evaluation.ce_student, evaluation.ce_teacher)
+            weights = self.controller.start(
+                evaluation.ce_student, evaluation.ce_teacher, kd_gap=evaluation.kd_gap
+            )
         else:
             weights = self.controller.update(
-                self.schedule.weights_for_window(window - 1), evaluation.ce_student, iteration=iteration
+                self.schedule.weights_for_window(window - 1),
+                evaluation.ce_student,
+                iteration=iteration,
+                kd_gap=evaluation.kd_gap,
             )
         _check_same_on_all_ranks(weights, "DDK domain weights")
         self.schedule.set_window_weights(window, weights)
@@ -432,14 +456,17 @@ class Trainer:
         if self.writer is not None:
             report.write_ddk_scalars(self.writer, iteration, record)
 
-    def _first_evaluation(self) -> DomainEvaluation:
+    def _first_evaluation(self, *, measure_kd: bool = False) -> DomainEvaluation:
         """Student and teacher at iteration 0; the teacher's CE is read from the cache when it holds it."""
         num = self.cfg.ddk.val_samples
         if self.cached_teacher is not None:
             ce_teacher = self.cached_teacher.validation_ce([len(d.valid) for d in self.domains], num)
             if ce_teacher is not None:
-                return replace(self.evaluate(with_teacher=False, num_samples=num), ce_teacher=ce_teacher)
-        return self.evaluate(with_teacher=self.unwrapped.teacher is not None, num_samples=num)
+                evaluation = self.evaluate(with_teacher=False, num_samples=num, measure_kd=measure_kd)
+                return replace(evaluation, ce_teacher=ce_teacher)
+        return self.evaluate(
+            with_teacher=self.unwrapped.teacher is not None, num_samples=num, measure_kd=measure_kd
+        )
 
     # ============================================================================== the loop
     def train_step(self) -> StepResult:

@@ -105,6 +105,11 @@ def test_every_problem_is_reported_at_once():
         (["--ddk-mode", "cpt", "--lr-warmup-iters", "10"], "--lr-warmup-iters 10"),
         (["--ddk-mode", "cpt", "--ddk-temperature", "0"], "--ddk-temperature must be > 0"),
         (["--ddk-mode", "cpt", "--ddk-max-step", "1.5"], "--ddk-max-step must be in"),
+        (["--ddk-mode", "kd", "--teacher-load", "t", "--ddk-signal", "kd-gap"], "--ddk-signal kd-gap steers"),
+        (
+            ["--ddk-mode", "ddk", "--teacher-load", "t", "--ddk-signal", "kd-gap", "--ddk-mixing", "static"],
+            "--ddk-mixing static",
+        ),
     ],
 )
 def test_bad_combinations(extra, needle):
@@ -317,3 +322,10 @@ def test_mixing_modes_and_their_parameters():
     assert (cfg.ddk.mixing, cfg.ddk.temperature, cfg.ddk.max_step) == ("ddk-robust", 2.0, 0.1)
     with pytest.raises(SystemExit):  # argparse: unknown --ddk-mixing choice
         parse("--ddk-mode", "cpt", "--ddk-mixing", "greedy")
+    cfg = parse(
+        "--ddk-mode", "ddk", "--teacher-load", "t", "--ddk-mixing", "ddk-log", "--ddk-signal", "kd-gap"
+    )
+    assert cfg.ddk.signal == "kd-gap"
+    assert parse("--ddk-mode", "cpt").ddk.signal == "ppl-ratio"  # the paper's signal by default
+    with pytest.raises(SystemExit):  # argparse: unknown --ddk-signal choice
+        parse("--ddk-mode", "ddk", "--teacher-load", "t", "--ddk-signal", "loss")
