@@ -81,9 +81,8 @@ ablation() {  # ablation REGIME NAME ITERS K METHODS...
 }
 if has short; then
   ablation near near 48 6 kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-log hindsight:ddk-log \
-      kd-natural cpt-equal
-  ablation far far 48 6 kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-log hindsight:ddk-log \
-      ddk-smooth0 ddk-bounded hindsight:ddk
+      ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap kd-natural cpt-equal
+  ablation far far 48 6 kd-equal ddk ddk-log hindsight:ddk-log ddk-no-smoothing ddk-robust ddk-log@signal=kd-gap
 fi
 if has long; then
   ablation far far_long 240 30 kd-equal ddk-log ddk hindsight:ddk-log

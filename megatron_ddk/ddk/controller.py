@@ -98,7 +98,7 @@ class DDKController:
         weights = self.initial_weights()
         if self.dynamic and self.ce_teacher is not None:
             weights = self._weights(None, ce_student, kd_gap)
-        self._log(iteration, window=0, ce_student=ce_student, weights=weights, kd_gap=kd_gap)
+        self._log(self.record(iteration, 0, ce_student, weights, kd_gap))
         return weights
 
     def update(
@@ -109,9 +109,7 @@ class DDKController:
             raise RuntimeError("DDK update before the teacher was evaluated; start() must run first")
         self.ce_student_last = ce_student
         weights = self._weights(r_prev, ce_student, kd_gap)
-        self._log(
-            iteration, window=self.window_of(iteration), ce_student=ce_student, weights=weights, kd_gap=kd_gap
-        )
+        self._log(self.record(iteration, self.window_of(iteration), ce_student, weights, kd_gap))
         return weights
 
     def _weights(
@@ -173,16 +171,8 @@ class DDKController:
             record.update(signal=self.signal, kd_gap=_list(kd_gap))
         return record
 
-    def _log(
-        self,
-        iteration: int,
-        *,
-        window: int,
-        ce_student: np.ndarray,
-        weights: np.ndarray,
-        kd_gap: np.ndarray | None = None,
-    ) -> None:
-        self.last_record = self.record(iteration, window, ce_student, weights, kd_gap)
+    def _log(self, record: dict[str, Any]) -> None:
+        self.last_record = record
         if self.log_file is None:
             return
         Path(self.log_file).parent.mkdir(parents=True, exist_ok=True)
