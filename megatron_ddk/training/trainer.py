@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.checkpointing import (
+    BackgroundSaves,
     CheckpointMetadata,
     TrainingParts,
+    async_save_problem,
     load_model_state,
     load_training_checkpoint,
     read_metadata,
@@ -43,7 +45,7 @@ from megatron_ddk.data.tokenizer import padded_vocab_size, tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
 from megatron_ddk.distill.teacher_source import CachedTeacher, CachedTeacherBatches
-from megatron_ddk.errors import CheckpointError
+from megatron_ddk.errors import CheckpointError, ConfigError
 from megatron_ddk.layout_checks import check_layout
 from megatron_ddk.models.gpt import (
     build_gpt_model,
@@ -114,6 +116,8 @@ class Trainer:
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
         check_context_parallel_supported(cfg.parallel)
+        if cfg.checkpoint.async_save and (problem := async_save_problem()):
+            raise ConfigError(problem)
         self.teacher_metadata = (
             self._check_teacher() if cfg.distill.uses_teacher and cfg.distill.teacher_load else None
         )
@@ -127,6 +131,8 @@ class Trainer:
         self.pg = distributed.initialize(self.layout)
         distributed.set_seed(cfg.training.seed, self.pg)
         self.writer = self._tensorboard()
+        # --async-save: checkpoints written in the background, published at the next finished poll
+        self.background_saves = BackgroundSaves(report.print_rank_0) if cfg.checkpoint.async_save else None
         self._signalled = False
         self._install_signal_handler()
         self.student, self.unwrapped, self.model, self.shape_adjuster = self._build_model()
@@ -475,6 +481,8 @@ class Trainer:
             self.update_mixture()
         window, last_saved = _LogWindow(self._report_layout()), None
         while self.iteration < t.train_iters:
+            if self.background_saves is not None:  # publish a background save whose write finished
+                self.background_saves.finish(blocking=False)
             step = self.train_step()
             if (
                 t.check_for_nan_in_loss_and_grad
@@ -507,9 +515,11 @@ class Trainer:
             if exiting and self.iteration < t.train_iters:
                 why = "SIGTERM received" if signalled else f"--exit-interval {t.exit_interval}"
                 report.print_rank_0(f"exiting program at iteration {self.iteration} ({why})")
+                self._publish_background_saves()
                 return None
         if cfg.checkpoint.save and last_saved != self.iteration:
             self.save()
+        self._publish_background_saves()
         final = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
         self.controller.finish(final.ce_student)
         last_weights = self.schedule.weights_for_window(self.controller.window_of(self.iteration - 1))
@@ -623,11 +633,23 @@ class Trainer:
             global_batch_size=cfg.training.global_batch_size,
             pg=self.pg,
             timings=timings,
+            background=self.background_saves,
         )
+        if self.background_saves is not None:  # the seconds training was blocked (staging, forking)
+            report.print_rank_0(
+                f"  scheduled an async checkpoint save at iteration {self.iteration:7d} to {path} "
+                f"[ {time.time() - start:.2f}s ]"
+            )
+            return
         report.print_rank_0(
             f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
             f"[ {time.time() - start:.2f}s, manifest {timings.get('manifest', 0.0):.3f}s ]"
         )
+
+    def _publish_background_saves(self) -> None:
+        """Wait for the background save still being written and publish it (every rank)."""
+        if self.background_saves is not None:
+            self.background_saves.finish(blocking=True)
 
     def _load(self, path: Path) -> int:
         """Restore from ``path``; returns the iteration to continue from."""
@@ -670,6 +692,10 @@ class Trainer:
         return iteration
 
     def close(self) -> None:
+        # after an error too: a save in flight holds a state from before it (a non-finite loss or grad
+        # stops the run before it is saved), so it is published like any other
+        if self.background_saves is not None:
+            self.background_saves.close()
         if self.writer is not None:
             self.writer.close()
         if dist.is_initialized():
