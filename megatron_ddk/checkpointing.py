@@ -10,9 +10,10 @@ Layout under ``--save`` (Megatron's, so its users find their way around)::
 A checkpoint is written into ``iter_0000200.tmp``, its manifest written, and renamed when every rank
 has finished; only then is the tracker replaced. A crash mid-save leaves the previous checkpoint and
 tracker untouched. With ``--async-save`` the write runs in a background process and the same steps
-(``publish_checkpoint``) run once it has finished on every rank (``BackgroundSaves``). Loading checks the manifest before any weight is read and parses every file
-without running code from it (checkpoint_safety). Sharded tensors carry global shapes, so loading
-reshards to the current TP/PP automatically.
+(``publish_checkpoint``) run once it has finished on every rank (``BackgroundSaves``). Loading checks
+the manifest before any weight is read and parses every file without running code from it
+(checkpoint_safety). Sharded tensors carry global shapes, so loading reshards to the current TP/PP
+automatically.
 """
 
 from __future__ import annotations
@@ -256,8 +257,8 @@ class BackgroundSaves:
 
         self._calls = AsyncCallsQueue(persistent=False)  # the persistent worker needs CUDA to start
         self._log = log
+        # the save being written: one at a time (save_checkpoint publishes the previous one first)
         self._writing: Path | None = None
-        """The save being written (one at a time: ``save_checkpoint`` publishes the previous one first)."""
 
     @property
     def pending(self) -> int:

@@ -20,8 +20,10 @@ from tests.helpers import (
     child_processes,
     session_processes,
     subprocess_env,
+    torchrun,
     torchrun_command,
 )
+from tests.integration.test_checkpoint_faults import one_line_failure
 from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
@@ -89,9 +91,15 @@ def test_kill_during_a_background_save_keeps_the_previous_checkpoint(tiny_corpus
     ckpt = tmp_path / "ckpt"
     args = cpt(tiny_corpus, tmp_path, ckpt, "--async-save", "--load", ckpt)
     launcher = subprocess.Popen(
-        torchrun_command(SCRIPTS / "pretrain_slow_async_save.py", 2, *args),
+        torchrun_command(SCRIPTS / "pretrain_faulty_async_save.py", 2, *args),
         cwd=REPO_ROOT,
-        env=subprocess_env({"SLOW_SAVE_ITERATION": "4", "SLOW_SAVE_MARKERS": str(tmp_path)}),
+        env=subprocess_env(
+            {
+                "ASYNC_SAVE_FAULT": "stall",
+                "ASYNC_SAVE_FAULT_ITERATION": "4",
+                "ASYNC_SAVE_FAULT_MARKERS": str(tmp_path),
+            }
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -127,3 +135,33 @@ def test_kill_during_a_background_save_keeps_the_previous_checkpoint(tiny_corpus
     assert_series_close(resumed.series("lm loss"), reference.series("lm loss")[2:])
     assert read_tracker(ckpt) == ITERS and not list(ckpt.glob("*.tmp"))  # the stale staging was replaced
     assert (iteration_dir(ckpt, 4) / MANIFEST_FILENAME).exists()
+
+
+def test_a_failed_background_write_stops_the_run_in_one_line_and_publishes_nothing(tiny_corpus, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    run = torchrun(
+        SCRIPTS / "pretrain_faulty_async_save.py",
+        2,
+        *cpt(tiny_corpus, tmp_path, ckpt, "--async-save"),
+        env={"ASYNC_SAVE_FAULT": "die", "ASYNC_SAVE_FAULT_ITERATION": "4"},
+        check=False,
+    )
+    line = one_line_failure(run)
+    assert f"the background save to {iteration_dir(ckpt, 4)} failed" in line, line
+    assert read_tracker(ckpt) == 2 and not iteration_dir(ckpt, 4).exists()
+
+
+def test_a_save_in_flight_when_a_non_finite_loss_stops_the_run_is_published(tiny_corpus, tmp_path):
+    """Every write takes 3 s longer: the last good save is still being written when the run stops."""
+    ckpt = tmp_path / "ckpt"
+    args = cpt(tiny_corpus, tmp_path, ckpt, "--async-save", "--save-interval", "1")
+    args[args.index("--lr") + 1] = "1e6"
+    args[args.index("--train-iters") + 1] = "6"
+    run = torchrun(
+        SCRIPTS / "pretrain_faulty_async_save.py", 2, *args, env={"ASYNC_SAVE_FAULT": "slow"}, check=False
+    )
+    line = one_line_failure(run)
+    bad = int(line.split("iteration ")[1].split(":")[0])
+    assert "non-finite" in line and bad > 1, line
+    assert f"published async checkpoint at iteration {bad - 1:7d}" in run.stdout
+    assert read_tracker(ckpt) == bad - 1 and not iteration_dir(ckpt, bad).exists()
