@@ -309,21 +309,6 @@ def _iteration_of(path: Path) -> int:
     return int(path.name.split("_")[1])
 
 
-def async_save_problem() -> str | None:
-    """Why ``--async-save`` cannot work with megatron-core's save strategy (None: it can); cheap, no
-    process group needed. Only ``torch_dist`` (the one this project writes) can save in the background."""
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
-
-    strategy = get_default_save_sharded_strategy()
-    if isinstance(strategy, AsyncSaveShardedStrategy):
-        return None
-    return (
-        f"--async-save: megatron-core's {strategy.backend!r} dist-checkpoint save strategy "
-        f"({type(strategy).__name__}) cannot write in the background; drop --async-save"
-    )
-
-
 def publish_directory(staging: Path, final: Path) -> None:
     """Move a finished directory into place; an existing ``final`` is removed only after the swap."""
     if final.exists():

@@ -28,7 +28,6 @@ from megatron_ddk.checkpointing import (
     BackgroundSaves,
     CheckpointMetadata,
     TrainingParts,
-    async_save_problem,
     load_model_state,
     load_training_checkpoint,
     read_metadata,
@@ -45,7 +44,7 @@ from megatron_ddk.data.tokenizer import padded_vocab_size, tokenizer_identity
 from megatron_ddk.ddk.controller import DDKController
 from megatron_ddk.distill.model import DistillationModel, pipeline_shape_adjuster
 from megatron_ddk.distill.teacher_source import CachedTeacher, CachedTeacherBatches
-from megatron_ddk.errors import CheckpointError, ConfigError
+from megatron_ddk.errors import CheckpointError
 from megatron_ddk.layout_checks import check_layout
 from megatron_ddk.models.gpt import (
     build_gpt_model,
@@ -116,8 +115,6 @@ class Trainer:
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
         check_context_parallel_supported(cfg.parallel)
-        if cfg.checkpoint.async_save and (problem := async_save_problem()):
-            raise ConfigError(problem)
         self.teacher_metadata = (
             self._check_teacher() if cfg.distill.uses_teacher and cfg.distill.teacher_load else None
         )

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -165,3 +167,58 @@ def test_a_save_in_flight_when_a_non_finite_loss_stops_the_run_is_published(tiny
     assert "non-finite" in line and bad > 1, line
     assert f"published async checkpoint at iteration {bad - 1:7d}" in run.stdout
     assert read_tracker(ckpt) == bad - 1 and not iteration_dir(ckpt, bad).exists()
+
+
+BACKGROUND_WRITER = textwrap.dedent(
+    """
+    import multiprocessing, time
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_ddk.platform.helper_processes import use_write_results_queue
+
+    use_write_results_queue(background=True)
+    results = filesystem_async._get_write_results_queue()
+    big = {0: [f"{i:0100d}" for i in range(5000)]}  # 0.5 MB: more than a pipe holds
+    writer = multiprocessing.get_context("fork").Process(target=results.put, args=(big,))
+    writer.start()
+    writer.join(timeout=60)  # through a pipe-backed queue, the writer would wait for a reader to exit
+    assert writer.exitcode == 0, writer.exitcode
+    assert results.get_nowait() == big
+    use_write_results_queue(background=False)
+    assert type(filesystem_async._get_write_results_queue()).__module__ == "queue"
+    print(*[child.pid for child in multiprocessing.active_children()], flush=True)  # the manager's server
+    time.sleep(600)
+    """
+)
+
+
+def test_background_writer_results_cross_back_through_a_manager_that_dies_with_the_rank():
+    """platform/helper_processes.py, in a child interpreter (no at-fork hook or manager in pytest's)."""
+    rank = subprocess.Popen(
+        [sys.executable, "-c", BACKGROUND_WRITER],
+        cwd=REPO_ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        servers = [int(pid) for pid in rank.stdout.readline().split()]
+        assert len(servers) == 1, servers
+        os.kill(rank.pid, signal.SIGKILL)
+        rank.wait()
+        deadline = time.time() + 10
+        while session_processes(rank.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert session_processes(rank.pid) == []
+    finally:
+        if rank.poll() is None:
+            os.killpg(rank.pid, signal.SIGKILL)
+
+
+def test_the_save_strategy_can_write_in_the_background():
+    """--async-save needs an async-capable strategy: megatron-core 0.16.1's torch_dist (the only one
+    this project writes) is one."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
+
+    assert isinstance(get_default_save_sharded_strategy(), AsyncSaveShardedStrategy)
