@@ -9,9 +9,11 @@ Layout under ``--save`` (Megatron's, so its users find their way around)::
 
 A checkpoint is written into ``iter_0000200.tmp``, its manifest written, and renamed when every rank
 has finished; only then is the tracker replaced. A crash mid-save leaves the previous checkpoint and
-tracker untouched. Loading checks the manifest before any weight is read and parses every file
-without running code from it (checkpoint_safety). Sharded tensors carry global shapes, so loading
-reshards to the current TP/PP automatically.
+tracker untouched. With ``--async-save`` the write runs in a background process and the same steps
+(``publish_checkpoint``) run once it has finished on every rank (``BackgroundSaves``). Loading checks
+the manifest before any weight is read and parses every file without running code from it
+(checkpoint_safety). Sharded tensors carry global shapes, so loading reshards to the current TP/PP
+automatically.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -177,29 +181,48 @@ def save_checkpoint(
     sharded_state_dict: dict,
     *,
     timings: dict[str, float] | None = None,
+    background: BackgroundSaves | None = None,
 ) -> Path:
     """Write ``sharded_state_dict`` as ``root/iter_<7-digit iteration>`` and publish it; every rank calls this.
 
-    ``timings`` (if given) receives the seconds spent on the manifest (``"manifest"``)."""
+    With ``background`` (``--async-save``) this returns once the state is staged and its writer
+    process started; ``background`` publishes it later (``publish_checkpoint``, the same steps as here).
+    ``timings`` (if given) receives the seconds spent on the manifest (``"manifest"``) of a synchronous save.
+    """
     from megatron.core import dist_checkpointing
 
-    from megatron_ddk.platform.helper_processes import tie_helpers_to_this_process
+    from megatron_ddk.platform.helper_processes import tie_helpers_to_this_process, use_write_results_queue
 
+    if background is not None:
+        background.finish(blocking=True)  # one save at a time: the previous one is published first
     tie_helpers_to_this_process()  # the writer's forked workers die with this rank, even on SIGKILL
+    use_write_results_queue(background=background is not None)
     root = Path(root)
     final = iteration_dir(root, metadata.iteration)
     staging = final.with_name(final.name + ".tmp")
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if staging.exists():
-            shutil.rmtree(staging)  # left over by a crash: never published, safe to drop
+        for leftover in root.glob("iter_*.tmp"):  # left by a killed save: never published, safe to drop
+            if _ITER_DIR.match(leftover.name[: -len(".tmp")]):
+                shutil.rmtree(leftover)
         staging.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state_dict, str(staging))
+    if background is None:
+        dist_checkpointing.save(sharded_state_dict, str(staging))
+        publish_checkpoint(staging, final, metadata, timings=timings)
+    else:
+        request = dist_checkpointing.save(sharded_state_dict, str(staging), async_sharded_save=True)
+        background.schedule(request, final, partial(publish_checkpoint, staging, final, metadata))
+    return final
+
+
+def publish_checkpoint(
+    staging: Path, final: Path, metadata: CheckpointMetadata, *, timings: dict[str, float] | None = None
+) -> None:
+    """Everything after the write, in this order, on every rank: checksums of each rank's own shards,
+    then (rank 0) the metadata, the manifest, the rename to ``final`` and, last, the tracker."""
     _barrier()
     start = time.perf_counter()
-    # every rank checksums the shards it wrote; rank 0 the rest, then the manifest goes in before publication
     rank = dist.get_rank() if dist.is_initialized() else 0
     entries = checkpoint_manifest.describe(staging, checkpoint_manifest.own_shard_files(staging, rank))
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -207,16 +230,83 @@ def save_checkpoint(
         dist.all_gather_object(gathered, entries)
         entries = {name: entry for part in gathered for name, entry in part.items()}
     spent = time.perf_counter() - start
-    if rank0:
+    if rank == 0:
         _write_json_atomic(staging / METADATA_FILENAME, metadata.to_json())
         start = time.perf_counter()
         checkpoint_manifest.write_manifest(staging, entries)
         if timings is not None:
             timings["manifest"] = spent + time.perf_counter() - start
         publish_directory(staging, final)  # re-saving an iteration (after a resume) replaces it
-        _write_text_atomic(root / TRACKER_FILENAME, f"{metadata.iteration}\n")
+        _write_text_atomic(final.parent / TRACKER_FILENAME, f"{metadata.iteration}\n")
     _barrier()
-    return final
+
+
+class BackgroundSaves:
+    """``--async-save``: the saves being written by background processes, published when written.
+
+    Built on megatron-core's ``AsyncCallsQueue`` with its forking caller: each save forks one writer
+    process, which sees the state as it was at the fork (on a GPU, staged into host memory first), so
+    training goes on changing the weights. ``finish`` runs the publication of the saves whose writers
+    are done on every rank (megatron-core's finalization: the ``.metadata`` index, then
+    ``publish_checkpoint``); it is collective, so every rank calls it at the same point of the loop.
+    ``log`` receives the lines saying when a save was scheduled and when it was published.
+    """
+
+    def __init__(self, log: Callable[[str], None]):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._calls = AsyncCallsQueue(persistent=False)  # the persistent worker needs CUDA to start
+        self._log = log
+        # the save being written: one at a time (save_checkpoint publishes the previous one first)
+        self._writing: Path | None = None
+
+    @property
+    def pending(self) -> int:
+        return self._calls.get_num_unfinalized_calls()
+
+    def schedule(self, request, final: Path, publish: Callable[..., None]) -> None:
+        """Start the writer of ``request`` (from ``dist_checkpointing.save(..., async_sharded_save=True)``);
+        ``publish(timings=...)`` runs after megatron-core's own finalization."""
+        scheduled = time.perf_counter()
+
+        def publish_and_log() -> None:
+            timings: dict[str, float] = {}
+            publish(timings=timings)
+            self._writing = None
+            self._log(
+                f"  published async checkpoint at iteration {_iteration_of(final):7d} to {final} "
+                f"[ {time.perf_counter() - scheduled:.2f}s after it was scheduled, "
+                f"manifest {timings.get('manifest', 0.0):.3f}s ]"
+            )
+
+        request.add_finalize_fn(publish_and_log)
+        self._calls.schedule_async_request(request)
+        self._writing = final
+
+    def finish(self, *, blocking: bool) -> None:
+        """Publish every save whose writer finished on all ranks (``blocking``: wait for all of them)."""
+        from megatron.core.dist_checkpointing.core import CheckpointingException
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        if not self.pending:
+            return
+        try:
+            self._calls.maybe_finalize_async_calls(blocking=blocking)
+        except (CheckpointException, CheckpointingException, OSError, RuntimeError) as err:
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise CheckpointError(
+                f"the background save to {self._writing} failed ({type(err).__name__}: {first}); it was not "
+                f"published: {TRACKER_FILENAME} still names the previous checkpoint"
+            ) from None
+
+    def close(self) -> None:
+        """Publish what is still being written, then stop (every rank, e.g. before exit)."""
+        self.finish(blocking=True)
+        self._calls.close()
+
+
+def _iteration_of(path: Path) -> int:
+    return int(path.name.split("_")[1])
 
 
 def publish_directory(staging: Path, final: Path) -> None:
@@ -383,8 +473,10 @@ def save_training_checkpoint(
     global_batch_size: int,
     pg,
     timings: dict[str, float] | None = None,
+    background: BackgroundSaves | None = None,
 ) -> Path:
-    """Assemble the sharded state of ``parts`` at ``metadata.iteration`` and write it (every rank calls this)."""
+    """Assemble the sharded state of ``parts`` at ``metadata.iteration`` and write it (every rank calls
+    this); with ``background``, in a background process (``save_checkpoint``)."""
     model_sd = parts.student.sharded_state_dict()
     state = {
         "model": model_sd,
@@ -396,7 +488,7 @@ def save_training_checkpoint(
         "mixing": parts.schedule.state_dict(),
         "ddk": parts.controller.state_dict(),
     }
-    return save_checkpoint(root, metadata, state, timings=timings)
+    return save_checkpoint(root, metadata, state, timings=timings, background=background)
 
 
 def load_training_checkpoint(

@@ -470,11 +470,18 @@ class CheckpointConfig:
     finetune: bool = option(
         False, help="load only the weights of --load; iteration, optimizer and data start fresh"
     )
+    async_save: bool = option(
+        False,
+        help="write checkpoints in a background process while training goes on; each is published "
+        "(renamed, tracker updated) once written and checksummed",
+    )
 
     def __post_init__(self) -> None:
         problems = []
         if self.save_interval is not None and not self.save:
             problems.append("--save-interval needs --save DIR")
+        if self.async_save and not self.save:
+            problems.append("--async-save needs --save DIR")
         if self.ckpt_step is not None and not self.load:
             problems.append("--ckpt-step needs --load DIR")
         _raise_if(problems)

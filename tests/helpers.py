@@ -55,16 +55,9 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun(
-    script: str | Path,
-    nproc: int,
-    *args: str,
-    env: dict[str, str] | None = None,
-    timeout: int = 600,
-    check: bool = True,
-) -> subprocess.CompletedProcess:
-    """Run ``script`` under torchrun with ``nproc`` local processes (gloo on CPU)."""
-    cmd = [
+def torchrun_command(script: str | Path, nproc: int, *args: str) -> list[str]:
+    """The command line that runs ``script`` under torchrun with ``nproc`` local processes."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -74,6 +67,18 @@ def torchrun(
         str(script),
         *map(str, args),
     ]
+
+
+def torchrun(
+    script: str | Path,
+    nproc: int,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: int = 600,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun with ``nproc`` local processes (gloo on CPU)."""
+    cmd = torchrun_command(script, nproc, *args)
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, env=subprocess_env(env), capture_output=True, text=True, timeout=timeout
     )
@@ -124,3 +129,25 @@ def train_sentencepiece(
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (not zombie) processes of a session (``start_new_session=True``), from /proc."""
+    return [pid for pid, stat in _proc_stats() if stat[3] == session and stat[0] != "Z"]
+
+
+def child_processes(parent: int) -> list[int]:
+    """Live processes whose parent is ``parent``, from /proc."""
+    return [pid for pid, stat in _proc_stats() if stat[1] == parent and stat[0] != "Z"]
+
+
+def _proc_stats() -> list[tuple[int, tuple]]:
+    """(pid, (state, ppid, pgrp, session)) of every process, from /proc/*/stat."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found.append((int(stat.parent.name), (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))))
+    return found

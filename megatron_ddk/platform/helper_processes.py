@@ -9,22 +9,30 @@ resource tracker) would live on indefinitely.
 ``tie_helpers_to_this_process`` (idempotent) fixes both:
 - every child this process forks from its main thread gets ``PR_SET_PDEATHSIG = SIGKILL`` (Linux),
   so it dies with the rank (and exits at once if the rank died before the child could ask);
-- the writer's results queue is an in-process ``queue.Queue`` instead of the manager's: saves are
-  synchronous here, so the writer puts its results in this very process (its forked workers report
-  through their own queues), and ``get_nowait`` right after ``put`` finds them.
+- the writer's results queue (``use_write_results_queue``) is chosen per save. A synchronous save
+  writes from this very process (its forked workers report through their own queues), so an
+  in-process ``queue.Queue`` serves, and ``get_nowait`` right after ``put`` finds the results. A
+  background save (``--async-save``) writes from a forked process, whose results must cross back: a
+  manager queue, as megatron-core uses, but its server is *forked* from this process's main thread
+  (so it is tied like the writers) rather than spawned. A plain ``multiprocessing.Queue`` would not
+  do: a writer whose results exceed the pipe's buffer could not exit until this process read them,
+  and this process waits for it to exit before reading.
 """
 
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import queue
 import signal
 import sys
 import threading
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _state = {"installed": False, "forking_pid": None, "from_main_thread": False}
+_queues: dict[str, Any] = {}
 
 
 def _before_fork() -> None:
@@ -47,7 +55,21 @@ def tie_helpers_to_this_process() -> None:
         return
     _state["installed"] = True
     os.register_at_fork(before=_before_fork, after_in_child=_in_child)
+    use_write_results_queue(background=False)
+
+
+def use_write_results_queue(*, background: bool) -> None:
+    """Make dist_checkpointing's next save report its write results through the queue that fits it
+    (see the module docstring); called by the main thread before each save."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+    kind = "background" if background else "in_process"
+    if kind not in _queues:
+        if background:
+            tie_helpers_to_this_process()  # the manager's server is a forked child: it must be tied too
+            manager = multiprocessing.get_context("fork").Manager()
+            _queues["manager"] = manager  # keeps the server alive; it shuts down at exit (or dies with us)
+            _queues[kind] = manager.Queue()
+        else:
+            _queues[kind] = queue.Queue()
+    filesystem_async._results_queue = _queues[kind]

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ddk.checkpointing import (
+    BackgroundSaves,
     CheckpointMetadata,
     TrainingParts,
     load_model_state,
@@ -127,6 +128,8 @@ class Trainer:
         self.pg = distributed.initialize(self.layout)
         distributed.set_seed(cfg.training.seed, self.pg)
         self.writer = self._tensorboard()
+        # --async-save: checkpoints written in the background, published at the next finished poll
+        self.background_saves = BackgroundSaves(report.print_rank_0) if cfg.checkpoint.async_save else None
         self._signalled = False
         self._install_signal_handler()
         self.student, self.unwrapped, self.model, self.shape_adjuster = self._build_model()
@@ -502,6 +505,8 @@ class Trainer:
             self.update_mixture()
         window, last_saved = _LogWindow(self._report_layout()), None
         while self.iteration < t.train_iters:
+            if self.background_saves is not None:  # publish a background save whose write finished
+                self.background_saves.finish(blocking=False)
             step = self.train_step()
             if (
                 t.check_for_nan_in_loss_and_grad
@@ -534,9 +539,11 @@ class Trainer:
             if exiting and self.iteration < t.train_iters:
                 why = "SIGTERM received" if signalled else f"--exit-interval {t.exit_interval}"
                 report.print_rank_0(f"exiting program at iteration {self.iteration} ({why})")
+                self._publish_background_saves()
                 return None
         if cfg.checkpoint.save and last_saved != self.iteration:
             self.save()
+        self._publish_background_saves()
         final = self.evaluate(with_teacher=False, num_samples=cfg.ddk.val_samples)
         self.controller.finish(final.ce_student)
         last_weights = self.schedule.weights_for_window(self.controller.window_of(self.iteration - 1))
@@ -650,11 +657,23 @@ class Trainer:
             global_batch_size=cfg.training.global_batch_size,
             pg=self.pg,
             timings=timings,
+            background=self.background_saves,
         )
+        if self.background_saves is not None:  # the seconds training was blocked (staging, forking)
+            report.print_rank_0(
+                f"  scheduled an async checkpoint save at iteration {self.iteration:7d} to {path} "
+                f"[ {time.time() - start:.2f}s ]"
+            )
+            return
         report.print_rank_0(
             f"  successfully saved checkpoint at iteration {self.iteration:7d} to {path} "
             f"[ {time.time() - start:.2f}s, manifest {timings.get('manifest', 0.0):.3f}s ]"
         )
+
+    def _publish_background_saves(self) -> None:
+        """Wait for the background save still being written and publish it (every rank)."""
+        if self.background_saves is not None:
+            self.background_saves.finish(blocking=True)
 
     def _load(self, path: Path) -> int:
         """Restore from ``path``; returns the iteration to continue from."""
@@ -697,6 +716,10 @@ class Trainer:
         return iteration
 
     def close(self) -> None:
+        # after an error too: a save in flight holds a state from before it (a non-finite loss or grad
+        # stops the run before it is saved), so it is published like any other
+        if self.background_saves is not None:
+            self.background_saves.close()
         if self.writer is not None:
             self.writer.close()
         if dist.is_initialized():

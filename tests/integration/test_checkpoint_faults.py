@@ -9,13 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from megatron_ddk.checkpointing import iteration_dir, read_tracker
 from tests import checkpoint_faults as faults
-from tests.helpers import REPO_ROOT, SCRIPTS, python, subprocess_env
+from tests.helpers import REPO_ROOT, SCRIPTS, python, session_processes, subprocess_env
 from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
@@ -152,19 +151,6 @@ def test_layout_mistakes_are_reported_together_before_any_model(tiny_corpus, tmp
     assert "--num-query-groups 1 is not divisible by --tensor-model-parallel-size 2" in run.stderr
 
 
-def _session_processes(session: int) -> list[int]:
-    """Live (not zombie) processes of a session, from /proc."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session, ...
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_killed_rank_leaves_no_helper_process(tiny_corpus, tmp_path):
     """dist_checkpointing's writer workers and result queue must not outlive a SIGKILLed rank."""
     args = cpt(tiny_corpus, tmp_path, 50, "--save", tmp_path / "ckpt", "--save-interval", "1")
@@ -183,6 +169,6 @@ def test_killed_rank_leaves_no_helper_process(tiny_corpus, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 5
-    while _session_processes(proc.pid) and time.time() < deadline:
+    while session_processes(proc.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert _session_processes(proc.pid) == []
+    assert session_processes(proc.pid) == []

@@ -51,7 +51,7 @@ class Trajectory:
     kills: list[str] = field(default_factory=list)
 
 
-def ddk_args(corpus: dict, teacher: Path, work: Path, iters: int) -> list[str]:
+def ddk_args(corpus: dict, teacher: Path, work: Path, iters: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [
         *STUDENT,
         *train_args(iters),
@@ -68,6 +68,7 @@ def ddk_args(corpus: dict, teacher: Path, work: Path, iters: int) -> list[str]:
         str(work / "ckpt"),
         "--save-interval",
         "2",
+        *extra,
     ]
 
 
@@ -160,13 +161,23 @@ def differences(reference: Trajectory, resumed: Trajectory) -> list[str]:
 
 
 def soak(
-    corpus: dict, teacher: Path, work: Path, *, kills: int, seed: int, iters: int
+    corpus: dict,
+    teacher: Path,
+    work: Path,
+    *,
+    kills: int,
+    seed: int,
+    iters: int,
+    extra: tuple[str, ...] = (),
 ) -> tuple[list[str], list[str]]:
-    """Run uninterrupted and killed ``kills`` times; returns (the kills, the differences)."""
+    """Run uninterrupted and killed ``kills`` times (both with the flags ``extra``); returns (the
+    kills, the differences)."""
     reference = run(
-        ddk_args(corpus, teacher, work / "reference", iters), work / "reference", kills=0, seed=seed
+        ddk_args(corpus, teacher, work / "reference", iters, extra), work / "reference", kills=0, seed=seed
     )
-    resumed = run(ddk_args(corpus, teacher, work / "killed", iters), work / "killed", kills=kills, seed=seed)
+    resumed = run(
+        ddk_args(corpus, teacher, work / "killed", iters, extra), work / "killed", kills=kills, seed=seed
+    )
     return resumed.kills, differences(reference, resumed)
 
 
@@ -179,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=16)
     parser.add_argument(
         "--work", type=Path, default=None, help="scratch directory (default: a new temporary one)"
+    )
+    parser.add_argument(
+        "--async-save",
+        action="store_true",
+        help="save with --async-save (kills land in background writes too)",
     )
     args = parser.parse_args(argv)
     import tempfile
@@ -212,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(work / sub)
     start = time.time()
-    kills, found = soak(corpus, teacher, work, kills=args.kills, seed=args.seed, iters=args.iters)
+    extra = ("--async-save",) if args.async_save else ()
+    kills, found = soak(
+        corpus, teacher, work, kills=args.kills, seed=args.seed, iters=args.iters, extra=extra
+    )
     print(
-        f"{len(kills)} kills (seed {args.seed}, {args.iters} iterations, {time.time() - start:.0f}s): "
-        + "; ".join(kills)
+        f"{len(kills)} kills (seed {args.seed}, {args.iters} iterations{', --async-save' if extra else ''}, "
+        f"{time.time() - start:.0f}s): " + "; ".join(kills)
     )
     print(
         "trajectory identical to the uninterrupted run" if not found else "DIFFERENCES:\n" + "\n".join(found)

@@ -101,6 +101,7 @@ def test_every_problem_is_reported_at_once():
         (["--ddk-mode", "cpt", "--fp16"], "--fp16"),
         (["--ddk-mode", "cpt", "--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
         (["--ddk-mode", "cpt", "--save-interval", "3"], "--save-interval needs --save"),
+        (["--ddk-mode", "cpt", "--async-save"], "--async-save needs --save"),
         (["--ddk-mode", "cpt", "--num-query-groups", "3"], "--num-query-groups 3"),
         (["--ddk-mode", "cpt", "--lr-warmup-iters", "10"], "--lr-warmup-iters 10"),
         (["--ddk-mode", "cpt", "--ddk-temperature", "0"], "--ddk-temperature must be > 0"),
