@@ -36,16 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, tokenizer)
     except UserError as err:
         return _report(err)
+    from megatron_ddk.platform.distributed import destroy
+
+    status = 0
     try:
         trainer.train()
     except UserError as err:  # e.g. a non-finite loss: every rank raises the same one-line error
-        return _report(err)
+        status = _report(err)
     finally:
-        trainer.close()
-        from megatron_ddk.platform.distributed import destroy
-
-        destroy()
-    return 0
+        try:
+            trainer.close()  # waits for a background (--async-save) checkpoint still being written
+        except UserError as err:  # that write failed: one line too, whatever ended the run
+            status = _report(err)
+        finally:
+            destroy()
+    return status
 
 
 if __name__ == "__main__":  # the guard matters: dist_checkpointing's writer spawns processes
