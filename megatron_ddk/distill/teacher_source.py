@@ -186,12 +186,7 @@ class CachedTeacher:
                     "does not belong to these datasets: rebuild it"
                 )
             found.append(fields)
-        return {
-            "teacher_topk_ids": torch.from_numpy(np.stack([f["ids"] for f in found]).astype(np.int32)),
-            "teacher_topk_log_probs": torch.from_numpy(np.stack([f["log_probs"] for f in found])),
-            "teacher_tail_log_mass": torch.from_numpy(np.stack([f["tail"] for f in found])),
-            "teacher_ce_sum": torch.tensor([float(f["ce_sum"]) for f in found], dtype=torch.float64),
-        }
+        return stack_rows(found)
 
     def validation_ce(self, valid_sizes: Sequence[int], num_samples: int) -> np.ndarray | None:
         """Mean teacher CE per domain over the first ``num_samples`` validation samples; None if any is missing."""
@@ -203,6 +198,16 @@ class CachedTeacher:
             total, tokens = self.cache.teacher_ce("valid", d, ids)
             ce.append(total / tokens)
         return np.asarray(ce, dtype=np.float64)
+
+
+def stack_rows(found: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """A micro-batch's ``TEACHER_FIELDS`` from its cached rows (``TeacherCache.row``: memory-mapped views)."""
+    return {
+        "teacher_topk_ids": torch.from_numpy(np.stack([f["ids"] for f in found]).astype(np.int32)),
+        "teacher_topk_log_probs": torch.from_numpy(np.stack([f["log_probs"] for f in found])),
+        "teacher_tail_log_mass": torch.from_numpy(np.stack([f["tail"] for f in found])),
+        "teacher_ce_sum": torch.tensor([float(f["ce_sum"]) for f in found], dtype=torch.float64),
+    }
 
 
 class CachedTeacherBatches:
