@@ -473,17 +473,22 @@ def extract_fields(
     vocab_size: int,
     tp_group,
 ) -> dict[str, torch.Tensor]:
-    """One micro-batch's cached fields from the teacher's ``[b, s, v_local]`` logits (its real rows only)."""
-    from megatron.core import tensor_parallel
+    """One micro-batch's cached fields from the teacher's ``[b, s, v_local]`` logits (its real rows only).
 
-    from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk
+    The top-k, tail and CE come from one set of passes over the logits (``vocab_parallel_topk_and_ce``).
+    """
+    from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk_and_ce
 
     b, s, v = logits.shape
-    ids, logp, tail = vocab_parallel_topk(
-        logits.reshape(b * s, v), top_k, temperature=temperature, vocab_size=vocab_size, tp_group=tp_group
+    ids, logp, tail, ce = vocab_parallel_topk_and_ce(
+        logits.reshape(b * s, v),
+        top_k,
+        labels=batch["labels"],
+        temperature=temperature,
+        vocab_size=vocab_size,
+        tp_group=tp_group,
     )
-    # after the top-k: megatron-core's cross entropy works in place on fp32 logits
-    ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"])  # [b, s]
+    ce = ce.reshape(b, s)
     mask = batch["loss_mask"].double()
     keep = int(batch["valid_rows"])
     return {
