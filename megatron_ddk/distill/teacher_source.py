@@ -4,7 +4,8 @@
 checked cheaply (the cache's identity against this run's tokenizer, datasets, seed, sequence
 length, temperature and, with ``--teacher-load``, teacher checkpoint). Once the datasets exist,
 ``check_coverage`` refuses a run that could draw a sample the cache lacks (unless the online
-teacher can fill in) and verifies the checksums of every shard the run can read, split over ranks.
+teacher can fill in) and verifies the checksums of every shard the run can read, split over ranks
+(``--teacher-cache-verify sizes-only`` skips that: the sizes are always checked when the cache opens).
 
 During training, ``CachedTeacherBatches`` attaches each micro-batch's cached rows (``TEACHER_FIELDS``)
 for the sparse KD loss (``training/step.py``); a micro-batch with a missing row gets none and the
@@ -103,7 +104,8 @@ class CachedTeacher:
                 f"{'; '.join(gaps)}. Fill the gap with: {self.fill_command()} (or add --teacher-load to fall "
                 "back to the online teacher)"
             )
-        self._verify(sorted(shards), rank=rank, world=world)
+        if cfg.distill.teacher_cache_verify == "before-training":
+            self._verify(sorted(shards), rank=rank, world=world)
 
     def _verify(self, shards: list[int], *, rank: int, world: int) -> None:
         """Each rank checks a slice of the shards; every rank learns the first bad one and raises the same error."""

@@ -259,6 +259,29 @@ def test_damaged_shard_is_named(tiny_corpus, tmp_path, cache, damage):
     assert ("fails its checksum" if damage == "corrupted" else "truncated") in message
 
 
+def test_sizes_only_skips_the_checksums_not_the_sizes(tiny_corpus, tmp_path, cache):
+    """--teacher-cache-verify sizes-only: the documented trade (a flipped bit passes), a truncated shard does not."""
+    from megatron_ddk.data.datasets import build_domain_datasets
+
+    copy = edited_cache(cache, tmp_path, lambda index: None)
+    victim = copy / tc.read_index(copy)["shards"][1]["file"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    source = cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
+    domains = build_domain_datasets(
+        source.registry,
+        tokenizer=_tokenizer(tiny_corpus),
+        seq_length=32,
+        seed=1234,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    source.check_coverage(domains, rank=0, world=1)
+    victim.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
+
+
 def _tokenizer(corpus):
     from megatron_ddk.data.tokenizer import build_tokenizer
 
