@@ -147,29 +147,37 @@ def selection(args: argparse.Namespace, registry, domains) -> dict[tuple[str, in
     return chosen
 
 
+def check_existing(output: Path, *, identity: dict, layout) -> dict:
+    """The index of the cache already in ``output``, refused if it has another identity or layout."""
+    from megatron_ddk.distill import teacher_cache as tc
+    from megatron_ddk.errors import CheckpointError
+
+    index = tc.read_index(output, flag="--output")
+    problems = tc.identity_differences(index["identity"], identity)
+    if problems:
+        raise CheckpointError(
+            f"--output {output} holds a cache built for {'; '.join(problems)}; "
+            "write this one to another --output directory"
+        )
+    if index["layout"] != layout.to_json():
+        raise CheckpointError(
+            f"--output {output} holds a cache with layout {index['layout']}, not "
+            f"{layout.to_json()}; write this one to another --output directory"
+        )
+    return index
+
+
 def prepare_index(
     output: Path, *, identity: dict, layout, domains, chosen, shard_size: int, built_with: dict
 ) -> dict:
     """Open (identity checked) or create the index and extend its plans with the samples it lacks (rank 0)."""
     from megatron_ddk.distill import teacher_cache as tc
-    from megatron_ddk.errors import CheckpointError
 
     output.mkdir(parents=True, exist_ok=True)
     for leftover in (output / "shards").glob("*.tmp*"):
         leftover.unlink()  # a killed run's unfinished writes: never referenced
     if (output / tc.INDEX_FILENAME).exists():
-        index = tc.read_index(output, flag="--output")
-        problems = tc.identity_differences(index["identity"], identity)
-        if problems:
-            raise CheckpointError(
-                f"--output {output} holds a cache built for {'; '.join(problems)}; "
-                "write this one to another --output directory"
-            )
-        if index["layout"] != layout.to_json():
-            raise CheckpointError(
-                f"--output {output} holds a cache with layout {index['layout']}, not "
-                f"{layout.to_json()}; write this one to another --output directory"
-            )
+        index = check_existing(output, identity=identity, layout=layout)
     else:
         index = {
             "format": tc.FORMAT,
@@ -297,6 +305,8 @@ def run(args: argparse.Namespace) -> None:
         "top_k": args.top_k,
         "precision": {"bf16": args.bf16, "fp8_format": args.fp8_format},
     }
+    if (Path(args.output) / tc.INDEX_FILENAME).exists():  # refused before any process group or dataset
+        check_existing(Path(args.output), identity=identity, layout=layout)
 
     parallel = ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
