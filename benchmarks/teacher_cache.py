@@ -1,18 +1,19 @@
 """Benchmark: a teacher cache against the online teacher, side by side in one run on the demo corpus.
 
-Builds the demo corpus, a teacher (--ddk-mode cpt) and a top-k cache of exactly what the KD runs
-draw (tools/cache_teacher_logits.py), then runs, with the same seed and flags:
+Builds the demo corpus, a teacher (--ddk-mode cpt) and, for each ``--top-k``, a cache of exactly what
+the KD runs draw (tools/cache_teacher_logits.py), then runs, with the same seed and flags, CPT and KD
+with the online teacher once, and KD from each cache:
 
-- CPT, KD with the online teacher, KD from the cache: time per iteration (the second half of each run,
-  after warm-up) and the ratios cache / CPT (target <= 1.10) and online / CPT;
-- quality: each KD run's final per-domain validation CE (the "student ppl after" column), cache vs online;
-- DDK from the cache vs online DDK: the first window's weights (Eq. 1 from the teacher's validation CE);
-- storage: bytes per cached token (files on disk / tokens) and the layout's figure at k = 32;
-- build speed: the tool's tokens/s against the teacher's forward-only tokens/s inside a training run,
-  estimated as tokens per iteration / (KD online - CPT time per iteration).
+- quality at each k: each KD run's final per-domain validation CE (the "student ppl after" column),
+  cache vs online (target at k = 32: within 0.5%), and CPT's for scale;
+- DDK from the (first) cache vs online DDK: the first window's weights (Eq. 1 from the teacher's
+  validation CE);
+- storage: bytes per cached token (files on disk / tokens) at each k;
+- the tool's end-to-end tokens/s from its last line (context only: the build-speed target is measured
+  side by side by benchmarks/cache_build_speed.py, iteration times by benchmarks/distill_overhead.py).
 
     python benchmarks/teacher_cache.py --work-dir /tmp/bench_tc
-    python benchmarks/teacher_cache.py --work-dir /tmp/bench_tc --student-iters 200 --teacher-iters 300
+    python benchmarks/teacher_cache.py --work-dir /tmp/bench_tc --top-k 8 16 32 64 --student-iters 200
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--teacher-iters", type=int, default=100)
     p.add_argument("--student-iters", type=int, default=60)
-    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--top-k", type=int, nargs="+", default=[32], help="one cache (and KD run) per k")
     p.add_argument("--val-samples", type=int, default=32)
     p.add_argument("--nproc", type=int, default=1)
     return p.parse_args(argv)
@@ -86,11 +87,6 @@ def run(*cmd, torchrun_nproc: int | None = None) -> str:
     if proc.returncode:
         sys.exit(f"failed: {' '.join(full)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
-
-
-def ms_per_iteration(stdout: str) -> float:
-    times = [float(m) for m in re.findall(r"elapsed time per iteration \(ms\): ([0-9.]+)", stdout)]
-    return times[-1]  # the second log window: after warm-up
 
 
 def final_ce(stdout: str) -> dict[str, float]:
@@ -181,30 +177,32 @@ def main(argv=None) -> None:
             work / "teacher",
             torchrun_nproc=args.nproc,
         )
-    cache = work / f"cache_k{args.top_k}"
-    tool_out = run(
-        "tools/cache_teacher_logits.py",
-        "--output",
-        cache,
-        "--teacher-load",
-        work / "teacher",
-        *data,
-        "--top-k",
-        args.top_k,
-        "--micro-batch-size",
-        args.micro_batch_size,
-        "--val-samples",
-        args.val_samples,
-        "--train-iters",
-        args.student_iters,
-        "--global-batch-size",
-        args.global_batch_size,
-        "--ddk-mode",
-        "kd",
-        "--no-progress",
-        torchrun_nproc=args.nproc,
-    )
-    tool_rate = float(re.findall(r"\(([0-9.]+) tokens/s over all ranks\)", tool_out)[-1])
+    caches, tool_rates = {}, {}
+    for k in args.top_k:
+        caches[k] = work / f"cache_k{k}"
+        tool_out = run(
+            "tools/cache_teacher_logits.py",
+            "--output",
+            caches[k],
+            "--teacher-load",
+            work / "teacher",
+            *data,
+            "--top-k",
+            k,
+            "--micro-batch-size",
+            args.micro_batch_size,
+            "--val-samples",
+            args.val_samples,
+            "--train-iters",
+            args.student_iters,
+            "--global-batch-size",
+            args.global_batch_size,
+            "--ddk-mode",
+            "kd",
+            "--no-progress",
+            torchrun_nproc=args.nproc,
+        )
+        tool_rates[k] = float(re.findall(r"\(([0-9.]+) tokens/s over all ranks\)", tool_out)[-1])
 
     student = [
         *data,
@@ -230,13 +228,13 @@ def main(argv=None) -> None:
     for name, extra in [
         ("cpt", ["--ddk-mode", "cpt"]),
         ("kd online", ["--ddk-mode", "kd", "--teacher-load", work / "teacher"]),
-        ("kd cache", ["--ddk-mode", "kd", "--teacher-cache", cache]),
+        *[(f"kd cache k={k}", ["--ddk-mode", "kd", "--teacher-cache", caches[k]]) for k in args.top_k],
     ]:
         results[name] = run("pretrain_ddk.py", *student, *extra, torchrun_nproc=args.nproc)
     ddk_logs = {}
     for name, extra in [
         ("online", ["--teacher-load", work / "teacher"]),
-        ("cache", ["--teacher-cache", cache]),
+        ("cache", ["--teacher-cache", caches[args.top_k[0]]]),
     ]:
         log = work / f"ddk_{name}.jsonl"
         log.unlink(missing_ok=True)
@@ -258,55 +256,35 @@ def main(argv=None) -> None:
         )
         ddk_logs[name] = json.loads(log.read_text().splitlines()[0])
 
-    ms = {name: ms_per_iteration(out) for name, out in results.items()}
-    ce_online, ce_cache = final_ce(results["kd online"]), final_ce(results["kd cache"])
-    from megatron_ddk.distill.teacher_cache import CacheLayout, read_index
+    ce = {name: final_ce(out) for name, out in results.items()}
+    from megatron_ddk.distill.teacher_cache import read_index
 
-    index = read_index(cache)
-    shard_bytes = sum((cache / s["file"]).stat().st_size for s in index["shards"])
-    cached_tokens = sum(s["stop"] - s["start"] for s in index["shards"]) * args.seq_length
-    tokens_per_iteration = args.global_batch_size * args.seq_length
-    teacher_ms = ms["kd online"] - ms["cpt"]
     print(
         f"teacher cache benchmark: {args.nproc} process(es), seq {args.seq_length}, global batch "
         f"{args.global_batch_size}, {args.student_iters} iterations, vocab {args.vocab_size}, k {args.top_k}"
     )
-    print(
-        f"  storage: {shard_bytes / cached_tokens:.1f} B/token on disk ({cached_tokens} tokens, {shard_bytes} B); "
-        f"layout at k=32: vocab {args.vocab_size} "
-        f"{CacheLayout.for_vocabulary(seq_length=2048, top_k=32, vocab_size=args.vocab_size).bytes_per_token():.1f}, "
-        f"vocab 151936 {CacheLayout.for_vocabulary(seq_length=2048, top_k=32, vocab_size=151936).bytes_per_token():.1f}"
-    )
-    print(
-        f"  ms/iteration: cpt {ms['cpt']:.1f} | kd online {ms['kd online']:.1f} | kd cache {ms['kd cache']:.1f}"
-    )
-    print(
-        f"  ratios: kd cache / cpt {ms['kd cache'] / ms['cpt']:.3f} (target <= 1.10) | "
-        f"kd online / cpt {ms['kd online'] / ms['cpt']:.3f} | kd cache / kd online "
-        f"{ms['kd cache'] / ms['kd online']:.3f}"
-    )
-    for domain in ce_online:
-        rel = (ce_cache[domain] - ce_online[domain]) / ce_online[domain]
+    for k in args.top_k:
+        index = read_index(caches[k])
+        shard_bytes = sum((caches[k] / s["file"]).stat().st_size for s in index["shards"])
+        cached_tokens = sum(s["stop"] - s["start"] for s in index["shards"]) * args.seq_length
         print(
-            f"  final CE {domain:>12}: online {ce_online[domain]:.4f} | cache {ce_cache[domain]:.4f} | "
-            f"{100 * rel:+.3f}% (target within 0.5%)"
+            f"  k={k}: storage {shard_bytes / cached_tokens:.1f} B/token on disk ({cached_tokens} tokens); "
+            f"tool {tool_rates[k]:.0f} tokens/s end to end (its last line)"
         )
+    domains = list(ce["kd online"])
+    print("  final validation CE per domain, and KD from the cache vs online KD:")
+    print("  " + " | ".join([f"{'run':>14}", *[f"{d:>18}" for d in domains]]))
+    for name in results:
+        cells = []
+        for d in domains:
+            rel = 100 * (ce[name][d] - ce["kd online"][d]) / ce["kd online"][d]
+            cells.append(f"{ce[name][d]:.4f} ({rel:+.2f}%)" if name != "kd online" else f"{ce[name][d]:.4f}")
+        print("  " + " | ".join([f"{name:>14}", *[f"{c:>18}" for c in cells]]))
     w_online, w_cache = ddk_logs["online"]["weights"], ddk_logs["cache"]["weights"]
     print(
-        f"  DDK first-window weights: online {[round(w, 6) for w in w_online]} | cache "
+        f"  DDK first-window weights (cache k={args.top_k[0]}): online {[round(w, 6) for w in w_online]} | cache "
         f"{[round(w, 6) for w in w_cache]} | max abs diff {max(abs(a - b) for a, b in zip(w_online, w_cache)):.2e}"
     )
-    if teacher_ms > 0:
-        teacher_rate = tokens_per_iteration / (teacher_ms / 1000)
-        print(
-            f"  build: tool {tool_rate:.0f} tokens/s | teacher forward in training ~{teacher_rate:.0f} tokens/s "
-            f"(tokens/iteration / (kd online - cpt)) | ratio {tool_rate / teacher_rate:.2f}"
-        )
-    else:
-        print(
-            f"  build: tool {tool_rate:.0f} tokens/s | teacher forward in training: not measurable in this run "
-            "(kd online was not slower than cpt: timing noise exceeds the teacher's cost)"
-        )
 
 
 if __name__ == "__main__":

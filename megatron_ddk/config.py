@@ -17,6 +17,7 @@ from typing import Any
 
 from megatron_ddk.errors import CheckpointError, ConfigError
 
+TEACHER_CACHE_VERIFY = ("before-training", "sizes-only")
 DDK_MODES = ("cpt", "kd", "ddk")
 KD_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 MIXING_MODES = (
@@ -555,6 +556,13 @@ class DistillConfig:
         "is built unless --teacher-load is also given, which then only "
         "serves samples the cache lacks",
     )
+    teacher_cache_verify: str = option(
+        "before-training",
+        choices=TEACHER_CACHE_VERIFY,
+        help="before-training: sha256 of every cache shard the run can read, split over the ranks, "
+        "before the first iteration; sizes-only: skip it (shard sizes, sample ids and token "
+        "fingerprints are still checked), e.g. on restarts of a run over a cache verified once",
+    )
     kd_loss_type: str = option(
         "forward_kl", help="divergence between teacher and student", choices=KD_LOSS_TYPES
     )
@@ -590,6 +598,11 @@ class DistillConfig:
             problems.append(
                 "--teacher-cache is given but --ddk-mode cpt trains without a teacher; use --ddk-mode kd "
                 "or ddk"
+            )
+        if self.teacher_cache_verify != "before-training" and not self.teacher_cache:
+            problems.append(
+                f"--teacher-cache-verify {self.teacher_cache_verify} needs --teacher-cache DIR (there is "
+                "no cache to verify)"
             )
         _raise_if(problems)
 

@@ -147,29 +147,37 @@ def selection(args: argparse.Namespace, registry, domains) -> dict[tuple[str, in
     return chosen
 
 
+def check_existing(output: Path, *, identity: dict, layout) -> dict:
+    """The index of the cache already in ``output``, refused if it has another identity or layout."""
+    from megatron_ddk.distill import teacher_cache as tc
+    from megatron_ddk.errors import CheckpointError
+
+    index = tc.read_index(output, flag="--output")
+    problems = tc.identity_differences(index["identity"], identity)
+    if problems:
+        raise CheckpointError(
+            f"--output {output} holds a cache built for {'; '.join(problems)}; "
+            "write this one to another --output directory"
+        )
+    if index["layout"] != layout.to_json():
+        raise CheckpointError(
+            f"--output {output} holds a cache with layout {index['layout']}, not "
+            f"{layout.to_json()}; write this one to another --output directory"
+        )
+    return index
+
+
 def prepare_index(
     output: Path, *, identity: dict, layout, domains, chosen, shard_size: int, built_with: dict
 ) -> dict:
     """Open (identity checked) or create the index and extend its plans with the samples it lacks (rank 0)."""
     from megatron_ddk.distill import teacher_cache as tc
-    from megatron_ddk.errors import CheckpointError
 
     output.mkdir(parents=True, exist_ok=True)
     for leftover in (output / "shards").glob("*.tmp*"):
         leftover.unlink()  # a killed run's unfinished writes: never referenced
     if (output / tc.INDEX_FILENAME).exists():
-        index = tc.read_index(output, flag="--output")
-        problems = tc.identity_differences(index["identity"], identity)
-        if problems:
-            raise CheckpointError(
-                f"--output {output} holds a cache built for {'; '.join(problems)}; "
-                "write this one to another --output directory"
-            )
-        if index["layout"] != layout.to_json():
-            raise CheckpointError(
-                f"--output {output} holds a cache with layout {index['layout']}, not "
-                f"{layout.to_json()}; write this one to another --output directory"
-            )
+        index = check_existing(output, identity=identity, layout=layout)
     else:
         index = {
             "format": tc.FORMAT,
@@ -297,6 +305,8 @@ def run(args: argparse.Namespace) -> None:
         "top_k": args.top_k,
         "precision": {"bf16": args.bf16, "fp8_format": args.fp8_format},
     }
+    if (Path(args.output) / tc.INDEX_FILENAME).exists():  # refused before any process group or dataset
+        check_existing(Path(args.output), identity=identity, layout=layout)
 
     parallel = ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -420,70 +430,112 @@ def run(args: argparse.Namespace) -> None:
     distributed.destroy()
 
 
-def teacher_rows(
-    teacher, dataset, samples: np.ndarray, *, args, vocab_size: int, pg
-) -> dict[str, np.ndarray]:
-    """The teacher's top-k, tail and CE of ``samples`` (all rows on the last stage; empty elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+def micro_batches(rows: list[dict], micro_batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Collated micro-batches of dataset samples; the last one is padded with its first row (``valid_rows`` says
+    how many are real)."""
     from megatron_ddk.data.loader import collate
-    from megatron_ddk.distill.teacher_cache import sample_fingerprint
-    from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk
-    from megatron_ddk.platform.distributed import is_pp_last_stage
-    from megatron_ddk.training.step import move_batch
 
-    mbs = args.micro_batch_size
-    rows = [dataset[int(i)] for i in samples]
     batches = []
-    for first in range(0, len(rows), mbs):
-        chunk = rows[first : first + mbs]
-        batch = collate(
-            chunk + [chunk[0]] * (mbs - len(chunk))
-        )  # the last micro-batch is padded, then dropped
+    for first in range(0, len(rows), micro_batch_size):
+        chunk = rows[first : first + micro_batch_size]
+        batch = collate(chunk + [chunk[0]] * (micro_batch_size - len(chunk)))
         batch["valid_rows"] = torch.tensor(len(chunk))
         batches.append(batch)
-    group = pg.tp if dist.get_world_size(pg.tp) > 1 else None
+    return batches
+
+
+def teacher_forward(
+    teacher, batches: list[dict], *, seq_length: int, micro_batch_size: int, pg, on_logits
+) -> list:
+    """The teacher's forward-only pass over ``batches`` (megatron-core's schedule, any PP); on the last
+    stage ``on_logits(batch, logits [b, s, v_local])`` runs per micro-batch and its results are returned."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_ddk.platform.distributed import is_pp_last_stage
+    from megatron_ddk.training.step import move_batch
 
     def forward_step(data_iterator, model):
         batch = move_batch(next(data_iterator))
         logits = model(batch["tokens"], batch["position_ids"], None)
         if not is_pp_last_stage(pg):
             return logits, None
-        return logits, partial(extract, batch)
-
-    def extract(batch, logits, non_loss_data=True):
-        b, s, v = logits.shape  # [b, s, v_local]
-        ids, logp, tail = vocab_parallel_topk(
-            logits.reshape(b * s, v),
-            args.top_k,
-            temperature=args.kd_temperature,
-            vocab_size=vocab_size,
-            tp_group=group,
-        )
-        ce = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), batch["labels"])  # [b, s]
-        mask = batch["loss_mask"].double()
-        keep = int(batch["valid_rows"])
-        return {
-            "ids": ids.reshape(b, s, -1)[:keep].cpu(),
-            "log_probs": logp.reshape(b, s, -1)[:keep].cpu(),
-            "tail": tail.reshape(b, s)[:keep].cpu(),
-            "ce_sum": (ce.double() * mask).sum(1)[:keep].cpu(),
-            "ce_tokens": mask.sum(1)[:keep].long().cpu(),
-        }
+        return logits, lambda output, non_loss_data=True: on_logits(batch, output)
 
     with torch.no_grad():
-        outputs = get_forward_backward_func()(
+        return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(batches),
             model=[teacher],
             num_microbatches=len(batches),
-            seq_length=args.seq_length,
-            micro_batch_size=mbs,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
             forward_only=True,
             collect_non_loss_data=True,
         )
+
+
+def extract_fields(
+    batch: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    temperature: float,
+    vocab_size: int,
+    tp_group,
+) -> dict[str, torch.Tensor]:
+    """One micro-batch's cached fields from the teacher's ``[b, s, v_local]`` logits (its real rows only).
+
+    The top-k, tail and CE come from one set of passes over the logits (``vocab_parallel_topk_and_ce``).
+    """
+    from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk_and_ce
+
+    b, s, v = logits.shape
+    ids, logp, tail, ce = vocab_parallel_topk_and_ce(
+        logits.reshape(b * s, v),
+        top_k,
+        labels=batch["labels"],
+        temperature=temperature,
+        vocab_size=vocab_size,
+        tp_group=tp_group,
+    )
+    ce = ce.reshape(b, s)
+    mask = batch["loss_mask"].double()
+    keep = int(batch["valid_rows"])
+    return {
+        "ids": ids.reshape(b, s, -1)[:keep].cpu(),
+        "log_probs": logp.reshape(b, s, -1)[:keep].cpu(),
+        "tail": tail.reshape(b, s)[:keep].cpu(),
+        "ce_sum": (ce.double() * mask).sum(1)[:keep].cpu(),
+        "ce_tokens": mask.sum(1)[:keep].long().cpu(),
+    }
+
+
+def teacher_rows(
+    teacher, dataset, samples: np.ndarray, *, args, vocab_size: int, pg
+) -> dict[str, np.ndarray]:
+    """The teacher's top-k, tail and CE of ``samples`` (all rows on the last stage; empty elsewhere)."""
+    import torch.distributed as dist
+
+    from megatron_ddk.distill.teacher_cache import sample_fingerprint
+    from megatron_ddk.platform.distributed import is_pp_last_stage
+
+    rows = [dataset[int(i)] for i in samples]
+    group = pg.tp if dist.get_world_size(pg.tp) > 1 else None
+    extract = partial(
+        extract_fields,
+        top_k=args.top_k,
+        temperature=args.kd_temperature,
+        vocab_size=vocab_size,
+        tp_group=group,
+    )
+    outputs = teacher_forward(
+        teacher,
+        micro_batches(rows, args.micro_batch_size),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        pg=pg,
+        on_logits=extract,
+    )
     if not is_pp_last_stage(pg):
         return {}
     arrays = {key: torch.cat([o[key] for o in outputs]).numpy() for key in outputs[0]}

@@ -4,7 +4,8 @@
 checked cheaply (the cache's identity against this run's tokenizer, datasets, seed, sequence
 length, temperature and, with ``--teacher-load``, teacher checkpoint). Once the datasets exist,
 ``check_coverage`` refuses a run that could draw a sample the cache lacks (unless the online
-teacher can fill in) and verifies the checksums of every shard the run can read, split over ranks.
+teacher can fill in) and verifies the checksums of every shard the run can read, split over ranks
+(``--teacher-cache-verify sizes-only`` skips that: the sizes are always checked when the cache opens).
 
 During training, ``CachedTeacherBatches`` attaches each micro-batch's cached rows (``TEACHER_FIELDS``)
 for the sparse KD loss (``training/step.py``); a micro-batch with a missing row gets none and the
@@ -103,7 +104,8 @@ class CachedTeacher:
                 f"{'; '.join(gaps)}. Fill the gap with: {self.fill_command()} (or add --teacher-load to fall "
                 "back to the online teacher)"
             )
-        self._verify(sorted(shards), rank=rank, world=world)
+        if cfg.distill.teacher_cache_verify == "before-training":
+            self._verify(sorted(shards), rank=rank, world=world)
 
     def _verify(self, shards: list[int], *, rank: int, world: int) -> None:
         """Each rank checks a slice of the shards; every rank learns the first bad one and raises the same error."""
@@ -190,12 +192,7 @@ class CachedTeacher:
                     "does not belong to these datasets: rebuild it"
                 )
             found.append(fields)
-        return {
-            "teacher_topk_ids": torch.from_numpy(np.stack([f["ids"] for f in found]).astype(np.int32)),
-            "teacher_topk_log_probs": torch.from_numpy(np.stack([f["log_probs"] for f in found])),
-            "teacher_tail_log_mass": torch.from_numpy(np.stack([f["tail"] for f in found])),
-            "teacher_ce_sum": torch.tensor([float(f["ce_sum"]) for f in found], dtype=torch.float64),
-        }
+        return stack_rows(found)
 
     def validation_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The cached fields of a validation micro-batch (``--ddk-signal kd-gap``); every row must be cached."""
@@ -216,6 +213,16 @@ class CachedTeacher:
             total, tokens = self.cache.teacher_ce("valid", d, ids)
             ce.append(total / tokens)
         return np.asarray(ce, dtype=np.float64)
+
+
+def stack_rows(found: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """A micro-batch's ``TEACHER_FIELDS`` from its cached rows (``TeacherCache.row``: memory-mapped views)."""
+    return {
+        "teacher_topk_ids": torch.from_numpy(np.stack([f["ids"] for f in found]).astype(np.int32)),
+        "teacher_topk_log_probs": torch.from_numpy(np.stack([f["log_probs"] for f in found])),
+        "teacher_tail_log_mass": torch.from_numpy(np.stack([f["tail"] for f in found])),
+        "teacher_ce_sum": torch.tensor([float(f["ce_sum"]) for f in found], dtype=torch.float64),
+    }
 
 
 class CachedTeacherBatches:

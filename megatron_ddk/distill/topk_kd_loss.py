@@ -280,29 +280,56 @@ def vocab_parallel_topk(
     ``temperature`` ``[n, k]`` fp32 and the log of the remaining mass ``[n]`` fp32 (``-inf`` when k
     covers the vocabulary); identical on every TP rank. ``tp_group`` None means no TP.
     """
+    ids, log_probs, tail, _ = vocab_parallel_topk_and_ce(
+        logits, k, temperature=temperature, vocab_size=vocab_size, tp_group=tp_group
+    )
+    return ids, log_probs, tail
+
+
+@torch.no_grad()
+def vocab_parallel_topk_and_ce(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+    tp_group=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``vocab_parallel_topk``'s three outputs and, with ``labels`` ``[n]``, the token CE ``[n]`` fp32.
+
+    The CE is megatron-core's ``vocab_parallel_cross_entropy`` (temperature 1, over every column of the
+    padded shard, as the online teacher's validation CE) computed from the same passes over the logits:
+    at temperature 1 the top-k's normaliser is reused (plus the few padding columns), so extracting a
+    cached row reads the ``[n, v_local]`` logits four times (top-k, shift, exp, sum) instead of about
+    ten. Equal to megatron-core's CE up to fp32 rounding (summation order); ``logits`` is not modified.
+    """
     n, local = logits.shape
     rank, world = (dist.get_rank(tp_group), dist.get_world_size(tp_group)) if tp_group is not None else (0, 1)
     valid = local if vocab_size is None else max(0, min(local, vocab_size - rank * local))
     total_vocab = local * world if vocab_size is None else vocab_size
     if not 1 <= k <= total_vocab:
         raise ValueError(f"top-k {k} must be in [1, {total_vocab}] (the vocabulary)")
+    device = logits.device
     shard = logits[:, :valid]
-    row_max = (
-        shard.amax(dim=-1, keepdim=True).float()
-        if valid
-        else torch.full((n, 1), float("-inf"), device=logits.device)
-    )
-    _reduce_tp(row_max, tp_group, op=dist.ReduceOp.MAX)
-    s = torch.sub(shard, row_max)
-    if temperature != 1.0:
-        s.div_(temperature)
-    # local candidates: this shard's best min(k, local) columns (-inf where it has fewer valid ones)
+    # local candidates: this shard's best min(k, local) columns (-inf where it has fewer valid ones),
+    # ranked on the raw logits (the order of (z - max) / T); the first is this shard's max
     width = min(k, local)
-    values = torch.full((n, width), float("-inf"), device=logits.device)
-    columns = torch.zeros(n, width, dtype=torch.long, device=logits.device)
+    values = torch.full((n, width), float("-inf"), device=device)
+    columns = torch.zeros(n, width, dtype=torch.long, device=device)
+    maxima = torch.full((n, 2), float("-inf"), device=device)  # [valid columns | all columns, for the CE]
+    top = None
     if valid:
-        top = torch.topk(s, min(width, valid), dim=-1)
-        values[:, : top.values.shape[1]] = top.values
+        top = torch.topk(shard, min(width, valid), dim=-1)
+        maxima[:, 0] = top.values[:, 0].float()
+    if labels is not None:
+        maxima[:, 1] = maxima[:, 0]
+        if local > valid:  # padding columns count in megatron-core's CE
+            maxima[:, 1] = torch.maximum(maxima[:, 1], logits[:, valid:].amax(dim=-1).float())
+    _reduce_tp(maxima, tp_group, op=dist.ReduceOp.MAX)
+    row_max = maxima[:, :1]
+    if top is not None:
+        values[:, : top.values.shape[1]] = torch.sub(top.values, row_max).div_(temperature)
         columns[:, : top.indices.shape[1]] = top.indices + rank * local
     if tp_group is not None:
         gathered_v = [torch.empty_like(values) for _ in range(world)]
@@ -312,17 +339,36 @@ def vocab_parallel_topk(
         values, columns = torch.cat(gathered_v, dim=1), torch.cat(gathered_c, dim=1)
     best = torch.topk(values, k, dim=-1)
     ids = columns.gather(1, best.indices)  # [n, k]
-    sums = torch.zeros(n, 2, device=logits.device)  # [total | tail]
+    local_ids = ids - rank * local
+    mine = (local_ids >= 0) & (local_ids < valid)
+    owned = torch.where(mine, best.values, float("-inf")).exp()  # [n, k]: exp of the top-k this rank holds
+    sums = torch.zeros(n, 4, device=device)  # [total | tail | CE total at T = 1 | label logit - max]
     if valid:
-        e = torch.exp(s)
-        sums[:, 0] = e.sum(dim=-1)
-        local_ids = ids - rank * local
-        mine = (local_ids >= 0) & (local_ids < valid)
-        e[mine.nonzero(as_tuple=True)[0], local_ids[mine]] = 0.0
+        e = torch.sub(shard, row_max)  # fp32: the one copy
+        if temperature != 1.0:
+            e.div_(temperature)
+        e.exp_()
+        e[mine.nonzero(as_tuple=True)[0], local_ids[mine]] = 0.0  # the tail sum never subtracts
         sums[:, 1] = e.sum(dim=-1)
+        sums[:, 0] = sums[:, 1] + owned.sum(dim=-1)
+    ce = None
+    if labels is not None:
+        ce_max = maxima[:, 1:]
+        if temperature == 1.0:  # this shard's total, rescaled to the CE's max (equal unless padding wins)
+            sums[:, 2] = sums[:, 0] * torch.exp(row_max - ce_max).squeeze(1)
+        elif valid:
+            sums[:, 2] = torch.sub(shard, ce_max).exp_().sum(dim=-1)
+        if local > valid:
+            sums[:, 2] += torch.sub(logits[:, valid:], ce_max).exp_().sum(dim=-1)
+        target = labels.reshape(-1) - rank * local
+        here = (target >= 0) & (target < local)
+        picked = logits.gather(1, torch.where(here, target, 0)[:, None]).squeeze(1).float()
+        sums[:, 3] = torch.where(here, picked - ce_max.squeeze(1), 0.0)
     _reduce_tp(sums, tp_group)
     log_z = sums[:, 0].log()
-    return ids, best.values - log_z[:, None], sums[:, 1].log() - log_z
+    if labels is not None:
+        ce = sums[:, 2].log() - sums[:, 3]
+    return ids, best.values - log_z[:, None], sums[:, 1].log() - log_z, ce
 
 
 def reference_topk_kd_loss(

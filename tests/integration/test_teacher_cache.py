@@ -259,6 +259,29 @@ def test_damaged_shard_is_named(tiny_corpus, tmp_path, cache, damage):
     assert ("fails its checksum" if damage == "corrupted" else "truncated") in message
 
 
+def test_sizes_only_skips_the_checksums_not_the_sizes(tiny_corpus, tmp_path, cache):
+    """--teacher-cache-verify sizes-only: the documented trade (a flipped bit passes), a truncated shard does not."""
+    from megatron_ddk.data.datasets import build_domain_datasets
+
+    copy = edited_cache(cache, tmp_path, lambda index: None)
+    victim = copy / tc.read_index(copy)["shards"][1]["file"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    source = cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
+    domains = build_domain_datasets(
+        source.registry,
+        tokenizer=_tokenizer(tiny_corpus),
+        seq_length=32,
+        seed=1234,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    source.check_coverage(domains, rank=0, world=1)
+    victim.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
+
+
 def _tokenizer(corpus):
     from megatron_ddk.data.tokenizer import build_tokenizer
 
@@ -273,9 +296,33 @@ def test_tool_refuses_to_mix_identities(tiny_corpus, tmp_path, cache, teacher): 
     assert "holds a cache built for another --top-k" in proc.stderr
 
 
-def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher):  # noqa: F811
-    small = ["--max-samples-per-domain", "6", "--val-samples", "2", "--shard-size", "1"]
-    torchrun(TOOL, 1, *tool_args(tiny_corpus, tmp_path / "whole", teacher, *small))
+SMALL = ["--max-samples-per-domain", "6", "--val-samples", "2", "--shard-size", "1"]
+"""A small selection, one sample per shard (32 shards): a kill lands between shards."""
+
+
+def cache_files(directory: Path) -> dict[Path, bytes]:
+    return {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def small_cache(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
+    """``SMALL`` built uninterrupted with the teacher at TP = PP = 1: what other builds must reproduce."""
+    out = tmp_path_factory.mktemp("small_cache") / "whole"
+    torchrun(TOOL, 1, *tool_args(tiny_corpus, out, teacher, *SMALL))
+    return out
+
+
+def test_pp2_build_is_byte_identical_to_pp1(tiny_corpus, tmp_path, teacher, small_cache):  # noqa: F811
+    """Pipeline stages split the layers, not any reduction: every fp32 op runs on the same values in the
+    same order, so the files (index included: it records no parallel layout) are byte-identical."""
+    out = tmp_path / "pp2"
+    torchrun(TOOL, 2, *tool_args(tiny_corpus, out, teacher, *SMALL, "--pipeline-model-parallel-size", "2"))
+    whole, pp2 = cache_files(small_cache), cache_files(out)
+    assert sorted(pp2) == sorted(whole) and len(whole) == 1 + 4 * 2 + 32 * 2
+    assert all(pp2[name] == whole[name] for name in whole), [n for n in whole if pp2[n] != whole[n]]
+
+
+def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher, small_cache):  # noqa: F811
     killed = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -285,7 +332,7 @@ def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher):  # n
         f"--master_port={free_port()}",
         "--master_addr=127.0.0.1",
         str(TOOL),
-        *map(str, tool_args(tiny_corpus, killed, teacher, *small)),
+        *map(str, tool_args(tiny_corpus, killed, teacher, *SMALL)),
     ]
     proc = subprocess.Popen(
         cmd,
@@ -306,13 +353,8 @@ def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher):  # n
         proc.wait()
     finished = len(list(killed.glob("shards/*.sha256")))
     assert 3 <= finished < 32, finished  # killed mid-way
-    resumed = torchrun(TOOL, 1, *tool_args(tiny_corpus, killed, teacher, *small))
+    resumed = torchrun(TOOL, 1, *tool_args(tiny_corpus, killed, teacher, *SMALL))
     assert f"{finished} finished and verified" in resumed.stdout or "finished and verified" in resumed.stdout
-    whole = {
-        p.relative_to(tmp_path / "whole"): p.read_bytes()
-        for p in (tmp_path / "whole").rglob("*")
-        if p.is_file()
-    }
-    again = {p.relative_to(killed): p.read_bytes() for p in killed.rglob("*") if p.is_file()}
+    whole, again = cache_files(small_cache), cache_files(killed)
     assert sorted(whole) == sorted(again) and len(whole) == 1 + 4 * 2 + 32 * 2
     assert all(whole[name] == again[name] for name in whole), [n for n in whole if whole[n] != again[n]]

@@ -26,19 +26,24 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
     from megatron_ddk.distill.topk_kd_loss import (
         reference_topk_kd_loss,
         vocab_parallel_topk,
+        vocab_parallel_topk_and_ce,
         vocab_parallel_topk_kd_loss,
     )
 
     student, teacher = full_logits(0), full_logits(1)
     weights = torch.rand(S, B, generator=torch.Generator().manual_seed(2))
     cols = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
-    ids, logp, tail = vocab_parallel_topk(
+    labels = torch.randint(0, vocab_size or 2 * V_LOCAL, (S * B,), generator=torch.Generator().manual_seed(4))
+    ids, logp, tail, ce = vocab_parallel_topk_and_ce(
         teacher[..., cols].reshape(S * B, V_LOCAL),
         k,
+        labels=labels,
         temperature=temperature,
         vocab_size=vocab_size,
         tp_group=group,
     )
+    # megatron-core's CE: temperature 1, every column of the padded vocabulary
+    ref_ce = torch.nn.functional.cross_entropy(teacher.reshape(S * B, -1), labels, reduction="none")
     ref_ids, ref_logp, ref_tail = vocab_parallel_topk(
         teacher.reshape(S * B, -1), k, temperature=temperature, vocab_size=vocab_size
     )
@@ -82,6 +87,7 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
         and torch.allclose(logp, ref_logp, rtol=1e-6, atol=1e-6)
         and torch.equal(finite, torch.isfinite(tail))
         and torch.allclose(tail[finite], ref_tail[finite], rtol=1e-5, atol=1e-6),
+        "ce_err": (ce - ref_ce).abs().max().item(),
         "loss_err": (loss.detach() - ref.detach()).abs().max().item(),
         "loss_scale": ref.detach().abs().max().item(),
         "grad_err": (grad - ref_student.grad).abs().max().item(),

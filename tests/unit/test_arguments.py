@@ -98,6 +98,10 @@ def test_every_problem_is_reported_at_once():
         (["--ddk-mode", "cpt", "--global-batch-size", "3"], "--global-batch-size 3"),
         (["--ddk-mode", "cpt", "--pipeline-model-parallel-size", "3"], "--num-layers 4 is not divisible"),
         (["--ddk-mode", "cpt", "--teacher-load", "t"], "--ddk-mode cpt trains without a teacher"),
+        (
+            ["--ddk-mode", "kd", "--teacher-load", "t", "--teacher-cache-verify", "sizes-only"],
+            "--teacher-cache-verify sizes-only needs --teacher-cache",
+        ),
         (["--ddk-mode", "cpt", "--fp16"], "--fp16"),
         (["--ddk-mode", "cpt", "--fp8-format", "hybrid"], "--fp8-format needs --bf16"),
         (["--ddk-mode", "cpt", "--save-interval", "3"], "--save-interval needs --save"),

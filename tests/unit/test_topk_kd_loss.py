@@ -12,6 +12,7 @@ from megatron_ddk.distill.kd_loss import KD_KINDS, reference_kd_loss
 from megatron_ddk.distill.topk_kd_loss import (
     reference_topk_kd_loss,
     vocab_parallel_topk,
+    vocab_parallel_topk_and_ce,
     vocab_parallel_topk_kd_loss,
 )
 
@@ -135,3 +136,25 @@ def test_bad_inputs():
         vocab_parallel_topk_kd_loss(student, ids[:, :1], logp[:, :1], tail[:, :1])
     with pytest.raises(ValueError, match="kd-loss-type"):
         vocab_parallel_topk_kd_loss(student, ids, logp, tail, kind="mse")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("vocab_size", [None, 35])
+def test_extraction_ce_is_megatron_cross_entropy(temperature, vocab_size):
+    """The cache tool's CE: temperature 1 over every column of the padded shard (megatron-core's definition,
+    which the online teacher's validation CE uses), whichever column holds the row's max."""
+    teacher = logits(5).reshape(-1, SHAPE[-1])
+    teacher[::3, -1] = 20.0  # a padding column (with vocab_size 35) is the max of some rows
+    labels = torch.randint(
+        0, vocab_size or SHAPE[-1], (teacher.shape[0],), generator=torch.Generator().manual_seed(6)
+    )
+    before = teacher.clone()
+    ids, logp, tail, ce = vocab_parallel_topk_and_ce(
+        teacher, 4, labels=labels, temperature=temperature, vocab_size=vocab_size
+    )
+    assert torch.equal(teacher, before)  # the logits are read, not modified
+    torch.testing.assert_close(ce, torch.nn.functional.cross_entropy(teacher, labels, reduction="none"))
+    for ours, theirs in zip(
+        (ids, logp, tail), vocab_parallel_topk(teacher, 4, temperature=temperature, vocab_size=vocab_size)
+    ):
+        assert torch.equal(ours, theirs)
