@@ -45,27 +45,15 @@ def current_rss() -> int:
 def measure(variant: str, args) -> dict:
     import torch
 
-    from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
-    from megatron_ddk.data.tokenizer import padded_vocab_size
-    from megatron_ddk.models.gpt import build_gpt_model
+    from benchmarks.distill_overhead import build_model
+    from megatron_ddk.config import RecomputeConfig
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
     from megatron_ddk.platform.startup import prepare_process
 
     prepare_process()
     pg = initialize(ParallelLayout(world_size=1))
     set_seed(1234, pg)
-    layers, hidden, heads, ffn = map(int, args.student.split(","))
-    cfg = ModelConfig(
-        num_layers=layers,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        ffn_hidden_size=ffn,
-        vocab_size=args.vocab,
-        max_position_embeddings=args.seq_length,
-        swiglu=True,
-        add_bias_linear=False,
-        untie_embeddings_and_output_weights=True,
-    )
+    layers = int(args.student.split(",")[0])
     spec = VARIANTS[variant]
     recompute = None
     if spec is not None:
@@ -73,16 +61,7 @@ def measure(variant: str, args) -> dict:
         recompute = RecomputeConfig(
             granularity=granularity, method=method, num_layers=layers // 2 if num == "half" else num
         )
-    model = build_gpt_model(
-        cfg,
-        ParallelConfig(),
-        PrecisionConfig(),
-        pre_process=True,
-        post_process=True,
-        recompute=recompute,
-        padded_vocab_size=padded_vocab_size(args.vocab, 1),
-        pg=pg,
-    )
+    _, model = build_model(args.student, args, pg, recompute=recompute)
     model.train()
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab, (args.micro_batch_size, args.seq_length), generator=g)

@@ -92,8 +92,9 @@ def setup_process(threads: int):
     return pg
 
 
-def build_model(spec: str, args, pg):
-    """A randomly initialised GPT (``layers,hidden,heads,ffn``) as ``pretrain_ddk.py`` builds it."""
+def build_model(spec: str, args, pg, recompute=None):
+    """A randomly initialised GPT (``layers,hidden,heads,ffn``) as ``pretrain_ddk.py`` builds it
+    (``args.vocab``, ``args.seq_length``; ``recompute``: a ``RecomputeConfig`` or None)."""
     from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
     from megatron_ddk.data.tokenizer import padded_vocab_size
     from megatron_ddk.models.gpt import build_gpt_model
@@ -116,6 +117,7 @@ def build_model(spec: str, args, pg):
         PrecisionConfig(),
         pre_process=True,
         post_process=True,
+        recompute=recompute,
         padded_vocab_size=padded_vocab_size(args.vocab, 1),
         pg=pg,
     )

@@ -236,8 +236,6 @@ def test_another_teacher_is_refused(tiny_corpus, tmp_path, cache, teacher):  # n
 
 @pytest.mark.parametrize("damage", ["corrupted", "truncated"])
 def test_damaged_shard_is_named(tiny_corpus, tmp_path, cache, damage):
-    from megatron_ddk.data.datasets import build_domain_datasets
-
     copy = edited_cache(cache, tmp_path, lambda index: None)
     victim = copy / tc.read_index(copy)["shards"][1]["file"]
     data = bytearray(victim.read_bytes())
@@ -245,15 +243,7 @@ def test_damaged_shard_is_named(tiny_corpus, tmp_path, cache, damage):
         data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data if damage == "corrupted" else data[:-100]))
     with pytest.raises(CheckpointError) as err:
-        source = cached_teacher(tiny_corpus, tmp_path, copy)
-        domains = build_domain_datasets(
-            source.registry,
-            tokenizer=_tokenizer(tiny_corpus),
-            seq_length=32,
-            seed=1234,
-            cache_dir=str(tmp_path / "cache"),
-        )
-        source.check_coverage(domains, rank=0, world=1)
+        _check_coverage(cached_teacher(tiny_corpus, tmp_path, copy), tiny_corpus, tmp_path)
     message = str(err.value)
     assert victim.name in message and "\n" not in message
     assert ("fails its checksum" if damage == "corrupted" else "truncated") in message
@@ -261,25 +251,30 @@ def test_damaged_shard_is_named(tiny_corpus, tmp_path, cache, damage):
 
 def test_sizes_only_skips_the_checksums_not_the_sizes(tiny_corpus, tmp_path, cache):
     """--teacher-cache-verify sizes-only: the documented trade (a flipped bit passes), a truncated shard does not."""
-    from megatron_ddk.data.datasets import build_domain_datasets
-
     copy = edited_cache(cache, tmp_path, lambda index: None)
     victim = copy / tc.read_index(copy)["shards"][1]["file"]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
     source = cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
+    _check_coverage(source, tiny_corpus, tmp_path)  # the flipped bit is not read
+    victim.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
+
+
+def _check_coverage(source, corpus, tmp_path) -> None:
+    """What a run does with the cache before training: build its datasets, check coverage and shards."""
+    from megatron_ddk.data.datasets import build_domain_datasets
+
     domains = build_domain_datasets(
         source.registry,
-        tokenizer=_tokenizer(tiny_corpus),
+        tokenizer=_tokenizer(corpus),
         seq_length=32,
         seed=1234,
         cache_dir=str(tmp_path / "cache"),
     )
     source.check_coverage(domains, rank=0, world=1)
-    victim.write_bytes(bytes(data[:-100]))
-    with pytest.raises(CheckpointError, match="truncated"):
-        cached_teacher(tiny_corpus, tmp_path, copy, "--teacher-cache-verify", "sizes-only")
 
 
 def _tokenizer(corpus):
