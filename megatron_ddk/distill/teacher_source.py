@@ -203,14 +203,20 @@ class CachedTeacher:
             )
         return rows
 
+    def holds_validation(self, valid_sizes: Sequence[int], num_samples: int) -> bool:
+        """Whether every domain's first ``num_samples`` validation samples are cached (index lookups only)."""
+        return not any(
+            self.cache.missing("valid", d, np.arange(min(num_samples, size))).size
+            for d, size in enumerate(valid_sizes)
+        )
+
     def validation_ce(self, valid_sizes: Sequence[int], num_samples: int) -> np.ndarray | None:
         """Mean teacher CE per domain over the first ``num_samples`` validation samples; None if any is missing."""
+        if not self.holds_validation(valid_sizes, num_samples):
+            return None
         ce = []
         for d, size in enumerate(valid_sizes):
-            ids = np.arange(min(num_samples, size))
-            if self.cache.missing("valid", d, ids).size:
-                return None
-            total, tokens = self.cache.teacher_ce("valid", d, ids)
+            total, tokens = self.cache.teacher_ce("valid", d, np.arange(min(num_samples, size)))
             ce.append(total / tokens)
         return np.asarray(ce, dtype=np.float64)
 

@@ -412,10 +412,8 @@ class Trainer:
         )
 
     def _validation_cached(self, num_samples: int) -> bool:
-        return (
-            self.cached_teacher is not None
-            and self.cached_teacher.validation_ce([len(d.valid) for d in self.domains], num_samples)
-            is not None
+        return self.cached_teacher is not None and self.cached_teacher.holds_validation(
+            [len(d.valid) for d in self.domains], num_samples
         )
 
     def update_mixture(self) -> None:
