@@ -4,6 +4,7 @@ one line on stderr (no traceback), before training where the check allows, and n
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,12 +26,19 @@ def cpt(corpus, tmp, iters, *extra):
 
 
 def one_line_failure(run) -> str:
-    """The one error line; no traceback through our code (torchrun adds its own report of the exit)."""
+    """The one error line; no traceback through our code (torchrun adds its own report of the exit).
+
+    Every rank that gets to print says the same line (ranks > 0 with a ``[rank N]`` prefix); which ranks
+    print before torchrun stops the others when the first one exits is a race, so any of them counts."""
     assert run.returncode != 0
-    lines = [line for line in run.stderr.splitlines() if line.startswith("pretrain_ddk.py: error:")]
+    lines = {
+        re.sub(r"^\[rank \d+\] ", "", line)
+        for line in run.stderr.splitlines()
+        if re.match(r"^(\[rank \d+\] )?pretrain_ddk\.py: error:", line)
+    }
     frames = [line for line in run.stderr.splitlines() if line.strip().startswith('File "') and "ddk" in line]
     assert len(lines) == 1 and not frames, run.stderr[-3000:]
-    return lines[0]
+    return lines.pop()
 
 
 @pytest.fixture(scope="module")
