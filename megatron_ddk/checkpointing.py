@@ -292,10 +292,19 @@ class BackgroundSaves:
             return
         try:
             self._calls.maybe_finalize_async_calls(blocking=blocking)
-        except (CheckpointException, CheckpointingException, OSError, RuntimeError) as err:
-            first = (str(err).strip().splitlines() or [""])[0][:300]
+        except CheckpointException as err:
+            # only the coordinating rank holds the writers' exceptions: it logs them, and every rank
+            # raises the same line (whichever rank prints first before torchrun stops the others)
+            for rank, (cause, _trace) in sorted(err.failures.items()):
+                self._log(f"  background checkpoint writer of rank {rank} failed: {_first_line(cause)}")
             raise CheckpointError(
-                f"the background save to {self._writing} failed ({type(err).__name__}: {first}); it was not "
+                f"the background save to {self._writing} failed (a writer process did not finish; rank 0's "
+                f"log names the cause); it was not published: {TRACKER_FILENAME} still names the previous "
+                "checkpoint"
+            ) from None
+        except (CheckpointingException, OSError, RuntimeError) as err:
+            raise CheckpointError(
+                f"the background save to {self._writing} failed ({_first_line(err)}); it was not "
                 f"published: {TRACKER_FILENAME} still names the previous checkpoint"
             ) from None
 
@@ -303,6 +312,10 @@ class BackgroundSaves:
         """Publish what is still being written, then stop (every rank, e.g. before exit)."""
         self.finish(blocking=True)
         self._calls.close()
+
+
+def _first_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0][:300]
 
 
 def _iteration_of(path: Path) -> int:
