@@ -1,8 +1,9 @@
 """Benchmark: a teacher cache against the online teacher, side by side in one run on the demo corpus.
 
-Builds the demo corpus, a teacher (--ddk-mode cpt) and, for each ``--top-k``, a cache of exactly what
-the KD runs draw (tools/cache_teacher_logits.py), then runs, with the same seed and flags, CPT and KD
-with the online teacher once, and KD from each cache:
+Builds the demo corpus, a teacher (--ddk-mode cpt) and, for each ``--top-k`` (``K``, or ``K+S``: the
+top-K and S tokens sampled from the tail, ``--tail-samples S``), a cache of exactly what the KD runs
+draw (tools/cache_teacher_logits.py), then runs, with the same seed and flags, CPT and KD with the
+online teacher once, and KD from each cache:
 
 - quality at each k: each KD run's final per-domain validation CE (the "student ppl after" column),
   cache vs online (target at k = 32: within 0.5%), and CPT's for scale;
@@ -14,6 +15,10 @@ with the online teacher once, and KD from each cache:
 
     python benchmarks/teacher_cache.py --work-dir /tmp/bench_tc
     python benchmarks/teacher_cache.py --work-dir /tmp/bench_tc --top-k 8 16 32 64 --student-iters 200
+    python benchmarks/teacher_cache.py --work-dir /tmp/bench_tc --top-k 32 24+8 16+16 --student-iters 200
+
+Each run's output is kept in WORK/runs/ and reused by a later call with the same work directory (so
+more caches can be compared against the same online run); delete it to measure again.
 """
 
 from __future__ import annotations
@@ -66,7 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--teacher-iters", type=int, default=100)
     p.add_argument("--student-iters", type=int, default=60)
-    p.add_argument("--top-k", type=int, nargs="+", default=[32], help="one cache (and KD run) per k")
+    p.add_argument(
+        "--top-k", nargs="+", default=["32"], help="one cache (and KD run) per K or K+S (S tail samples)"
+    )
     p.add_argument("--val-samples", type=int, default=32)
     p.add_argument("--nproc", type=int, default=1)
     return p.parse_args(argv)
@@ -179,7 +186,8 @@ def main(argv=None) -> None:
         )
     caches, tool_rates = {}, {}
     for k in args.top_k:
-        caches[k] = work / f"cache_k{k}"
+        top, _, samples = k.partition("+")
+        caches[k] = work / (f"cache_k{top}" + (f"_s{samples}" if samples else ""))
         tool_out = run(
             "tools/cache_teacher_logits.py",
             "--output",
@@ -188,7 +196,9 @@ def main(argv=None) -> None:
             work / "teacher",
             *data,
             "--top-k",
-            k,
+            top,
+            "--tail-samples",
+            samples or "0",
             "--micro-batch-size",
             args.micro_batch_size,
             "--val-samples",
@@ -225,12 +235,16 @@ def main(argv=None) -> None:
         args.val_samples,
     ]
     results = {}
+    (work / "runs").mkdir(exist_ok=True)
     for name, extra in [
         ("cpt", ["--ddk-mode", "cpt"]),
         ("kd online", ["--ddk-mode", "kd", "--teacher-load", work / "teacher"]),
         *[(f"kd cache k={k}", ["--ddk-mode", "kd", "--teacher-cache", caches[k]]) for k in args.top_k],
     ]:
-        results[name] = run("pretrain_ddk.py", *student, *extra, torchrun_nproc=args.nproc)
+        kept = work / "runs" / (re.sub(r"[^A-Za-z0-9+]+", "_", name) + f"_{args.student_iters}it.txt")
+        if not kept.exists():
+            kept.write_text(run("pretrain_ddk.py", *student, *extra, torchrun_nproc=args.nproc))
+        results[name] = kept.read_text()
     ddk_logs = {}
     for name, extra in [
         ("online", ["--teacher-load", work / "teacher"]),
@@ -273,13 +287,13 @@ def main(argv=None) -> None:
         )
     domains = list(ce["kd online"])
     print("  final validation CE per domain, and KD from the cache vs online KD:")
-    print("  " + " | ".join([f"{'run':>14}", *[f"{d:>18}" for d in domains]]))
+    print("  " + " | ".join([f"{'run':>16}", *[f"{d:>18}" for d in domains]]))
     for name in results:
         cells = []
         for d in domains:
             rel = 100 * (ce[name][d] - ce["kd online"][d]) / ce["kd online"][d]
             cells.append(f"{ce[name][d]:.4f} ({rel:+.2f}%)" if name != "kd online" else f"{ce[name][d]:.4f}")
-        print("  " + " | ".join([f"{name:>14}", *[f"{c:>18}" for c in cells]]))
+        print("  " + " | ".join([f"{name:>16}", *[f"{c:>18}" for c in cells]]))
     w_online, w_cache = ddk_logs["online"]["weights"], ddk_logs["cache"]["weights"]
     print(
         f"  DDK first-window weights (cache k={args.top_k[0]}): online {[round(w, 6) for w in w_online]} | cache "

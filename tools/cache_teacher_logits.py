@@ -16,7 +16,11 @@ The teacher runs at any TP/PP/DP (DP ranks take different shards). Rerunning the
 after a kill keeps and verifies the finished shards and computes the rest: the result is
 byte-identical to an uninterrupted run. Rerunning it with a larger selection adds the missing
 samples as new shards. The cache records its identity and refuses to be extended by another
-teacher, tokenizer, dataset, seed, sequence length, k, temperature or precision.
+teacher, tokenizer, dataset, seed, sequence length, k, tail samples, temperature or precision.
+
+``--tail-samples S`` also stores S tokens per position drawn from the teacher's tail (outside the
+top-k), which makes KD from the cache an unbiased estimate of full forward KL instead of a top-k
+approximation (``--kd-loss-type forward_kl`` only); see docs/TEACHER_CACHE.md for which k and S.
 Format: megatron_ddk/distill/teacher_cache.py; guide: docs/TEACHER_CACHE.md.
 """
 
@@ -63,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument(
+        "--tail-samples",
+        type=int,
+        default=0,
+        help="also store S tokens sampled from the teacher's tail per position (unbiased forward KL; "
+        "docs/TEACHER_CACHE.md)",
+    )
+    p.add_argument(
         "--kd-temperature", type=float, default=1.0, help="the temperature the log-probabilities are at"
     )
     p.add_argument("--micro-batch-size", type=int, default=1)
@@ -108,6 +119,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> list[str]:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.kd_temperature > 0:
         problems.append(f"--kd-temperature must be > 0, got {args.kd_temperature}")
+    if args.tail_samples < 0:
+        problems.append(f"--tail-samples must be >= 0, got {args.tail_samples}")
     if args.max_samples_per_domain is not None and args.train_iters is not None:
         problems.append("give --max-samples-per-domain or --train-iters (a run configuration), not both")
     if args.max_samples_per_domain is not None and args.max_samples_per_domain < 0:
@@ -282,6 +295,11 @@ def run(args: argparse.Namespace) -> None:
         )
     if args.top_k > tokenizer.vocab_size:
         raise UserError(f"--top-k {args.top_k} exceeds the vocabulary ({tokenizer.vocab_size} tokens)")
+    if args.tail_samples and args.top_k >= tokenizer.vocab_size:
+        raise UserError(
+            f"--tail-samples {args.tail_samples} with --top-k {args.top_k}: the top-k covers the whole "
+            f"vocabulary ({tokenizer.vocab_size} tokens), there is no tail to sample; drop --tail-samples"
+        )
     precision = PrecisionConfig(
         bf16=args.bf16,
         fp8_format=args.fp8_format,
@@ -291,7 +309,10 @@ def run(args: argparse.Namespace) -> None:
     )
     check_fp8_supported(precision)
     layout = tc.CacheLayout.for_vocabulary(
-        seq_length=args.seq_length, top_k=args.top_k, vocab_size=tokenizer.vocab_size
+        seq_length=args.seq_length,
+        top_k=args.top_k,
+        vocab_size=tokenizer.vocab_size,
+        tail_samples=args.tail_samples,
     )
     identity = {
         **tc.run_identity(
@@ -304,6 +325,7 @@ def run(args: argparse.Namespace) -> None:
         "teacher": tc.checkpoint_identity(args.teacher_load),
         "top_k": args.top_k,
         "precision": {"bf16": args.bf16, "fp8_format": args.fp8_format},
+        "tail_samples": args.tail_samples,
     }
     if (Path(args.output) / tc.INDEX_FILENAME).exists():  # refused before any process group or dataset
         check_existing(Path(args.output), identity=identity, layout=layout)
@@ -335,6 +357,7 @@ def run(args: argparse.Namespace) -> None:
         "seq_length": args.seq_length,
         "seed": args.seed,
         "top_k": args.top_k,
+        "tail_samples": args.tail_samples,
         "kd_temperature": args.kd_temperature,
     }
     failure = None
@@ -373,7 +396,8 @@ def run(args: argparse.Namespace) -> None:
     distributed_print(
         f"teacher cache {output}: {len(index['shards'])} shards, {kept} finished and verified, "
         f"{len(pending)} to compute on {dp_size} data-parallel group(s); "
-        f"{layout.bytes_per_token():.1f} bytes/token (k={args.top_k}, ids {layout.id_dtype})"
+        f"{layout.bytes_per_token():.1f} bytes/token (k={args.top_k}"
+        f"{f' + {args.tail_samples} tail samples' if args.tail_samples else ''}, ids {layout.id_dtype})"
     )
 
     teacher = build_gpt_model(
@@ -482,14 +506,21 @@ def extract_fields(
     temperature: float,
     vocab_size: int,
     tp_group,
+    tail_samples: int = 0,
 ) -> dict[str, torch.Tensor]:
     """One micro-batch's cached fields from the teacher's ``[b, s, v_local]`` logits (its real rows only).
 
-    The top-k, tail and CE come from one set of passes over the logits (``vocab_parallel_topk_and_ce``).
+    The top-k, tail (and tail samples) and CE come from one set of passes over the logits
+    (``vocab_parallel_topk_and_ce``); the tail draws are seeded by each row's text (``tail_draws``).
     """
+    from megatron_ddk.distill.teacher_cache import tail_draws
     from megatron_ddk.distill.topk_kd_loss import vocab_parallel_topk_and_ce
 
     b, s, v = logits.shape
+    draws = None
+    if tail_samples:
+        tokens, labels = batch["tokens"].cpu().numpy(), batch["labels"].cpu().numpy()
+        draws = torch.from_numpy(np.concatenate([tail_draws(tokens[r], labels[r], s) for r in range(b)]))
     ids, logp, tail, ce = vocab_parallel_topk_and_ce(
         logits.reshape(b * s, v),
         top_k,
@@ -497,6 +528,8 @@ def extract_fields(
         temperature=temperature,
         vocab_size=vocab_size,
         tp_group=tp_group,
+        tail_samples=tail_samples,
+        draws=draws,
     )
     ce = ce.reshape(b, s)
     mask = batch["loss_mask"].double()
@@ -527,6 +560,7 @@ def teacher_rows(
         temperature=args.kd_temperature,
         vocab_size=vocab_size,
         tp_group=group,
+        tail_samples=args.tail_samples,
     )
     outputs = teacher_forward(
         teacher,

@@ -19,12 +19,14 @@ from the row count and the index's layout), ``r`` rows of ``s`` positions and to
     fingerprint  uint64   [r]        blake2b-64 of the row's tokens and labels: the row is this exact text
     ce_sum       float64  [r]        teacher CE (temperature 1) summed over the sample's loss-mask tokens
     ce_tokens    int64    [r]
-    ids          uint16 or int32 [r, s, k]   (uint16 when the vocabulary fits)
-    log_probs    float16  [r, s, k]  log-probabilities at the cached temperature, most likely first
-    tail         float16  [r, s]     log of the remaining probability mass (-inf when k covers the vocabulary)
+    ids          uint16 or int32 [r, s, c]   (uint16 when the vocabulary fits)
+    log_probs    float16  [r, s, c]  log-probabilities at the cached temperature
+    tail         float16  [r, s]     log of the probability mass outside the top-k (-inf when k covers the vocabulary)
 
-That is ``k * (2 + 2) + 2`` bytes per token with uint16 ids (130 B at k = 32) and ``k * 6 + 2`` with
-int32 ids (194 B at k = 32), plus 32 bytes per sample. The index records the ``identity`` the cache
+``c = k + S`` columns: the top-k, most likely first, then (``--tail-samples S``, layout
+``tail_samples``) S tokens drawn from the tail, each standing for 1/S of the tail mass (repeats
+allowed; ``topk_kd_loss._sample_tail``). That is ``c * (2 + 2) + 2`` bytes per token with uint16 ids
+(130 B at c = 32) and ``c * 6 + 2`` with int32 ids (194 B at c = 32), plus 32 bytes per sample. The index records the ``identity`` the cache
 was built for (teacher checkpoint, tokenizer, datasets, seed, sequence length, k, temperature,
 precision) and each shard's sha256; a run refuses a cache of another identity, and a shard whose
 size or checksum is wrong is named in a one-line error.
@@ -62,14 +64,25 @@ class CacheLayout:
     top_k: int
     id_dtype: str
     log_prob_dtype: str = LOG_PROB_DTYPE
+    tail_samples: int = 0
+    """Columns after the top-k holding tokens sampled from the teacher's tail (``--tail-samples``)."""
 
     @classmethod
-    def for_vocabulary(cls, *, seq_length: int, top_k: int, vocab_size: int) -> CacheLayout:
-        return cls(seq_length, top_k, "uint16" if vocab_size <= 1 << 16 else "int32")
+    def for_vocabulary(
+        cls, *, seq_length: int, top_k: int, vocab_size: int, tail_samples: int = 0
+    ) -> CacheLayout:
+        return cls(
+            seq_length, top_k, "uint16" if vocab_size <= 1 << 16 else "int32", tail_samples=tail_samples
+        )
+
+    @property
+    def columns(self) -> int:
+        """Cached (id, log-probability) pairs per token: the top-k, then the tail samples."""
+        return self.top_k + self.tail_samples
 
     def fields(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         """(name, dtype, per-row shape) in file order."""
-        s, k = self.seq_length, self.top_k
+        s, k = self.seq_length, self.columns
         return [
             ("sample_id", np.dtype("<i8"), ()),
             ("fingerprint", np.dtype("<u8"), ()),
@@ -88,12 +101,25 @@ class CacheLayout:
         return self.shard_bytes(1) / self.seq_length
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        layout = {
             "seq_length": self.seq_length,
             "top_k": self.top_k,
             "id_dtype": self.id_dtype,
             "log_prob_dtype": self.log_prob_dtype,
         }
+        if self.tail_samples:  # absent in caches without: they read as before
+            layout["tail_samples"] = self.tail_samples
+        return layout
+
+
+def tail_draws(tokens, labels, seq_length: int) -> np.ndarray:
+    """The systematic-sampling offsets of one sample's tail draws: ``[seq_length]`` uniforms in [0, 1), float64.
+
+    Seeded by the sample's fingerprint, so a resumed or rebuilt cache (any TP/PP/DP, any micro-batch
+    size) draws the same tail tokens for the same text.
+    """
+    seed = sample_fingerprint(tokens, labels) ^ 0x7461696C  # "tail": not the fingerprint itself
+    return np.random.Generator(np.random.PCG64(seed)).random(seq_length)
 
 
 def sample_fingerprint(tokens, labels) -> int:
@@ -180,15 +206,20 @@ _IDENTITY_WORDS = {
     "seq_length": "another --seq-length",
     "temperature": "another --kd-temperature",
     "top_k": "another --top-k",
+    "tail_samples": "another --tail-samples",
     "precision": "another teacher precision",
 }
+
+
+_IDENTITY_DEFAULTS = {"tail_samples": 0}
+"""Identity keys added after format version 1: what a cache without them was built with."""
 
 
 def identity_differences(cached: dict[str, Any], expected: dict[str, Any]) -> list[str]:
     """What differs between two identities, in words, for the keys ``expected`` has."""
     problems = []
     for key, value in expected.items():
-        if cached.get(key) != value:
+        if cached.get(key, _IDENTITY_DEFAULTS.get(key)) != value:
             problems.append(
                 f"{_IDENTITY_WORDS.get(key, key)} ({key}: cache {_short(cached.get(key))}, "
                 f"this run {_short(value)})"

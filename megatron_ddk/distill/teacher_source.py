@@ -45,6 +45,13 @@ class CachedTeacher:
             problems.append(
                 f"the cache holds domains {self.cache.domain_names}, the run has {registry.names}"
             )
+        if self.cache.layout.tail_samples and cfg.distill.kd_loss_type != "forward_kl":
+            problems.append(
+                f"--kd-loss-type {cfg.distill.kd_loss_type} needs the teacher's probability of every "
+                f"token; this cache has {self.cache.layout.tail_samples} sampled tail tokens per position "
+                "(--tail-samples), which serve forward_kl only: use --kd-loss-type forward_kl, or a "
+                "cache built without --tail-samples"
+            )
         if self.fallback and cfg.parallel.pipeline_model_parallel_size > 1:
             problems.append(
                 "falling back to the online teacher (--teacher-load with --teacher-cache) needs "
@@ -150,6 +157,7 @@ class CachedTeacher:
             cfg.training.seed,
             "--top-k",
             self.cache.layout.top_k,
+            *(["--tail-samples", self.cache.layout.tail_samples] if self.cache.layout.tail_samples else []),
             "--kd-temperature",
             cfg.distill.kd_temperature,
             "--train-iters",

@@ -49,10 +49,20 @@ def _check(
     ids: torch.Tensor,
     log_probs: torch.Tensor,
     tail: torch.Tensor,
+    tail_samples: int = 0,
 ) -> None:
     problems = []
     if kind not in KD_KINDS:
         problems.append(f"--kd-loss-type {kind!r} is not one of {', '.join(KD_KINDS)}")
+    if tail_samples and kind != "forward_kl":
+        problems.append(
+            f"--kd-loss-type {kind} needs the teacher's probability of every token the student puts mass "
+            "on; a cache with sampled tail tokens (--tail-samples) serves forward_kl only"
+        )
+    if not 0 <= tail_samples < ids.shape[-1]:
+        problems.append(
+            f"tail_samples {tail_samples} must be in [0, {ids.shape[-1] - 1}] (the cached columns - 1)"
+        )
     if not temperature > 0:
         problems.append(f"--kd-temperature must be > 0, got {temperature}")
     if not 0.0 <= jsd_beta <= 1.0:
@@ -182,6 +192,56 @@ def _divergence(
     return loss
 
 
+def _sampled_tail_divergence(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    log_w: torch.Tensor,
+    log_t: torch.Tensor,
+    temperature: float,
+    group,
+    first_column: int,
+    work: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+) -> torch.Tensor:
+    """Forward KL against the teacher's top-k plus S tokens sampled from its tail, one [n, v_valid] chunk.
+
+    ``log_w`` [n, c]: each cached column's weight in the estimate of the teacher's distribution (its
+    probability for a top-k column, tail mass / S for a sampled one; duplicates add up), summing to 1;
+    ``log_t`` [n, c]: the teacher's log-probability of each column's token. The estimate ``w`` is
+    unbiased, ``E[w_j] = p_T[j]`` for every token, so the gradient ``p_S - w`` is an unbiased estimate of
+    the full-vocabulary one, and the loss ``sum_c w_c (log p_T - log p_S)[id_c]`` of the full KL.
+    """
+    n, v = student.shape
+    if v == 0:
+        row_max = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=student.device)
+    else:
+        row_max = student.amax(dim=-1, keepdim=True).float()
+    _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
+    s = torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)
+    if temperature != 1.0:
+        s.div_(temperature)
+    local = ids - first_column
+    owned = (local >= 0) & (local < v)
+    safe = torch.where(owned, local, 0)
+    sums = torch.zeros(
+        n, ids.shape[1] + 1, dtype=torch.float32, device=student.device
+    )  # [columns' s | total]
+    if v > 0:
+        sums[:, :-1] = torch.where(owned, s.gather(1, safe), 0.0)
+        sums[:, -1] = s.exp_().sum(dim=-1)
+    _reduce_tp(sums, group)
+    log_z = sums[:, -1].log()
+    log_q = sums[:, :-1] - log_z[:, None]
+    w = log_w.exp()
+    loss = torch.where(w > 0, w * (log_t - log_q), 0.0).sum(dim=-1)
+    if grad_out is not None:
+        torch.mul(s, torch.exp(-log_z)[:, None], out=grad_out)  # p_S (s holds exp(s - max) by now)
+        if v > 0:
+            where = (owned.nonzero(as_tuple=True)[0], safe[owned])
+            grad_out.index_put_(where, -w[owned].to(grad_out.dtype), accumulate=True)
+    return loss
+
+
 class _ChunkedTopKLoss(_ChunkedKDLoss):
     """Loss and student gradient chunk by chunk in forward; ``_ChunkedKDLoss.backward`` rescales the gradient."""
 
@@ -200,13 +260,23 @@ class _ChunkedTopKLoss(_ChunkedKDLoss):
         first_column,
         group,
         need_grad,
+        tail_samples,
     ):
         vocab = student.shape[-1]
         flat_s = student.reshape(-1, vocab)  # [tokens, v_local]
-        flat_ids = ids.reshape(-1, ids.shape[-1]).long()  # [tokens, k]
+        columns = ids.shape[-1]
+        flat_ids = ids.reshape(-1, columns).long()  # [tokens, k (+ S)]
+        top = columns - tail_samples
         # the teacher's k + 1 buckets, renormalised (a half-precision cache sums to 1 only to ~1e-3)
-        log_t = torch.cat([log_probs.reshape(-1, ids.shape[-1]).float(), tail.reshape(-1, 1).float()], dim=1)
-        log_t = log_t - torch.logsumexp(log_t, dim=1, keepdim=True)
+        flat_lp = log_probs.reshape(-1, columns).float()
+        log_t = torch.cat([flat_lp[:, :top], tail.reshape(-1, 1).float()], dim=1)
+        norm = torch.logsumexp(log_t, dim=1, keepdim=True)
+        log_t = log_t - norm
+        if tail_samples:  # each sampled column carries 1/S of the tail mass (Eq. in the docstring above)
+            log_w = torch.cat(
+                [log_t[:, :-1], (log_t[:, -1:] - math.log(tail_samples)).expand(-1, tail_samples)], 1
+            )
+            log_t = torch.cat([log_t[:, :-1], flat_lp[:, top:] - norm], dim=1)
         tokens = flat_s.shape[0]
         loss = torch.empty(tokens, dtype=torch.float32, device=student.device)
         grad = None
@@ -217,6 +287,19 @@ class _ChunkedTopKLoss(_ChunkedKDLoss):
             stop = min(start + step, tokens)
             out = grad[start:stop, :num_valid] if need_grad else None
             work = out if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
+            if tail_samples:
+                loss[start:stop] = _sampled_tail_divergence(
+                    flat_s[start:stop, :num_valid],
+                    flat_ids[start:stop],
+                    log_w[start:stop],
+                    log_t[start:stop],
+                    temperature,
+                    group,
+                    first_column,
+                    work,
+                    out,
+                )
+                continue
             buckets = _student_buckets(
                 flat_s[start:stop, :num_valid], flat_ids[start:stop], temperature, group, first_column, work
             )
@@ -241,6 +324,7 @@ def vocab_parallel_topk_kd_loss(
     chunk_size: int = 1024,
     vocab_size: int | None = None,
     tp_group=None,
+    tail_samples: int = 0,
 ) -> torch.Tensor:
     """Per-token fp32 divergence ``[...]`` between the teacher's cached top-k and the student, same on every TP rank.
 
@@ -248,8 +332,21 @@ def vocab_parallel_topk_kd_loss(
     global token ids (distinct per token); ``teacher_log_probs``: ``[..., k]`` their log-probabilities
     at ``temperature``; ``teacher_tail_log_mass``: ``[...]`` log of the rest (``-inf`` when k covers
     the vocabulary). Other arguments as ``vocab_parallel_kd_loss``. Only the student gets a gradient.
+
+    ``tail_samples`` S > 0: the last S of the k columns are tokens drawn from the teacher's tail
+    (``vocab_parallel_topk_and_ce``'s ``tail_samples``; repeats allowed), each standing for 1/S of the
+    tail mass: an unbiased estimate of the full forward KL and its gradient instead of the k + 1 buckets.
     """
-    _check(kind, temperature, jsd_beta, student_logits, teacher_ids, teacher_log_probs, teacher_tail_log_mass)
+    _check(
+        kind,
+        temperature,
+        jsd_beta,
+        student_logits,
+        teacher_ids,
+        teacher_log_probs,
+        teacher_tail_log_mass,
+        tail_samples,
+    )
     local = student_logits.shape[-1]
     group, num_valid = vocab_shard(local, vocab_size, tp_group)
     first_column = (dist.get_rank(group) if group is not None else 0) * local  # of this rank's shard
@@ -267,6 +364,7 @@ def vocab_parallel_topk_kd_loss(
         first_column,
         group,
         need_grad,
+        int(tail_samples),
     )
 
 
@@ -295,8 +393,14 @@ def vocab_parallel_topk_and_ce(
     temperature: float = 1.0,
     vocab_size: int | None = None,
     tp_group=None,
+    tail_samples: int = 0,
+    draws: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``vocab_parallel_topk``'s three outputs and, with ``labels`` ``[n]``, the token CE ``[n]`` fp32.
+
+    ``tail_samples`` S > 0 (with ``draws`` ``[n]``, uniform in [0, 1)): S more columns after the top-k,
+    tokens drawn from the teacher's tail by systematic sampling (``_sample_tail``), with their
+    log-probabilities; the ids and log-probabilities are then ``[n, k + S]``.
 
     The CE is megatron-core's ``vocab_parallel_cross_entropy`` (temperature 1, over every column of the
     padded shard, as the online teacher's validation CE) computed from the same passes over the logits:
@@ -349,7 +453,11 @@ def vocab_parallel_topk_and_ce(
             e.div_(temperature)
         e.exp_()
         e[mine.nonzero(as_tuple=True)[0], local_ids[mine]] = 0.0  # the tail sum never subtracts
-        sums[:, 1] = e.sum(dim=-1)
+        if tail_samples:
+            blocks = _block_sums(e)
+            sums[:, 1] = blocks.sum(dim=-1)
+        else:
+            sums[:, 1] = e.sum(dim=-1)
         sums[:, 0] = sums[:, 1] + owned.sum(dim=-1)
     ce = None
     if labels is not None:
@@ -368,7 +476,103 @@ def vocab_parallel_topk_and_ce(
     log_z = sums[:, 0].log()
     if labels is not None:
         ce = sums[:, 2].log() - sums[:, 3]
-    return ids, best.values - log_z[:, None], sums[:, 1].log() - log_z, ce
+    log_probs = best.values - log_z[:, None]
+    if tail_samples:
+        if draws is None or draws.shape != (n,):
+            raise ValueError(f"tail_samples needs draws [{n}] (uniform in [0, 1)), got {draws}")
+        sampled_ids, sampled_s = _sample_tail(
+            e if valid else None,
+            blocks if valid else None,
+            draws.to(device=device, dtype=torch.float64),
+            tail_samples,
+            column_offset=rank * local,
+            shard=shard,
+            row_max=row_max,
+            temperature=temperature,
+            tp_group=tp_group,
+        )
+        ids = torch.cat([ids, sampled_ids], dim=1)
+        log_probs = torch.cat([log_probs, sampled_s - log_z[:, None]], dim=1)
+    return ids, log_probs, sums[:, 1].log() - log_z, ce
+
+
+_TAIL_BLOCK = 256
+"""Columns per block when sampling the tail: a block's sum is found first, then the column inside it."""
+
+
+def _block_sums(e: torch.Tensor) -> torch.Tensor:
+    """``[n, ceil(v / _TAIL_BLOCK)]`` sums of consecutive column blocks of ``e`` ``[n, v]`` (the last one may be short)."""
+    n, v = e.shape
+    full = v // _TAIL_BLOCK
+    parts = [e[:, : full * _TAIL_BLOCK].reshape(n, full, _TAIL_BLOCK).sum(dim=-1)] if full else []
+    if v % _TAIL_BLOCK:
+        parts.append(e[:, full * _TAIL_BLOCK :].sum(dim=-1, keepdim=True))
+    return torch.cat(parts, dim=1)
+
+
+def _sample_tail(
+    e: torch.Tensor | None,
+    blocks: torch.Tensor | None,
+    draws: torch.Tensor,
+    count: int,
+    *,
+    column_offset: int,
+    shard: torch.Tensor,
+    row_max: torch.Tensor,
+    temperature: float,
+    tp_group,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` tokens per row from the teacher's tail distribution, by systematic sampling, and their shifted logits.
+
+    Systematic sampling: the points ``(u + i) / S`` (i < S, one uniform ``u`` per row from ``draws``)
+    of the tail's cumulative mass, laid out over the vocabulary in column order (TP ranks in rank
+    order), each pick the token whose interval holds it. Every token ``j`` is picked ``S p_j / P_tail``
+    times in expectation (so weight ``P_tail / S`` per pick is unbiased) and never more than one away
+    from that: less variance than independent draws, and no extra pass over the logits (the block sums
+    are the tail sum's). ``e``: this rank's ``exp((z - max) / T)`` with the top-k zeroed (None: no
+    valid column here), ``blocks`` its ``_block_sums``. Returns global ids ``[n, S]`` (int64) and
+    ``(z - max) / T`` ``[n, S]``, identical on every TP rank.
+    """
+    n, device = draws.shape[0], draws.device
+    block_ends = blocks.double().cumsum(dim=1) if blocks is not None else None  # [n, B]
+    local_tail = (
+        block_ends[:, -1] if block_ends is not None else torch.zeros(n, dtype=torch.float64, device=device)
+    )
+    if tp_group is not None:
+        gathered = [torch.empty_like(local_tail) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(gathered, local_tail, group=tp_group)
+        per_rank, rank = torch.stack(gathered, dim=1), dist.get_rank(tp_group)  # [n, ranks]
+    else:
+        per_rank, rank = local_tail[:, None], 0
+    bounds = per_rank.cumsum(dim=1)  # where each rank's share of the tail mass ends, in rank order
+    total = bounds[:, -1:]
+    points = (draws[:, None] + torch.arange(count, device=device, dtype=torch.float64)) / count * total
+    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # [n, S], < total
+    low = bounds[:, rank : rank + 1] - per_rank[:, rank : rank + 1]
+    here = (points >= low) & (points < bounds[:, rank : rank + 1])
+    found = torch.zeros(n, 2 * count, dtype=torch.float32, device=device)  # [global id | shifted logit]
+    if e is not None and block_ends is not None and bool(here.any()):
+        v = e.shape[1]
+        rest = (points - low).clamp_min(0.0)  # mass into this rank's tail, [n, S]
+        # the first block (then column) whose cumulative mass passes the point: never an empty one;
+        # rounding past the end falls back to the last non-empty one
+        last_block = torch.where(blocks > 0, torch.arange(blocks.shape[1], device=device), 0).amax(dim=1)
+        block = torch.minimum(torch.searchsorted(block_ends, rest, right=True), last_block[:, None])
+        before = torch.where(block > 0, block_ends.gather(1, (block - 1).clamp_min(0)), 0.0)
+        columns = block[..., None] * _TAIL_BLOCK + torch.arange(_TAIL_BLOCK, device=device)  # [n, S, B]
+        values = e.gather(1, columns.clamp(max=v - 1).reshape(n, -1)).reshape(columns.shape)
+        values = torch.where(columns < v, values, 0.0)
+        ends = values.double().cumsum(dim=-1)
+        offset = torch.searchsorted(ends, (rest - before)[..., None], right=True).squeeze(-1)
+        last = torch.where(values > 0, torch.arange(_TAIL_BLOCK, device=device), 0).amax(dim=-1)
+        column = block * _TAIL_BLOCK + torch.minimum(offset, last)
+        logit = shard.gather(1, column).float().sub_(row_max)
+        if temperature != 1.0:
+            logit.div_(temperature)
+        found[:, :count] = torch.where(here, (column + column_offset).float(), 0.0)
+        found[:, count:] = torch.where(here, logit, 0.0)
+    _reduce_tp(found, tp_group)
+    return found[:, :count].round().long(), found[:, count:]
 
 
 def reference_topk_kd_loss(
@@ -410,3 +614,57 @@ def reference_topk_kd_loss(
         return (log_ps * 0).sum(-1)
     log_m = torch.logaddexp(log_t + math.log(jsd_beta), log_q + math.log(1.0 - jsd_beta))
     return jsd_beta * kl(t, log_t, log_m) + (1.0 - jsd_beta) * kl(q, log_q, log_m)
+
+
+def reference_tail_samples(
+    teacher_logits: torch.Tensor,
+    k: int,
+    count: int,
+    draws: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """The tail tokens ``_sample_tail`` picks, by the textbook rule (float64, no blocks, no TP): the tests' oracle.
+
+    ``teacher_logits`` ``[n, v]``; returns ``[n, count]`` ids: for each point ``(u + i) / count`` of the
+    tail's total mass, the first column (in vocabulary order) whose cumulative tail mass exceeds it.
+    """
+    if vocab_size is not None:
+        teacher_logits = teacher_logits[..., :vocab_size]
+    p = F.softmax(teacher_logits.double() / temperature, dim=-1)
+    top = torch.topk(teacher_logits, k, dim=-1).indices
+    tail = p.scatter(-1, top, 0.0)
+    ends = tail.cumsum(dim=-1)
+    points = (draws.double()[:, None] + torch.arange(count, dtype=torch.float64)) / count * ends[:, -1:]
+    return torch.searchsorted(ends, points, right=True)
+
+
+def reference_sampled_tail_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    teacher_tail_log_mass: torch.Tensor,
+    tail_samples: int,
+    *,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """``vocab_parallel_topk_kd_loss(..., tail_samples=S)`` in plain PyTorch (autograd): the tests' oracle.
+
+    ``sum_c w_c (log t_c - log p_S[id_c])`` with ``w`` the top-k probabilities and tail mass / S per
+    sampled column, all renormalised together with the tail as the cache's half precision requires.
+    """
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    top = teacher_ids.shape[-1] - tail_samples
+    lp, tail = teacher_log_probs.float(), teacher_tail_log_mass.float()[..., None]
+    norm = torch.logsumexp(torch.cat([lp[..., :top], tail], dim=-1), dim=-1, keepdim=True)
+    log_t = lp - norm
+    w = torch.cat(
+        [log_t[..., :top].exp(), ((tail - norm).exp() / tail_samples).expand(*tail.shape[:-1], tail_samples)],
+        -1,
+    )
+    log_q = log_ps.gather(-1, teacher_ids.long())
+    return torch.where(w > 0, w * (log_t - log_q), 0.0).sum(-1)

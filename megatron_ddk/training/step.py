@@ -56,6 +56,8 @@ class LossSettings:
     """False for validation: report CE (and teacher CE) only."""
     measure_kd: bool = False
     """Validation for ``--ddk-signal kd-gap``: also report the KD divergence per domain (not trained on)."""
+    cache_tail_samples: int = 0
+    """The teacher cache's sampled tail columns (its layout's ``tail_samples``): the KD loss's estimator."""
 
 
 def move_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -110,6 +112,7 @@ def loss_func(
             chunk_size=settings.kd_chunk_size or default_chunk_size(student_logits.shape[-1]),
             vocab_size=settings.vocab_size,
             tp_group=tp_group,
+            tail_samples=settings.cache_tail_samples,
         )  # [b, s]
     elif teacher_logits is not None and want_kd:
         # before the cross-entropies: megatron-core's vocab_parallel_cross_entropy works in place on

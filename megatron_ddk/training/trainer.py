@@ -306,6 +306,7 @@ class Trainer:
             kd_temperature=d.kd_temperature,
             kd_jsd_beta=d.kd_jsd_beta,
             kd_chunk_size=d.kd_chunk_size,
+            cache_tail_samples=self.cached_teacher.cache.layout.tail_samples if self.cached_teacher else 0,
         )
 
     def _build_optimizer(self):

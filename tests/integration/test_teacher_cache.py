@@ -353,3 +353,37 @@ def test_kill_and_resume_is_byte_identical(tiny_corpus, tmp_path, teacher, small
     whole, again = cache_files(small_cache), cache_files(killed)
     assert sorted(whole) == sorted(again) and len(whole) == 1 + 4 * 2 + 32 * 2
     assert all(whole[name] == again[name] for name in whole), [n for n in whole if whole[n] != again[n]]
+
+
+# ------------------------------------------------------------------------- sampled tail (--tail-samples)
+def test_tail_samples_are_drawn_by_text_and_train_forward_kl_only(tiny_corpus, tmp_path, teacher):  # noqa: F811
+    """A cache with 4 tail samples: PP=2 builds it byte for byte as PP=1 (the draws are seeded by each
+    sample's text, not by rank or order); the sampled columns are tail tokens with the teacher's
+    log-probabilities; DDK trains from it; reverse KL and another --tail-samples are refused."""
+    extra = [*RUN, "--shard-size", "16", "--top-k", "8", "--tail-samples", "4"]
+    one, two = tmp_path / "pp1", tmp_path / "pp2"
+    torchrun(TOOL, 1, *tool_args(tiny_corpus, one, teacher, *extra))
+    torchrun(TOOL, 2, *tool_args(tiny_corpus, two, teacher, *extra, "--pipeline-model-parallel-size", "2"))
+    files_one, files_two = cache_files(one), cache_files(two)
+    assert sorted(files_one) == sorted(files_two)
+    assert all(files_one[n] == files_two[n] for n in files_one), [
+        n for n in files_one if files_one[n] != files_two[n]
+    ]
+
+    cache = tc.TeacherCache(one)
+    assert cache.layout.tail_samples == 4 and cache.layout.columns == 12
+    assert cache.identity["tail_samples"] == 4
+    row = cache.row("train", 0, int(np.load(one / tc.plan_name("train", 0))[0]))
+    ids, logp = row["ids"].astype(np.int64), row["log_probs"].astype(np.float32)
+    assert not (ids[:, 8:, None] == ids[:, None, :8]).any()  # tail tokens only
+    assert (logp[:, 8:] <= logp[:, 7:8] + 1e-3).all()  # none more likely than the top-k's last
+    assert (np.diff(ids[:, 8:], axis=1) >= 0).all()  # systematic sampling walks the vocabulary in order
+
+    run = pretrain(1, *ddk(tiny_corpus, tmp_path, 6, "--teacher-cache", one))
+    assert sorted(run.metrics) == list(range(1, 7)) and all(v > 0 for v in run.series("kd loss"))
+    from megatron_ddk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serve forward_kl only"):
+        cached_teacher(tiny_corpus, tmp_path, one, "--kd-loss-type", "reverse_kl")
+    proc = torchrun(TOOL, 1, *tool_args(tiny_corpus, one, teacher, *RUN, "--top-k", "8"), check=False)
+    assert proc.returncode != 0 and "holds a cache built for another --tail-samples" in proc.stderr

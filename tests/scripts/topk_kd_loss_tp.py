@@ -1,4 +1,5 @@
-"""Sparse top-k KD at TP=2 against the bucketed full-vocabulary reference (run under torchrun, 2 ranks).
+"""Sparse top-k KD at TP=2 against the bucketed full-vocabulary reference (run under torchrun, 2 ranks), and
+the sampled-tail variant (``--tail-samples``) against its single-process references.
 
 Usage: topk_kd_loss_tp.py OUT.json. The teacher's top-k is extracted from its vocab-parallel shards
 (``vocab_parallel_topk``) and must equal the full-vocabulary extraction; rank 0 writes one record
@@ -97,6 +98,69 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
     }
 
 
+def run_sampled_case(temperature, chunk, vocab_size, block, group, rank) -> dict:
+    """The top-5 plus 4 tail samples: the same tokens as the single-process textbook rule, the loss as its
+    plain-PyTorch form (``--tail-samples``)."""
+    from megatron_ddk.distill import topk_kd_loss as tk
+
+    k, count = 5, 4
+    tk._TAIL_BLOCK = block
+    student, teacher = full_logits(0), full_logits(1)
+    weights = torch.rand(S, B, generator=torch.Generator().manual_seed(2))
+    draws = torch.rand(S * B, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cols = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
+    ids, logp, tail, _ = tk.vocab_parallel_topk_and_ce(
+        teacher[..., cols].reshape(S * B, V_LOCAL),
+        k,
+        temperature=temperature,
+        vocab_size=vocab_size,
+        tp_group=group,
+        tail_samples=count,
+        draws=draws,
+    )
+    flat = teacher.reshape(S * B, -1)
+    ref_ids = tk.reference_tail_samples(flat, k, count, draws, temperature=temperature, vocab_size=vocab_size)
+    log_p = torch.log_softmax(flat[:, :vocab_size] / temperature, dim=-1)
+    local = student[..., cols].clone().requires_grad_()
+    shaped = (ids.reshape(S, B, -1), logp.reshape(S, B, -1).half(), tail.reshape(S, B).half())
+    loss = tk.vocab_parallel_topk_kd_loss(
+        local,
+        *shaped,
+        temperature=temperature,
+        chunk_size=chunk,
+        vocab_size=vocab_size,
+        tp_group=group,
+        tail_samples=count,
+    )
+    (loss * weights).sum().backward()
+    ref_student = student.clone().requires_grad_()
+    ref = tk.reference_sampled_tail_kd_loss(
+        ref_student, *shaped, count, temperature=temperature, vocab_size=vocab_size
+    )
+    (ref * weights).sum().backward()
+    grads = [torch.empty_like(local.grad) for _ in range(2)]
+    dist.all_gather(grads, local.grad.contiguous(), group=group)
+    losses = [torch.empty_like(loss) for _ in range(2)]
+    dist.all_gather(losses, loss.detach(), group=group)
+    grad = torch.cat(grads, dim=-1)
+    tk._TAIL_BLOCK = 256
+    return {
+        "case": f"sampled tail T={temperature} chunk={chunk} vocab={vocab_size} block={block}",
+        "sampled": True,
+        "full_vocab": False,
+        "topk_equal": torch.equal(ids[:, k:], ref_ids)
+        and torch.equal(ids[:, :k], torch.topk(log_p, k, dim=-1).indices)
+        and torch.allclose(logp, log_p.gather(1, ids), rtol=1e-5, atol=1e-6),
+        "ce_err": 0.0,
+        "loss_err": (loss.detach() - ref.detach()).abs().max().item(),
+        "loss_scale": ref.detach().abs().max().item(),
+        "grad_err": (grad - ref_student.grad).abs().max().item(),
+        "grad_scale": ref_student.grad.abs().max().item(),
+        "padding_grad_max": grad[..., vocab_size:].abs().max().item() if vocab_size else 0.0,
+        "ranks_agree": torch.equal(losses[0], losses[1]),
+    }
+
+
 def main() -> None:
     out = sys.argv[1]
     from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize
@@ -109,6 +173,10 @@ def main() -> None:
     for kind, temperature, chunk, vocab_size in itertools.product(KINDS, (1.0, 2.0), (0, 3), (None, 41, 24)):
         for k in (5, vocab_size or 2 * V_LOCAL):
             records.append(run_case(kind, temperature, chunk, vocab_size, k, group, rank))
+    for temperature, chunk, vocab_size, block in itertools.product(
+        (1.0, 2.0), (0, 3), (None, 41, 24), (7, 256)
+    ):
+        records.append(run_sampled_case(temperature, chunk, vocab_size, block, group, rank))
     if rank == 0:
         with open(out, "w") as handle:
             json.dump(records, handle, indent=1)

@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 
+from megatron_ddk.distill import topk_kd_loss
 from megatron_ddk.distill.kd_loss import KD_KINDS, reference_kd_loss
 from megatron_ddk.distill.topk_kd_loss import (
+    reference_sampled_tail_kd_loss,
+    reference_tail_samples,
     reference_topk_kd_loss,
     vocab_parallel_topk,
     vocab_parallel_topk_and_ce,
@@ -158,3 +161,111 @@ def test_extraction_ce_is_megatron_cross_entropy(temperature, vocab_size):
         (ids, logp, tail), vocab_parallel_topk(teacher, 4, temperature=temperature, vocab_size=vocab_size)
     ):
         assert torch.equal(ours, theirs)
+
+
+# ------------------------------------------------------------------------ sampled tail (--tail-samples)
+def sampled(teacher, k, count, draws, temperature=1.0, vocab_size=None):
+    return vocab_parallel_topk_and_ce(
+        teacher, k, temperature=temperature, vocab_size=vocab_size, tail_samples=count, draws=draws
+    )[:3]
+
+
+@pytest.mark.parametrize("block", [4, 7, 256])  # several blocks with a short last one; one partial block
+@pytest.mark.parametrize(("temperature", "vocab_size"), [(1.0, None), (2.0, 35)])
+def test_tail_samples_follow_systematic_sampling(monkeypatch, block, temperature, vocab_size):
+    monkeypatch.setattr(topk_kd_loss, "_TAIL_BLOCK", block)
+    teacher = logits(7).reshape(-1, SHAPE[-1])
+    draws = torch.rand(teacher.shape[0], generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ids, logp, tail = sampled(teacher, 5, 6, draws, temperature, vocab_size)
+    assert ids.shape == logp.shape == (teacher.shape[0], 11)
+    expected = reference_tail_samples(teacher, 5, 6, draws, temperature=temperature, vocab_size=vocab_size)
+    assert torch.equal(ids[:, 5:], expected)
+    assert not (ids[:, 5:, None] == ids[:, None, :5]).any()  # never a top-k token
+    log_p = torch.log_softmax(teacher[:, :vocab_size] / temperature, dim=-1)
+    torch.testing.assert_close(logp, log_p.gather(1, ids))
+    # the top-k part is what a cache without tail samples holds (the tail summed block by block)
+    assert torch.equal(ids[:, :5], vocab_parallel_topk(teacher, 5, vocab_size=vocab_size)[0])
+    for ours, theirs in zip(
+        (ids[:, :5], logp[:, :5], tail),
+        vocab_parallel_topk(teacher, 5, temperature=temperature, vocab_size=vocab_size),
+    ):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_tail_sample_weights_are_unbiased():
+    """Averaged over draws, top-k probabilities plus tail mass / S per pick give the teacher's distribution
+    (a 5-standard-error test per token), so the sampled-tail KD gradient, ``p_S - w``, averages to the
+    full-vocabulary one, and the loss to the full KL."""
+    rows, n, k, count = 3, 4000, 4, 4
+    teacher = logits(9, (rows, 40), scale=2.0)
+    p = torch.softmax(teacher.double(), dim=-1)
+    repeated = teacher.repeat_interleave(n, dim=0)
+    draws = torch.rand(repeated.shape[0], generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    ids, logp, tail = sampled(repeated, k, count, draws)
+    w = torch.cat([logp[:, :k].exp(), (tail.exp() / count)[:, None].expand(-1, count)], dim=1).double()
+    estimate = torch.zeros_like(repeated, dtype=torch.float64).scatter_add_(1, ids, w).reshape(rows, n, -1)
+    mean = estimate.mean(dim=1)
+    # systematic sampling picks a tail token floor(x) or ceil(x) times, x = S p_j / P_tail: the weight's
+    # standard deviation is (P_tail / S) sqrt(f (1 - f)), f the fractional part of x
+    top = torch.topk(teacher, k, dim=-1).indices
+    tail_p = p.scatter(1, top, 0.0)
+    x = count * tail_p / tail_p.sum(1, keepdim=True)
+    f = x - x.floor()
+    error = tail_p.sum(1, keepdim=True) / count * (f * (1 - f)).sqrt() / math.sqrt(n)
+    assert ((mean - p).abs() <= 5 * error + 1e-6).all(), ((mean - p).abs() / error).max()
+
+    student = logits(11, (rows, 40)).requires_grad_()
+    loss = vocab_parallel_topk_kd_loss(
+        student.repeat_interleave(n, dim=0), ids, logp, tail, tail_samples=count
+    )
+    loss.mean().backward()
+    p_s = torch.softmax(student.detach().double(), dim=-1)
+    torch.testing.assert_close(student.grad.double(), (p_s - mean) / rows, atol=1e-6, rtol=0)
+    per_draw = loss.detach().double().reshape(rows, n)
+    full_kl = reference_kd_loss(student.detach(), teacher).double()
+    assert ((per_draw.mean(1) - full_kl).abs() <= 5 * per_draw.std(1) / math.sqrt(n) + 1e-5).all()
+
+
+@pytest.mark.parametrize(("temperature", "chunk", "vocab_size"), [(1.0, 0, None), (2.0, 3, 35), (1.0, 5, 35)])
+def test_sampled_tail_loss_matches_reference(temperature, chunk, vocab_size):
+    student, teacher = logits(0), logits(1)
+    flat = teacher.reshape(-1, SHAPE[-1])
+    draws = torch.rand(flat.shape[0], generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    ids, logp, tail = (
+        x.reshape(*SHAPE[:2], *x.shape[1:]) for x in sampled(flat, 6, 5, draws, temperature, vocab_size)
+    )
+    logp, tail = logp.half(), tail.half()  # as stored
+    weights = torch.rand(SHAPE[:2], generator=torch.Generator().manual_seed(2))
+    s_ref, s_ours = student.clone().requires_grad_(), student.clone().requires_grad_()
+    ref = reference_sampled_tail_kd_loss(
+        s_ref, ids, logp, tail, 5, temperature=temperature, vocab_size=vocab_size
+    )
+    ours = vocab_parallel_topk_kd_loss(
+        s_ours,
+        ids,
+        logp,
+        tail,
+        temperature=temperature,
+        chunk_size=chunk,
+        vocab_size=vocab_size,
+        tail_samples=5,
+    )
+    (ref * weights).sum().backward()
+    (ours * weights).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s_ours.grad, s_ref.grad, rtol=1e-5, atol=1e-7)
+    if vocab_size:
+        assert (s_ours.grad[..., vocab_size:] == 0).all()
+
+
+def test_sampled_tail_refusals():
+    teacher = logits(1).reshape(-1, SHAPE[-1])
+    draws = torch.full((teacher.shape[0],), 0.5, dtype=torch.float64)
+    ids, logp, tail = sampled(teacher, 3, 2, draws)
+    student = logits(0).reshape(-1, SHAPE[-1])
+    with pytest.raises(ValueError, match="serves forward_kl only"):
+        vocab_parallel_topk_kd_loss(student, ids, logp, tail, kind="reverse_kl", tail_samples=2)
+    with pytest.raises(ValueError, match="tail_samples 5 must be in"):
+        vocab_parallel_topk_kd_loss(student, ids, logp, tail, tail_samples=5)
+    with pytest.raises(ValueError, match="needs draws"):
+        vocab_parallel_topk_and_ce(teacher, 3, tail_samples=2)
