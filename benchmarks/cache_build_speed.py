@@ -76,7 +76,9 @@ def main() -> int:
     count = args.num_microbatches * mbs
     samples = random_samples(count, seq, args.vocab)
     ids = np.arange(count)
-    layout = tc.CacheLayout.for_vocabulary(seq_length=seq, top_k=args.top_k, vocab_size=args.vocab)
+    layout = tc.CacheLayout.for_vocabulary(
+        seq_length=seq, top_k=args.top_k, vocab_size=args.vocab, tail_samples=args.tail_samples
+    )
     targs = tool_args(args)
     out = Path(tempfile.mkdtemp(prefix="cache_build_speed_"))
 
@@ -111,9 +113,13 @@ def main() -> int:
     flat = logits.reshape(mbs * seq, -1)
     arrays = tool.teacher_rows(teacher, samples, ids, args=targs, vocab_size=args.vocab, pg=pg)
     repeats = 2 * args.rounds + 1
+    sampling = {}
+    if args.tail_samples:
+        draws = torch.rand(flat.shape[0], dtype=torch.float64)
+        sampling = {"tail_samples": args.tail_samples, "draws": draws}
     parts = {
         "top-k + tail + CE (the tool's)": lambda: vocab_parallel_topk_and_ce(
-            flat, args.top_k, labels=batch["labels"], vocab_size=args.vocab
+            flat, args.top_k, labels=batch["labels"], vocab_size=args.vocab, **sampling
         ),
         "top-k + tail alone": lambda: vocab_parallel_topk_and_ce(flat, args.top_k, vocab_size=args.vocab),
         "megatron-core CE (+ a clone)": lambda: tensor_parallel.vocab_parallel_cross_entropy(
@@ -131,7 +137,7 @@ def main() -> int:
     tokens = count * seq
     print(
         f"teacher {args.teacher}, vocab {args.vocab}, seq {seq}, {args.num_microbatches} x {mbs} sequences, "
-        f"k {args.top_k}, torch threads {torch.get_num_threads()}, {args.rounds} timed rounds"
+        f"k {args.top_k} + {args.tail_samples} tail samples, torch threads {torch.get_num_threads()}, {args.rounds} timed rounds"
     )
     for name, wall, cpu in (
         ("teacher forward only", fwd_wall, fwd),

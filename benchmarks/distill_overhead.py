@@ -36,6 +36,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--num-microbatches", type=int, default=2)
     parser.add_argument("--top-k", type=int, default=32, help="k of the cached teacher rows")
+    parser.add_argument("--tail-samples", type=int, default=0, help="tail samples of the cached rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time = work)")
 
 
@@ -147,6 +149,7 @@ def tool_args(args) -> argparse.Namespace:
     """What the cache tool's ``teacher_rows`` reads from its command line."""
     return argparse.Namespace(
         top_k=args.top_k,
+        tail_samples=args.tail_samples,
         kd_temperature=1.0,
         micro_batch_size=args.micro_batch_size,
         seq_length=args.seq_length,
@@ -165,7 +168,9 @@ def cached_fields(teacher, samples: list[dict], args, pg) -> dict:
     arrays = tool.teacher_rows(
         teacher, samples, np.arange(len(samples)), args=tool_args(args), vocab_size=args.vocab, pg=pg
     )
-    layout = CacheLayout.for_vocabulary(seq_length=args.seq_length, top_k=args.top_k, vocab_size=args.vocab)
+    layout = CacheLayout.for_vocabulary(
+        seq_length=args.seq_length, top_k=args.top_k, vocab_size=args.vocab, tail_samples=args.tail_samples
+    )
     dtypes = {name: dtype for name, dtype, _ in layout.fields()}
     rows = [{name: arrays[name][i].astype(dtypes[name]) for name in dtypes} for i in range(len(samples))]
     return stack_rows(rows)
@@ -248,7 +253,11 @@ def main() -> int:
     optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, clip_grad=1.0), [ddp])
     student.config.grad_scale_func = optimizer.scale_loss
     kd = LossSettings(num_domains=1, vocab_size=args.vocab, kd_weight=0.2, kd_chunk_size=args.kd_chunk_size)
-    settings = {"kd online": kd, "kd cache": kd, "cpt": LossSettings(num_domains=1, vocab_size=args.vocab)}
+    settings = {
+        "kd online": kd,
+        "kd cache": replace(kd, cache_tail_samples=args.tail_samples),
+        "cpt": LossSettings(num_domains=1, vocab_size=args.vocab),
+    }
     mbs, seq = args.micro_batch_size, args.seq_length
     samples = random_samples(mbs, seq, args.vocab)
     batch = collate(samples)

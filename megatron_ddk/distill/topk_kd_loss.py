@@ -496,17 +496,25 @@ def vocab_parallel_topk_and_ce(
     return ids, log_probs, sums[:, 1].log() - log_z, ce
 
 
-_TAIL_BLOCK = 256
-"""Columns per block when sampling the tail: a block's sum is found first, then the column inside it."""
+_TAIL_BLOCK: int | None = None
+"""Columns per block when sampling the tail (a block's sum is found first, then the column inside it);
+None: the power of two nearest sqrt(columns of the shard), so both searches stay small (tests set it)."""
+
+
+def _tail_block(v: int) -> int:
+    if _TAIL_BLOCK is not None:
+        return _TAIL_BLOCK
+    return 1 << max(3, round(math.log2(max(v, 1)) / 2))
 
 
 def _block_sums(e: torch.Tensor) -> torch.Tensor:
-    """``[n, ceil(v / _TAIL_BLOCK)]`` sums of consecutive column blocks of ``e`` ``[n, v]`` (the last one may be short)."""
+    """``[n, ceil(v / block)]`` sums of consecutive column blocks of ``e`` ``[n, v]`` (the last one may be short)."""
     n, v = e.shape
-    full = v // _TAIL_BLOCK
-    parts = [e[:, : full * _TAIL_BLOCK].reshape(n, full, _TAIL_BLOCK).sum(dim=-1)] if full else []
-    if v % _TAIL_BLOCK:
-        parts.append(e[:, full * _TAIL_BLOCK :].sum(dim=-1, keepdim=True))
+    block = _tail_block(v)
+    full = v // block
+    parts = [e[:, : full * block].reshape(n, full, block).sum(dim=-1)] if full else []
+    if v % block:
+        parts.append(e[:, full * block :].sum(dim=-1, keepdim=True))
     return torch.cat(parts, dim=1)
 
 
@@ -553,19 +561,20 @@ def _sample_tail(
     found = torch.zeros(n, 2 * count, dtype=torch.float32, device=device)  # [global id | shifted logit]
     if e is not None and block_ends is not None and bool(here.any()):
         v = e.shape[1]
+        width = _tail_block(v)
         rest = (points - low).clamp_min(0.0)  # mass into this rank's tail, [n, S]
         # the first block (then column) whose cumulative mass passes the point: never an empty one;
         # rounding past the end falls back to the last non-empty one
         last_block = torch.where(blocks > 0, torch.arange(blocks.shape[1], device=device), 0).amax(dim=1)
         block = torch.minimum(torch.searchsorted(block_ends, rest, right=True), last_block[:, None])
         before = torch.where(block > 0, block_ends.gather(1, (block - 1).clamp_min(0)), 0.0)
-        columns = block[..., None] * _TAIL_BLOCK + torch.arange(_TAIL_BLOCK, device=device)  # [n, S, B]
+        columns = block[..., None] * width + torch.arange(width, device=device)  # [n, S, B]
         values = e.gather(1, columns.clamp(max=v - 1).reshape(n, -1)).reshape(columns.shape)
         values = torch.where(columns < v, values, 0.0)
         ends = values.double().cumsum(dim=-1)
         offset = torch.searchsorted(ends, (rest - before)[..., None], right=True).squeeze(-1)
-        last = torch.where(values > 0, torch.arange(_TAIL_BLOCK, device=device), 0).amax(dim=-1)
-        column = block * _TAIL_BLOCK + torch.minimum(offset, last)
+        last = torch.where(values > 0, torch.arange(width, device=device), 0).amax(dim=-1)
+        column = block * width + torch.minimum(offset, last)
         logit = shard.gather(1, column).float().sub_(row_max)
         if temperature != 1.0:
             logit.div_(temperature)

@@ -170,7 +170,7 @@ def sampled(teacher, k, count, draws, temperature=1.0, vocab_size=None):
     )[:3]
 
 
-@pytest.mark.parametrize("block", [4, 7, 256])  # several blocks with a short last one; one partial block
+@pytest.mark.parametrize("block", [4, 7, 256, None])  # short last block; one partial block; by sqrt
 @pytest.mark.parametrize(("temperature", "vocab_size"), [(1.0, None), (2.0, 35)])
 def test_tail_samples_follow_systematic_sampling(monkeypatch, block, temperature, vocab_size):
     monkeypatch.setattr(topk_kd_loss, "_TAIL_BLOCK", block)
