@@ -82,6 +82,25 @@ def _check(
         raise ValueError("; ".join(problems))
 
 
+def _shifted_student(
+    student: torch.Tensor, ids: torch.Tensor, temperature: float, group, first_column: int, work
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``s = (z - global row max) / T`` as one fp32 copy (into ``work`` when given), which cached
+    columns this rank owns ``[n, k]`` and their local column (0 where not owned)."""
+    n, v = student.shape
+    if v == 0:  # this rank holds only padding columns
+        row_max = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=student.device)
+    else:
+        row_max = student.amax(dim=-1, keepdim=True).float()
+    _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
+    s = torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)
+    if temperature != 1.0:
+        s.div_(temperature)
+    local = ids - first_column
+    owned = (local >= 0) & (local < v)
+    return s, owned, torch.where(owned, local, 0)
+
+
 def _student_buckets(
     student: torch.Tensor,
     ids: torch.Tensor,
@@ -99,19 +118,7 @@ def _student_buckets(
     ``work``: an fp32 [n, v_valid] buffer to use instead of a fresh one (the gradient's own storage).
     """
     n, v = student.shape
-    if v == 0:  # this rank holds only padding columns
-        row_max = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=student.device)
-    else:
-        row_max = student.amax(dim=-1, keepdim=True).float()
-    _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
-    s = (
-        torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)
-    )  # fp32: the copy
-    if temperature != 1.0:
-        s.div_(temperature)
-    local = ids - first_column
-    owned = (local >= 0) & (local < v)
-    safe = torch.where(owned, local, 0)
+    s, owned, safe = _shifted_student(student, ids, temperature, group, first_column, work)
     sums = torch.zeros(
         n, ids.shape[1] + 2, dtype=torch.float32, device=student.device
     )  # [top-k s | total | tail]
@@ -212,17 +219,7 @@ def _sampled_tail_divergence(
     the full-vocabulary one, and the loss ``sum_c w_c (log p_T - log p_S)[id_c]`` of the full KL.
     """
     n, v = student.shape
-    if v == 0:
-        row_max = torch.full((n, 1), float("-inf"), dtype=torch.float32, device=student.device)
-    else:
-        row_max = student.amax(dim=-1, keepdim=True).float()
-    _reduce_tp(row_max, group, op=dist.ReduceOp.MAX)
-    s = torch.sub(student, row_max) if work is None else torch.sub(student, row_max, out=work)
-    if temperature != 1.0:
-        s.div_(temperature)
-    local = ids - first_column
-    owned = (local >= 0) & (local < v)
-    safe = torch.where(owned, local, 0)
+    s, owned, safe = _shifted_student(student, ids, temperature, group, first_column, work)
     sums = torch.zeros(
         n, ids.shape[1] + 1, dtype=torch.float32, device=student.device
     )  # [columns' s | total]

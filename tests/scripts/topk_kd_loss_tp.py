@@ -22,6 +22,24 @@ def full_logits(seed: int) -> torch.Tensor:
     return torch.randn(S, B, 2 * V_LOCAL, generator=g) * 3.0  # [s, b, v]
 
 
+def errors(loss, local, ref, ref_student, vocab_size, group) -> dict:
+    """Largest loss and gradient errors against the reference (the gradient gathered from both ranks), their
+    scales, the padding columns' gradient and whether both ranks computed the same loss."""
+    grads = [torch.empty_like(local.grad) for _ in range(2)]
+    dist.all_gather(grads, local.grad.contiguous(), group=group)
+    losses = [torch.empty_like(loss) for _ in range(2)]
+    dist.all_gather(losses, loss.detach(), group=group)
+    grad = torch.cat(grads, dim=-1)  # [s, b, v]
+    return {
+        "loss_err": (loss.detach() - ref.detach()).abs().max().item(),
+        "loss_scale": ref.detach().abs().max().item(),
+        "grad_err": (grad - ref_student.grad).abs().max().item(),
+        "grad_scale": ref_student.grad.abs().max().item(),
+        "padding_grad_max": grad[..., vocab_size:].abs().max().item() if vocab_size else 0.0,
+        "ranks_agree": torch.equal(losses[0], losses[1]),
+    }
+
+
 def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
     from megatron_ddk.distill.kd_loss import reference_kd_loss
     from megatron_ddk.distill.topk_kd_loss import (
@@ -75,11 +93,6 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
         )
     (ref * weights).sum().backward()
 
-    grads = [torch.empty_like(local.grad) for _ in range(2)]
-    dist.all_gather(grads, local.grad.contiguous(), group=group)
-    losses = [torch.empty_like(loss) for _ in range(2)]
-    dist.all_gather(losses, loss.detach(), group=group)
-    grad = torch.cat(grads, dim=-1)  # [s, b, v]
     finite = torch.isfinite(ref_tail)
     return {
         "case": f"{kind} T={temperature} chunk={chunk} vocab={vocab_size} k={k}",
@@ -89,12 +102,7 @@ def run_case(kind, temperature, chunk, vocab_size, k, group, rank) -> dict:
         and torch.equal(finite, torch.isfinite(tail))
         and torch.allclose(tail[finite], ref_tail[finite], rtol=1e-5, atol=1e-6),
         "ce_err": (ce - ref_ce).abs().max().item(),
-        "loss_err": (loss.detach() - ref.detach()).abs().max().item(),
-        "loss_scale": ref.detach().abs().max().item(),
-        "grad_err": (grad - ref_student.grad).abs().max().item(),
-        "grad_scale": ref_student.grad.abs().max().item(),
-        "padding_grad_max": grad[..., vocab_size:].abs().max().item() if vocab_size else 0.0,
-        "ranks_agree": torch.equal(losses[0], losses[1]),
+        **errors(loss, local, ref, ref_student, vocab_size, group),
     }
 
 
@@ -138,11 +146,6 @@ def run_sampled_case(temperature, chunk, vocab_size, block, group, rank) -> dict
         ref_student, *shaped, count, temperature=temperature, vocab_size=vocab_size
     )
     (ref * weights).sum().backward()
-    grads = [torch.empty_like(local.grad) for _ in range(2)]
-    dist.all_gather(grads, local.grad.contiguous(), group=group)
-    losses = [torch.empty_like(loss) for _ in range(2)]
-    dist.all_gather(losses, loss.detach(), group=group)
-    grad = torch.cat(grads, dim=-1)
     tk._TAIL_BLOCK = None
     return {
         "case": f"sampled tail T={temperature} chunk={chunk} vocab={vocab_size} block={block}",
@@ -152,12 +155,7 @@ def run_sampled_case(temperature, chunk, vocab_size, block, group, rank) -> dict
         and torch.equal(ids[:, :k], torch.topk(log_p, k, dim=-1).indices)
         and torch.allclose(logp, log_p.gather(1, ids), rtol=1e-5, atol=1e-6),
         "ce_err": 0.0,
-        "loss_err": (loss.detach() - ref.detach()).abs().max().item(),
-        "loss_scale": ref.detach().abs().max().item(),
-        "grad_err": (grad - ref_student.grad).abs().max().item(),
-        "grad_scale": ref_student.grad.abs().max().item(),
-        "padding_grad_max": grad[..., vocab_size:].abs().max().item() if vocab_size else 0.0,
-        "ranks_agree": torch.equal(losses[0], losses[1]),
+        **errors(loss, local, ref, ref_student, vocab_size, group),
     }
 
 
