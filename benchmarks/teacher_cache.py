@@ -283,7 +283,11 @@ def main(argv=None) -> None:
         cached_tokens = sum(s["stop"] - s["start"] for s in index["shards"]) * args.seq_length
         print(
             f"  k={k}: storage {shard_bytes / cached_tokens:.1f} B/token on disk ({cached_tokens} tokens); "
-            f"tool {tool_rates[k]:.0f} tokens/s end to end (its last line)"
+            + (
+                f"tool {tool_rates[k]:.0f} tokens/s end to end (its last line)"
+                if tool_rates[k]
+                else "built by an earlier call"
+            )
         )
     domains = list(ce["kd online"])
     print("  final validation CE per domain, and KD from the cache vs online KD:")

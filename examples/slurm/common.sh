@@ -5,7 +5,8 @@
 # DRY_RUN=1 prints the exact launch line and exits 0 without srun or scontrol (works off-cluster).
 # Teacher cache (docs/TEACHER_CACHE.md): STAGE=cache runs tools/cache_teacher_logits.py instead, with the
 # script's data, layout and run configuration (what the run can draw), into TEACHER_CACHE (default
-# ${CKPT_DIR}_teacher_cache_k$TOP_K); TEACHER_CACHE=DIR then trains from it without loading the teacher
+# ${CKPT_DIR}_teacher_cache_k$TOP_K, or ..._k${TOP_K}_s$TAIL_SAMPLES with TAIL_SAMPLES tail tokens per
+# position); TEACHER_CACHE=DIR then trains from it without loading the teacher
 # (TEACHER_FALLBACK=1 also passes --teacher-load for samples the cache lacks).
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -97,14 +98,17 @@ ddk_cache_stage() {
   [ "${STAGE:-train}" = cache ] || return 0
   [ "$DDK_MODE" != cpt ] || ddk_die "STAGE=cache: DDK_MODE=cpt trains without a teacher, there is nothing to cache"
   ENTRY=$REPO_DIR/tools/cache_teacher_logits.py
-  local top_k=${TOP_K:-32} flag
-  local args=(--output "${TEACHER_CACHE:-${CKPT_DIR}_teacher_cache_k$top_k}" --teacher-load "$TEACHER_CKPT")
+  local top_k=${TOP_K:-32} tail=${TAIL_SAMPLES:-0} flag
+  local name=k$top_k
+  [ "$tail" = 0 ] || name+=_s$tail
+  local args=(--output "${TEACHER_CACHE:-${CKPT_DIR}_teacher_cache_$name}" --teacher-load "$TEACHER_CKPT")
   for flag in --tokenizer-type --tokenizer-model --domains --data-cache-path --seq-length --seed --kd-temperature \
       --train-iters --global-batch-size --ddk-interval --ddk-mode --ddk-mixing --ddk-alpha \
       --tensor-model-parallel-size --pipeline-model-parallel-size; do
     args+=("$flag" "$(ddk_flag "$flag")")
   done
-  args+=(--val-samples "$(ddk_flag --ddk-val-samples)" --top-k "$top_k" --micro-batch-size "${CACHE_MICRO_BATCH:-4}"
+  args+=(--val-samples "$(ddk_flag --ddk-val-samples)" --top-k "$top_k" --tail-samples "$tail"
+    --micro-batch-size "${CACHE_MICRO_BATCH:-4}"
     --bf16 --no-progress)
   [ -z "${FP8:-}" ] || args+=(--fp8-format "$FP8")
   PRETRAIN_ARGS=("${args[@]}")

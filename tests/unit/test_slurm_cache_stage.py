@@ -45,6 +45,15 @@ def test_cache_stage_caches_what_the_run_can_draw(script, tmp_path):
         assert str(getattr(args, flag[2:].replace("-", "_"))) == train[flag][0], flag
     assert args.val_samples == int(train["--ddk-val-samples"][0]) and args.ddk_mode == train["--ddk-mode"][0]
     assert args.teacher_load == train["--teacher-load"][0]
+    assert args.tail_samples == 0
+
+
+def test_cache_stage_with_tail_samples(tmp_path):
+    script = SCRIPTS[0]
+    flags = launched(script, tmp_path, "cache_teacher_logits.py", STAGE="cache", TOP_K="24", TAIL_SAMPLES="8")
+    args = cache_teacher_logits.build_parser().parse_args(flags)
+    assert (args.top_k, args.tail_samples) == (24, 8)
+    assert args.output == f"{tmp_path / 'ckpt'}_teacher_cache_k24_s8"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
