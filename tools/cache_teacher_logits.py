@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 8 tools/cache_teacher_logits.py --output cache/qwen14b-k32 \\
         --teacher-load ckpt/teacher --tokenizer-type HuggingFaceTokenizer --tokenizer-model TOK \\
-        --domains domains.yaml --seq-length 2048 --top-k 32 --micro-batch-size 4 \\
+        --domains domains.yaml --seq-length 2048 --top-k 24 --tail-samples 8 --micro-batch-size 4 \\
         --tensor-model-parallel-size 2 --bf16 \\
         [--max-samples-per-domain N | --train-iters I --global-batch-size G --ddk-interval K ...]
 
@@ -65,13 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=1234, help="the training run's --seed (dataset shuffle and sampler)"
     )
-    p.add_argument("--top-k", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=24, help="the teacher's most likely tokens kept per position")
     p.add_argument(
         "--tail-samples",
         type=int,
-        default=0,
-        help="also store S tokens sampled from the teacher's tail per position (unbiased forward KL; "
-        "docs/TEACHER_CACHE.md)",
+        default=8,
+        help="tokens drawn from the rest of the teacher's distribution per position: KD from the cache is "
+        "then an unbiased estimate of full forward KL (0: the top-k and one tail bucket, for reverse KL / "
+        "JSD); see docs/TEACHER_CACHE.md",
     )
     p.add_argument(
         "--kd-temperature", type=float, default=1.0, help="the temperature the log-probabilities are at"

@@ -5,8 +5,9 @@
 # DRY_RUN=1 prints the exact launch line and exits 0 without srun or scontrol (works off-cluster).
 # Teacher cache (docs/TEACHER_CACHE.md): STAGE=cache runs tools/cache_teacher_logits.py instead, with the
 # script's data, layout and run configuration (what the run can draw), into TEACHER_CACHE (default
-# ${CKPT_DIR}_teacher_cache_k$TOP_K, or ..._k${TOP_K}_s$TAIL_SAMPLES with TAIL_SAMPLES tail tokens per
-# position); TEACHER_CACHE=DIR then trains from it without loading the teacher
+# ${CKPT_DIR}_teacher_cache_k${TOP_K}_s$TAIL_SAMPLES: the top TOP_K (24) tokens and TAIL_SAMPLES (8) drawn
+# from the tail per position; TAIL_SAMPLES=0: ..._k$TOP_K, top-k only); TEACHER_CACHE=DIR then trains from
+# it without loading the teacher
 # (TEACHER_FALLBACK=1 also passes --teacher-load for samples the cache lacks).
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -98,7 +99,7 @@ ddk_cache_stage() {
   [ "${STAGE:-train}" = cache ] || return 0
   [ "$DDK_MODE" != cpt ] || ddk_die "STAGE=cache: DDK_MODE=cpt trains without a teacher, there is nothing to cache"
   ENTRY=$REPO_DIR/tools/cache_teacher_logits.py
-  local top_k=${TOP_K:-32} tail=${TAIL_SAMPLES:-0} flag
+  local top_k=${TOP_K:-24} tail=${TAIL_SAMPLES:-8} flag
   local name=k$top_k
   [ "$tail" = 0 ] || name+=_s$tail
   local args=(--output "${TEACHER_CACHE:-${CKPT_DIR}_teacher_cache_$name}" --teacher-load "$TEACHER_CKPT")

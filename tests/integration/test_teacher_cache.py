@@ -45,6 +45,8 @@ def tool_args(corpus, out, teacher_dir, *extra):
         "32",
         "--top-k",
         "16",
+        "--tail-samples",
+        "0",  # the top-k estimator (the sampled tail has its own test below, and is the tool's default)
         "--micro-batch-size",
         "4",
         "--val-samples",
@@ -160,6 +162,7 @@ def test_run_that_could_draw_uncached_samples_is_refused(tiny_corpus, tmp_path, 
     assert len(error) == 1, run.stderr[-3000:]
     assert "lacks samples this run can draw" in error[0] and "python_code: " in error[0]
     assert "cache_teacher_logits.py" in error[0] and "--train-iters 12" in error[0]
+    assert "--top-k 16 --tail-samples 0" in error[0]  # the fill command builds the same kind of cache
 
 
 def test_online_teacher_fills_in_for_uncached_samples(tiny_corpus, tmp_path, cache, teacher, reference):  # noqa: F811

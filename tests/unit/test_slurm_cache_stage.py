@@ -26,11 +26,12 @@ def launched(script, tmp_path, entry_name, **env):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_cache_stage_caches_what_the_run_can_draw(script, tmp_path):
-    flags = launched(script, tmp_path, "cache_teacher_logits.py", STAGE="cache", TOP_K="16")
+    flags = launched(script, tmp_path, "cache_teacher_logits.py", STAGE="cache")
     args = cache_teacher_logits.build_parser().parse_args(flags)
     assert cache_teacher_logits.check_args(args, world_size=16) == []
     train = flag_values(launched(script, tmp_path, "pretrain_ddk.py"))
-    assert args.top_k == 16 and args.output == f"{tmp_path / 'ckpt'}_teacher_cache_k16"
+    assert (args.top_k, args.tail_samples) == (24, 8)  # the defaults: 32 columns, sampled tail
+    assert args.output == f"{tmp_path / 'ckpt'}_teacher_cache_k24_s8"
     for flag in (
         "--train-iters",
         "--global-batch-size",
@@ -45,15 +46,15 @@ def test_cache_stage_caches_what_the_run_can_draw(script, tmp_path):
         assert str(getattr(args, flag[2:].replace("-", "_"))) == train[flag][0], flag
     assert args.val_samples == int(train["--ddk-val-samples"][0]) and args.ddk_mode == train["--ddk-mode"][0]
     assert args.teacher_load == train["--teacher-load"][0]
-    assert args.tail_samples == 0
 
 
-def test_cache_stage_with_tail_samples(tmp_path):
-    script = SCRIPTS[0]
-    flags = launched(script, tmp_path, "cache_teacher_logits.py", STAGE="cache", TOP_K="24", TAIL_SAMPLES="8")
+def test_cache_stage_top_k_only(tmp_path):
+    flags = launched(
+        SCRIPTS[0], tmp_path, "cache_teacher_logits.py", STAGE="cache", TOP_K="16", TAIL_SAMPLES="0"
+    )
     args = cache_teacher_logits.build_parser().parse_args(flags)
-    assert (args.top_k, args.tail_samples) == (24, 8)
-    assert args.output == f"{tmp_path / 'ckpt'}_teacher_cache_k24_s8"
+    assert (args.top_k, args.tail_samples) == (16, 0)
+    assert args.output == f"{tmp_path / 'ckpt'}_teacher_cache_k16"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
