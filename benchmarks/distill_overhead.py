@@ -311,7 +311,7 @@ def main() -> int:
     print(
         f"student {args.student} (N_s {n_s / 1e6:.1f}M per token), teacher {args.teacher} "
         f"(N_t {n_t / 1e6:.1f}M), vocab {args.vocab}, seq {seq}, {args.num_microbatches} x {mbs} sequences, "
-        f"k {args.top_k}, torch threads {torch.get_num_threads()}, {args.pairs} timed rounds"
+        f"k {args.top_k} + {args.tail_samples} tail samples, torch threads {torch.get_num_threads()}, {args.pairs} timed rounds"
     )
     for mode in modes:
         wall, cpu = med[mode]
