@@ -98,3 +98,45 @@ def build_tiny_corpus(root: Path, *, size_mb: float = 0.4, vocab_size: int = 512
         "root": root,
         "names": json.dumps(names),
     }
+
+
+def corpus_texts(corpus: dict) -> tuple[Path, list[str], list[str]]:
+    """The tiny corpus's directory, domain names and every document's text (to train a tokenizer on)."""
+    directory = corpus["registry"].parent
+    names = json.loads(corpus["names"])
+    texts = [
+        json.loads(line)["text"]
+        for n in names
+        for line in (directory / f"{n}.jsonl").read_text().splitlines()
+    ]
+    return directory, names, texts
+
+
+def hf_teacher_workspace(root: Path, hf_dir: Path, model, corpus_dir: Path, names: list[str]) -> Path:
+    """Save a (tiny, random) transformers ``model`` into ``hf_dir`` beside its tokenizer, convert it to
+    ``root/teacher`` and tokenize the corpus with that tokenizer into ``root/data``; returns the registry."""
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    python("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--save", root / "teacher", "--fp32")
+    data = root / "data"
+    data.mkdir()
+    for name in names:
+        python(
+            "tools/preprocess_data.py",
+            "--input",
+            corpus_dir / f"{name}.jsonl",
+            "--output-prefix",
+            data / name,
+            "--tokenizer-type",
+            "HuggingFaceTokenizer",
+            "--tokenizer-model",
+            hf_dir,
+            "--append-eod",
+            "--no-progress",
+        )
+    registry = data / "domains.yaml"
+    registry.write_text(
+        yaml.safe_dump(
+            {"domains": [{"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}
+        )
+    )
+    return registry

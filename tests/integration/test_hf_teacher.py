@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
-from tests.helpers import python
+from tests.corpus import corpus_texts, hf_teacher_workspace
 from tests.runs import pretrain
 
 pytestmark = pytest.mark.slow
@@ -20,11 +19,7 @@ def hf_teacher(tiny_corpus, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("hf_teacher")
-    corpus = tiny_corpus["registry"].parent
-    names = json.loads(tiny_corpus["names"])
-    texts = [
-        json.loads(line)["text"] for n in names for line in (corpus / f"{n}.jsonl").read_text().splitlines()
-    ]
+    corpus, names, texts = corpus_texts(tiny_corpus)
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.train_from_iterator(
@@ -49,30 +44,7 @@ def hf_teacher(tiny_corpus, tmp_path_factory):
     import torch
 
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(hf_dir, safe_serialization=True)
-    python("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--save", root / "teacher", "--fp32")
-    data = root / "data"
-    data.mkdir()
-    for name in names:
-        python(
-            "tools/preprocess_data.py",
-            "--input",
-            corpus / f"{name}.jsonl",
-            "--output-prefix",
-            data / name,
-            "--tokenizer-type",
-            "HuggingFaceTokenizer",
-            "--tokenizer-model",
-            hf_dir,
-            "--append-eod",
-            "--no-progress",
-        )
-    registry = data / "domains.yaml"
-    registry.write_text(
-        yaml.safe_dump(
-            {"domains": [{"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}
-        )
-    )
+    registry = hf_teacher_workspace(root, hf_dir, LlamaForCausalLM(config), corpus, names)
     return {"hf_dir": hf_dir, "teacher": root / "teacher", "registry": registry, "root": root}
 
 

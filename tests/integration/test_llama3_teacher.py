@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-import yaml
 
-from tests.corpus import write_llama3_tokenizer
+from tests.corpus import corpus_texts, hf_teacher_workspace, write_llama3_tokenizer
 from tests.helpers import python
 from tests.runs import pretrain
 
@@ -30,11 +29,7 @@ def llama3_teacher(tiny_corpus, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("llama3_teacher")
-    corpus = tiny_corpus["registry"].parent
-    names = json.loads(tiny_corpus["names"])
-    texts = [
-        json.loads(line)["text"] for n in names for line in (corpus / f"{n}.jsonl").read_text().splitlines()
-    ]
+    corpus, names, texts = corpus_texts(tiny_corpus)
     hf_dir = root / "hf"
     raw = write_llama3_tokenizer(hf_dir, texts, instruct=True)
     eot, end = raw.token_to_id("<|eot_id|>"), raw.token_to_id("<|end_of_text|>")
@@ -53,37 +48,14 @@ def llama3_teacher(tiny_corpus, tmp_path_factory):
         eos_token_id=[end, eot],
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(hf_dir, safe_serialization=True)
-    python("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--save", root / "teacher", "--fp32")
-    data = root / "data"
-    data.mkdir()
-    for name in names:
-        python(
-            "tools/preprocess_data.py",
-            "--input",
-            corpus / f"{name}.jsonl",
-            "--output-prefix",
-            data / name,
-            "--tokenizer-type",
-            "HuggingFaceTokenizer",
-            "--tokenizer-model",
-            hf_dir,
-            "--append-eod",
-            "--no-progress",
-        )
-    registry = data / "domains.yaml"
-    registry.write_text(
-        yaml.safe_dump(
-            {"domains": [{"name": n, "train": f"{n}_text_document", "valid_fraction": 0.05} for n in names]}
-        )
-    )
+    registry = hf_teacher_workspace(root, hf_dir, LlamaForCausalLM(config), corpus, names)
     return {
         "hf_dir": hf_dir,
         "teacher": root / "teacher",
         "registry": registry,
         "root": root,
         "eod": end,
-        "data": data,
+        "data": registry.parent,
         "names": names,
     }
 
