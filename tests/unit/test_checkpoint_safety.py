@@ -31,7 +31,7 @@ from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_ddk.errors import CheckpointError
 from megatron_ddk.platform.distributed import ParallelLayout, destroy, initialize, set_seed
 from tests import checkpoint_faults as faults
-from tests.helpers import REPO_ROOT
+from tests.helpers import MINIMAL_RUN_FLAGS, REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import convert_megatron_to_hf as to_hf  # noqa: E402
@@ -255,28 +255,7 @@ def test_ckpt_step_selects_an_iteration(saved):
 def test_ckpt_step_flag_needs_load():
     from megatron_ddk.arguments import ArgumentError, parse_run_config
 
-    flags = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "16",
-        "--micro-batch-size",
-        "1",
-        "--train-iters",
-        "2",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        "t",
-        "--data-path",
-        "x",
-        "--ddk-mode",
-        "cpt",
-    ]
+    flags = [*MINIMAL_RUN_FLAGS, "--ddk-mode", "cpt"]
     assert (
         parse_run_config([*flags, "--load", "c", "--ckpt-step", "3"], vocab_size=100).checkpoint.ckpt_step
         == 3

@@ -9,6 +9,7 @@ import torch
 from megatron_ddk.training.evaluation import DomainEvaluation
 from megatron_ddk.training.nonfinite import NonFiniteError, evaluation_problem, raise_if, training_problem
 from megatron_ddk.training.step import DOMAIN_LM_LOSS, KD_LOSS, LM_LOSS, TEACHER_LM_LOSS
+from tests.helpers import MINIMAL_RUN_FLAGS
 
 NAMES = ["code", "prose", "math"]
 NAN = float("nan")
@@ -71,28 +72,7 @@ def test_evaluation_names_teacher_then_student():
 def test_megatron_flag_is_on_by_default_and_can_be_turned_off():
     from megatron_ddk.arguments import parse_run_config
 
-    flags = [
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "32",
-        "--num-attention-heads",
-        "4",
-        "--seq-length",
-        "16",
-        "--micro-batch-size",
-        "1",
-        "--train-iters",
-        "2",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        "t",
-        "--data-path",
-        "x",
-        "--ddk-mode",
-        "cpt",
-    ]
+    flags = [*MINIMAL_RUN_FLAGS, "--ddk-mode", "cpt"]
     assert parse_run_config(flags, vocab_size=100).training.check_for_nan_in_loss_and_grad
     assert not parse_run_config(
         [*flags, "--no-check-for-nan-in-loss-and-grad"], vocab_size=100
