@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddk_overhead import ROOT, sh  # noqa: E402
+from ddk_overhead import prepare as prepare_demo_data  # noqa: E402
 
 SAVE = re.compile(
     r"successfully saved checkpoint at iteration\s+(\d+) .*\[ ([0-9.]+)s, manifest ([0-9.]+)s \]"
@@ -56,49 +57,15 @@ TEACHER = [
 
 
 def prepare(work: Path) -> list[str]:
-    corpus = work / "corpus"
-    if not (corpus / "domains.yaml").exists():
-        sh("tools/make_demo_corpus.py", "--output-dir", str(corpus), "--size-mb", "1")
-    names = [
-        line.split(":")[1].strip()
-        for line in (corpus / "domains.yaml").read_text().splitlines()
-        if line.strip().startswith("- name:")
-    ]
-    tok = work / "tok.model"
-    if not tok.exists():
-        sh(
-            "tools/train_tokenizer.py",
-            "--input",
-            *[str(corpus / f"{n}.jsonl") for n in names],
-            "--output-prefix",
-            str(work / "tok"),
-            "--vocab-size",
-            "4096",
-            "--model-type",
-            "bpe",
-        )
-    for n in names:
-        if not (corpus / f"{n}_text_document.idx").exists():
-            sh(
-                "tools/preprocess_data.py",
-                "--input",
-                str(corpus / f"{n}.jsonl"),
-                "--output-prefix",
-                str(corpus / n),
-                "--tokenizer-type",
-                "SentencePieceTokenizer",
-                "--tokenizer-model",
-                str(tok),
-                "--append-eod",
-                "--no-progress",
-            )
+    """The data flags of a run on the demo corpus (built in ``work`` on first use)."""
+    registry, tok = prepare_demo_data(work, size_mb=1, vocab_size=4096, model_type="bpe")
     return [
         "--tokenizer-type",
         "SentencePieceTokenizer",
         "--tokenizer-model",
         str(tok),
         "--domains",
-        str(corpus / "domains.yaml"),
+        str(registry),
         "--data-cache-path",
         str(work / "cache"),
     ]

@@ -43,10 +43,14 @@ def sh(*cmd: str, cwd: Path = ROOT) -> str:
     return proc.stdout
 
 
-def prepare(work: Path) -> tuple[Path, Path]:
+def prepare(
+    work: Path, *, size_mb: float = 2, vocab_size: int = 2048, model_type: str | None = None
+) -> tuple[Path, Path]:
+    """The demo corpus, a SentencePiece tokenizer and one indexed dataset per domain in ``work`` (kept
+    between calls: each step runs only if its output is missing); returns (registry, tokenizer model)."""
     corpus = work / "corpus"
     if not (corpus / "domains.yaml").exists():
-        sh("tools/make_demo_corpus.py", "--output-dir", str(corpus), "--size-mb", "2")
+        sh("tools/make_demo_corpus.py", "--output-dir", str(corpus), "--size-mb", str(size_mb))
     names = [
         line.split(":")[1].strip()
         for line in (corpus / "domains.yaml").read_text().splitlines()
@@ -61,7 +65,8 @@ def prepare(work: Path) -> tuple[Path, Path]:
             "--output-prefix",
             str(work / "tok"),
             "--vocab-size",
-            "2048",
+            str(vocab_size),
+            *(["--model-type", model_type] if model_type else []),
         )
     for n in names:
         if not (corpus / f"{n}_text_document.idx").exists():
