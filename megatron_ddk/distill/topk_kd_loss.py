@@ -578,7 +578,10 @@ def _sample_tail(
         found[:, :count] = torch.where(here, (column + column_offset).float(), 0.0)
         found[:, count:] = torch.where(here, logit, 0.0)
     _reduce_tp(found, tp_group)
-    return found[:, :count].round().long(), found[:, count:]
+    # no tail mass at all (the top-k holds every token of non-zero probability): the columns carry
+    # weight 0 and say so with log-probability -inf (id 0 is a placeholder)
+    logits = torch.where(total > 0, found[:, count:], float("-inf"))
+    return found[:, :count].round().long(), logits
 
 
 def reference_topk_kd_loss(

@@ -258,6 +258,23 @@ def test_sampled_tail_loss_matches_reference(temperature, chunk, vocab_size):
         assert (s_ours.grad[..., vocab_size:] == 0).all()
 
 
+def test_rows_without_tail_mass_get_weightless_columns():
+    """A teacher so sure that its tail underflows to 0: the sampled columns have log-probability -inf, and
+    the loss is the top-k's alone (no NaN)."""
+    teacher = logits(13).reshape(-1, SHAPE[-1])
+    teacher[0, 3] = 1000.0  # row 0: every other token underflows
+    draws = torch.full((teacher.shape[0],), 0.25, dtype=torch.float64)
+    ids, logp, tail = sampled(teacher, 2, 3, draws)
+    assert torch.isinf(tail[0]) and (logp[0, 2:] == float("-inf")).all()
+    assert torch.isfinite(logp[1:]).all()
+    student = logits(14).reshape(-1, SHAPE[-1]).requires_grad_()
+    loss = vocab_parallel_topk_kd_loss(student, ids, logp.half(), tail.half(), tail_samples=3)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all()
+    row0 = torch.log_softmax(student.detach()[0].float(), dim=-1)
+    assert loss[0].item() == pytest.approx(-row0[3].item(), rel=1e-5)  # KL to a one-hot teacher
+
+
 def test_sampled_tail_refusals():
     teacher = logits(1).reshape(-1, SHAPE[-1])
     draws = torch.full((teacher.shape[0],), 0.5, dtype=torch.float64)
