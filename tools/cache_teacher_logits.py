@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> None:
     if args.tail_samples and args.top_k >= tokenizer.vocab_size:
         raise UserError(
             f"--tail-samples {args.tail_samples} with --top-k {args.top_k}: the top-k covers the whole "
-            f"vocabulary ({tokenizer.vocab_size} tokens), there is no tail to sample; drop --tail-samples"
+            f"vocabulary ({tokenizer.vocab_size} tokens), there is no tail to sample; give --tail-samples 0"
         )
     precision = PrecisionConfig(
         bf16=args.bf16,
