@@ -249,7 +249,11 @@ def _check(args: argparse.Namespace, world_size: int) -> list[str]:
 
 
 def _data_parallel_size(args: argparse.Namespace, world_size: int) -> int:
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
+    model_parallel = (
+        args.tensor_model_parallel_size
+        * args.pipeline_model_parallel_size
+        * max(args.context_parallel_size, 1)
+    )
     return world_size // model_parallel if model_parallel >= 1 and world_size % model_parallel == 0 else 1
 
 

@@ -494,7 +494,7 @@ def save_training_checkpoint(
     state = {
         "model": model_sd,
         "optimizer": parts.optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_CKPT_METADATA),
-        "rng_state": rng_sharded_state(rng_tensors(), _rng_grid(pg)),
+        "rng_state": rng_sharded_state(rng_tensors(), _rng_grid(pg), replica_id=_cp_rank(pg)),
         "iteration": metadata.iteration,
         "consumed_samples": metadata.iteration * global_batch_size,
         "opt_param_scheduler": parts.scheduler.state_dict(),
@@ -530,7 +530,9 @@ def load_training_checkpoint(
     legacy_rng = load_rng and not any(key.startswith(RNG_PREFIX) for key in saved_keys(path))
     if load_rng:
         request["rng_state"] = (
-            _legacy_rng_object(pg) if legacy_rng else rng_sharded_state(rng_tensors(), _rng_grid(pg))
+            _legacy_rng_object(pg)
+            if legacy_rng
+            else rng_sharded_state(rng_tensors(), _rng_grid(pg), replica_id=_cp_rank(pg))
         )
     state = load_sharded(path, request)
     parts.student.load_state_dict(state["model"], strict=True)
@@ -569,6 +571,12 @@ def _materialize_optimizer_state(optimizer) -> None:
 def _rng_grid(pg) -> tuple[tuple[int, int], ...]:
     """This rank's (rank, size) in pipeline, tensor and data parallelism of ``pg``: where its RNG state goes."""
     return tuple((dist.get_rank(g), dist.get_world_size(g)) for g in (pg.pp, pg.tp, pg.dp))
+
+
+def _cp_rank(pg) -> int:
+    """CP ranks of one (pp, tp, dp) slot hold the same RNG states: rank 0 saves them, the others are replicas."""
+    cp = getattr(pg, "cp", None)
+    return dist.get_rank(cp) if cp is not None else 0
 
 
 def _legacy_rng_object(pg):
@@ -625,14 +633,17 @@ def set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
 
 
-def rng_sharded_state(tensors: dict[str, torch.Tensor], grid: tuple[tuple[int, int], ...]) -> dict:
-    """``tensors`` as ShardedTensors, one slot per rank of the (pp, tp, dp) ``grid`` of (rank, size)."""
+def rng_sharded_state(
+    tensors: dict[str, torch.Tensor], grid: tuple[tuple[int, int], ...], *, replica_id: int = 0
+) -> dict:
+    """``tensors`` as ShardedTensors, one slot per rank of the (pp, tp, dp) ``grid`` of (rank, size);
+    ``replica_id`` > 0: a copy of a slot another rank saves (the CP ranks > 0)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     offsets = [(axis, rank, size) for axis, (rank, size) in enumerate(grid)]
     return {
         name: ShardedTensor.from_rank_offsets(
-            RNG_PREFIX + name, tensor, *offsets, replica_id=0, prepend_axis_num=len(grid)
+            RNG_PREFIX + name, tensor, *offsets, replica_id=replica_id, prepend_axis_num=len(grid)
         )
         for name, tensor in tensors.items()
     }

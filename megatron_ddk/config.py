@@ -342,8 +342,8 @@ class ParallelConfig:
     overlap_param_gather: bool = option(False, help="overlap the parameter all-gather with the forward pass")
     context_parallel_size: int = option(
         1,
-        help="split each sequence over this many ranks (teacher and student); "
-        "needs Transformer Engine's attention (refused on CPU)",
+        help="split each sequence over this many ranks (teacher and student): Transformer Engine's "
+        "attention on GPU, all-gather attention otherwise",
     )
 
     def __post_init__(self) -> None:

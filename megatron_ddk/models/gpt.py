@@ -60,21 +60,27 @@ def check_sequence_parallel_supported(parallel: ParallelConfig) -> None:
         )
 
 
-def check_context_parallel_supported(parallel: ParallelConfig) -> None:
-    """megatron-core's context parallelism runs only in Transformer Engine's attention; and the KD loss,
-    per-domain sums and DDK evaluation are not yet reduced over a CP group: refuse it up front."""
+def check_context_parallel_supported(
+    model: ModelConfig, parallel: ParallelConfig, *, role: str = "model"
+) -> None:
+    """What context parallelism cannot split here, refused before any weight exists.
+
+    With Transformer Engine (GPU) its CP attention runs; without it, ``models.cp_attention`` (the
+    all-gather form). megatron-core's MoE layers and learned absolute position embeddings are not
+    verified under CP here: refused."""
     cp = parallel.context_parallel_size
     if cp == 1:
         return
-    if not uses_transformer_engine():
+    if model.is_moe:
         raise SetupError(
-            f"--context-parallel-size {cp} needs Transformer Engine's attention (GPU with the [gpu] "
-            "extra); use --context-parallel-size 1 here"
+            f"--context-parallel-size {cp} is not supported for the {role}'s mixture-of-experts layers "
+            "(not verified under CP here); use --context-parallel-size 1"
         )
-    raise SetupError(
-        f"--context-parallel-size {cp}: context parallelism is not supported yet (the KD loss and the "
-        "per-domain statistics are not reduced over the CP group); use --context-parallel-size 1"
-    )
+    if model.position_embedding_type != "rope":
+        raise SetupError(
+            f"--context-parallel-size {cp} needs --position-embedding-type rope for the {role} "
+            f"(got {model.position_embedding_type}); use --context-parallel-size 1"
+        )
 
 
 def build_transformer_config(
@@ -123,6 +129,7 @@ def build_transformer_config(
         hidden_dropout=model.hidden_dropout,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         bf16=precision.bf16,
         params_dtype=dtype,
@@ -222,8 +229,11 @@ def apply_llama3_rope_scaling(gpt, model: ModelConfig) -> None:
     )
 
 
-def layer_spec(model: ModelConfig):
-    """Transformer Engine layer spec when TE imports (needed for FP8 and sequence parallel), else local."""
+def layer_spec(model: ModelConfig, *, context_parallel: bool = False):
+    """Transformer Engine layer spec when TE imports (needed for FP8 and sequence parallel), else local.
+
+    ``context_parallel`` (CP > 1): TE's attention splits the sequence itself; the local spec's
+    attention refuses CP, so its core attention becomes ``cp_attention``'s all-gather attention."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -233,12 +243,17 @@ def layer_spec(model: ModelConfig):
         return get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=model.qk_layernorm, num_experts=model.num_experts, moe_grouped_gemm=model.is_moe
         )
-    return get_gpt_layer_local_spec(
+    spec = get_gpt_layer_local_spec(
         qk_layernorm=model.qk_layernorm,
         normalization=model.normalization,
         num_experts=model.num_experts,
         moe_grouped_gemm=False,
     )
+    if context_parallel:
+        from megatron_ddk.models.cp_attention import AllGatherContextParallelAttention
+
+        spec.submodules.self_attention.submodules.core_attention = AllGatherContextParallelAttention
+    return spec
 
 
 def build_gpt_model(
@@ -270,6 +285,7 @@ def build_gpt_model(
             f"{parallel.pipeline_model_parallel_size}; choose a PP size that divides the layer count"
         )
     check_expert_parallel(model, parallel)
+    check_context_parallel_supported(model, parallel)
     config = build_transformer_config(
         model,
         parallel,
@@ -280,7 +296,7 @@ def build_gpt_model(
     )
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model),
+        transformer_layer_spec=layer_spec(model, context_parallel=parallel.context_parallel_size > 1),
         vocab_size=padded_vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

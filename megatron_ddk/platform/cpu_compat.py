@@ -164,6 +164,28 @@ def patch_rope() -> None:
     rope.RotaryEmbedding.get_emb = get_emb
 
 
+def patch_rope_context_parallel() -> None:
+    """get_pos_emb_on_this_cp_rank (CP > 1) builds its chunk index in pinned memory and moves it to the
+    CUDA device; build it on the embedding's device (imported by name in two modules)."""
+    from megatron.core.models.common.embeddings import (
+        rope_utils,
+        rotary_pos_embedding,
+        yarn_rotary_pos_embedding,
+    )
+
+    def get_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+        if cp_group is None:
+            raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+        cp_size, cp_rank = cp_group.size(), cp_group.rank()
+        index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+        pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1 :])
+        pos_emb = pos_emb.index_select(seq_dim, index)
+        return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2 :])
+
+    for module in (rope_utils, rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+
+
 def patch_global_memory_buffer() -> None:
     """The attention scratch buffer allocates on the current CUDA device; allocate on the CPU."""
     from megatron.core import utils as mutils
@@ -297,6 +319,7 @@ def patch_optimizer_type_checks() -> None:
 PATCHES: dict[str, Callable[[], None]] = {
     "rng_tracker": patch_rng_tracker,
     "rope": patch_rope,
+    "rope_context_parallel": patch_rope_context_parallel,
     "global_memory_buffer": patch_global_memory_buffer,
     "causal_mask": patch_causal_mask,
     "schedules": patch_schedules,

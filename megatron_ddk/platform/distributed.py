@@ -1,6 +1,6 @@
 """Process-group and device set-up from the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, ...).
 
-One validated topology object (``ParallelLayout``) says how the world splits into TP x PP x DP;
+One validated topology object (``ParallelLayout``) says how the world splits into TP x CP x PP x DP;
 ``initialize`` starts torch.distributed (nccl on GPU, gloo on CPU), builds megatron-core's
 parallel state once and returns its groups as one ``ProcessGroupCollection`` (``pg``). Everything
 that runs a collective receives ``pg`` (or the one group it needs) as an argument, so each call
@@ -25,11 +25,13 @@ from megatron_ddk.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelLayout:
-    """How ``world_size`` ranks split into tensor x pipeline x data parallel groups."""
+    """How ``world_size`` ranks split into tensor x context x pipeline x data parallel groups."""
 
     world_size: int
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    """CP: each sequence split over CP ranks, which see the same samples (one DP replica)."""
     expert_model_parallel_size: int = 1
     """EP, carved out of data parallelism: experts are split over EP ranks, each with TP x PP."""
 
@@ -39,19 +41,21 @@ class ParallelLayout:
             min(
                 self.tensor_model_parallel_size,
                 self.pipeline_model_parallel_size,
+                self.context_parallel_size,
                 self.expert_model_parallel_size,
             )
             < 1
         ):
             raise ConfigError(
-                "--tensor-model-parallel-size, --pipeline-model-parallel-size and "
+                "--tensor-model-parallel-size, --pipeline-model-parallel-size, --context-parallel-size and "
                 "--expert-model-parallel-size must be >= 1"
             )
-        if self.world_size % model_parallel != 0:
+        if self.world_size % (model_parallel * self.context_parallel_size) != 0:
             raise ConfigError(
                 f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
                 f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
-                f"({self.pipeline_model_parallel_size}); change the sizes or the number of processes"
+                f"({self.pipeline_model_parallel_size}) x --context-parallel-size "
+                f"({self.context_parallel_size}); change the sizes or the number of processes"
             )
         if self.world_size % (model_parallel * self.expert_model_parallel_size) != 0:
             raise ConfigError(
@@ -67,7 +71,10 @@ class ParallelLayout:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+        """Replicas that see different samples (CP ranks of a replica share theirs)."""
+        return self.world_size // (
+            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        )
 
     @property
     def pp_enabled(self) -> bool:
@@ -125,6 +132,7 @@ def initialize(layout: ParallelLayout, *, distributed_timeout_minutes: int = 10)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_model_parallel_size,
             pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+            context_parallel_size=layout.context_parallel_size,
             expert_model_parallel_size=layout.expert_model_parallel_size,
         )
     return ProcessGroupCollection.use_mpu_process_groups()

@@ -12,7 +12,9 @@ over micro-batches and DP ranks are exact.
 
 Process groups come in as ``pg`` (megatron-core's ``ProcessGroupCollection``): the pipeline group
 decides which stage computes the loss, the tensor-parallel group is the one the KD loss reduces
-over. (megatron-core's ``vocab_parallel_cross_entropy`` takes no group argument: it uses the TP
+over, and with context parallelism (``pg.cp``) each rank keeps its two load-balanced chunks of every
+sequence (``context_parallel_chunks``); its sums and token counts cover only those positions, and the
+reductions over ``pg.dp_cp`` (gradients, ``training.metrics``) add the chunks back up to whole sequences. (megatron-core's ``vocab_parallel_cross_entropy`` takes no group argument: it uses the TP
 group of the parallel state, which is ``pg.tp``.)
 
 Shapes: ``[b, s]`` per-token values; logits ``[b, s, v]`` (megatron-core's GPTModel returns them
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core import tensor_parallel
 
 from megatron_ddk.distill.kd_loss import default_chunk_size, vocab_parallel_kd_loss
@@ -65,9 +68,29 @@ def move_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: value.to(target, non_blocking=True) for key, value in batch.items()}
 
 
+def context_parallel_chunks(batch: dict[str, torch.Tensor], cp_group) -> dict[str, torch.Tensor]:
+    """This CP rank's share of ``batch``: chunks r and 2*CP-1-r of every per-position field.
+
+    Per-position fields are ``[b, s, ...]`` (tokens, labels, loss_mask, position_ids, the teacher
+    cache's rows); per-sample fields are ``[b]`` and stay whole, except ``teacher_ce_sum`` (the cached
+    teacher CE summed over the whole sample), which only CP rank 0 keeps so the CP sum counts it once.
+    """
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    if cp_size == 1:
+        return batch
+    per_position = {key: value for key, value in batch.items() if value.dim() >= 2}
+    result = dict(batch)
+    result.update(get_batch_on_this_cp_rank(per_position, cp_group=cp_group))
+    if "teacher_ce_sum" in batch and dist.get_rank(cp_group) != 0:
+        result["teacher_ce_sum"] = torch.zeros_like(batch["teacher_ce_sum"])
+    return result
+
+
 def forward_step(data_iterator, model, *, settings: LossSettings, pg):
     """Run one micro-batch through the (student, teacher) stage; the last stage gets a loss function."""
-    batch = move_batch(next(data_iterator))
+    batch = context_parallel_chunks(move_batch(next(data_iterator)), pg.cp)
     output = model(batch["tokens"], batch["position_ids"], None)
     if not distributed.is_pp_last_stage(pg):
         return output, None

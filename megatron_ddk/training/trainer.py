@@ -89,6 +89,7 @@ class Trainer:
             world_size=distributed.world_size_from_env(),
             tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+            context_parallel_size=cfg.parallel.context_parallel_size,
             expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
         )
         # ---- cheap checks first: nothing expensive has happened if any of these fails
@@ -114,7 +115,9 @@ class Trainer:
         )
         check_fp8_supported(cfg.precision)
         check_sequence_parallel_supported(cfg.parallel)
-        check_context_parallel_supported(cfg.parallel)
+        check_context_parallel_supported(cfg.model, cfg.parallel, role="student")
+        if teacher is not None:
+            check_context_parallel_supported(teacher.model, cfg.parallel, role="teacher")
         self.teacher_metadata = (
             self._check_teacher() if cfg.distill.uses_teacher and cfg.distill.teacher_load else None
         )

@@ -60,6 +60,17 @@ def check_rope():
     assert emb.device.type == "cpu" and emb.shape[0] == 16
 
 
+def check_rope_context_parallel():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    class Rank1Of2:  # the two methods megatron-core asks of a CP group
+        size, rank = staticmethod(lambda: 2), staticmethod(lambda: 1)
+
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
+    whole, mine = rope(16), rope(16, cp_group=Rank1Of2())
+    assert mine.device.type == "cpu" and torch.equal(mine, torch.cat([whole[4:8], whole[8:12]]))
+
+
 def check_global_memory_buffer():
     from megatron.core import parallel_state
 

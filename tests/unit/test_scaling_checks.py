@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from megatron_ddk.arguments import ArgumentError, parse_run_config
 from megatron_ddk.config import ModelConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
@@ -148,12 +147,37 @@ def test_context_parallel_layout_checks():
     assert parse("--context-parallel-size", "2", world_size=2).parallel.context_parallel_size == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
-def test_context_parallel_is_refused_on_cpu():
-    check_context_parallel_supported(ParallelConfig())
+def test_context_parallel_splits_data_parallelism():
+    """CP ranks of one replica share its samples: DP = world / (TP x PP x CP)."""
+    assert problems("--context-parallel-size", "2", "--global-batch-size", "2", world_size=4) == [
+        "--global-batch-size 2 must be a multiple of --micro-batch-size 2 x data-parallel size 2"
+    ]
+    assert parse("--context-parallel-size", "2", "--global-batch-size", "2", world_size=2)
+
+
+def test_context_parallel_refuses_what_it_does_not_split():
+    dense = parse().model
+    check_context_parallel_supported(dense, ParallelConfig(context_parallel_size=2))
+    check_context_parallel_supported(
+        parse("--num-experts", "4", "--disable-bias-linear").model, ParallelConfig()
+    )
     with pytest.raises(
         RuntimeError,
-        match=r"^--context-parallel-size 2 needs Transformer Engine's attention .*"
-        r"use --context-parallel-size 1 here$",
+        match=r"^--context-parallel-size 2 is not supported for the teacher's mixture-of-experts layers "
+        r"\(not verified under CP here\); use --context-parallel-size 1$",
     ):
-        check_context_parallel_supported(ParallelConfig(context_parallel_size=2))
+        check_context_parallel_supported(
+            parse("--num-experts", "4", "--disable-bias-linear").model,
+            ParallelConfig(context_parallel_size=2),
+            role="teacher",
+        )
+    with pytest.raises(
+        RuntimeError,
+        match=r"^--context-parallel-size 2 needs --position-embedding-type rope for the student "
+        r"\(got learned_absolute\); use --context-parallel-size 1$",
+    ):
+        check_context_parallel_supported(
+            parse("--position-embedding-type", "learned_absolute").model,
+            ParallelConfig(context_parallel_size=2),
+            role="student",
+        )
