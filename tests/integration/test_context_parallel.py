@@ -4,6 +4,7 @@ validation-driven weights; the attention and the sequence split agree with the f
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -63,21 +64,31 @@ def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_ddk_cp2_matches_cp1(tiny_corpus, tmp_path, teacher):  # noqa: F811
-    """DDK's per-domain validation CE (student and teacher) and the weights it derives, at CP=2 and
-    CP=2 x DP=2; the CP=2 checkpoint resumes at CP=1."""
-    runs, logs = {}, {}
-    for name, nproc, layout in (("cp1", 1, []), ("cp2", 2, CP2)):
-        out = tmp_path / name
-        runs[name] = pretrain(
-            nproc,
-            *distill(
-                tiny_corpus, out, teacher, "ddk", 4, "--ddk-interval", "2", "--save", out / "ckpt", *layout
-            ),
-        )
-        logs[name] = read_log(out / "ckpt" / "ddk_log.jsonl")
-    assert_series_close(runs["cp2"].series("lm loss"), runs["cp1"].series("lm loss"))
-    assert [r["iteration"] for r in logs["cp2"]] == [r["iteration"] for r in logs["cp1"]] == [0, 2]
-    for mine, theirs in zip(logs["cp2"], logs["cp1"], strict=True):
+def ddk_run(corpus, out, teacher_dir, nproc, *layout):
+    args = distill(corpus, out, teacher_dir, "ddk", 4, "--ddk-interval", "2", "--save", out / "ckpt")
+    return pretrain(nproc, *args, "--save-interval", "2", *layout), read_log(out / "ckpt" / "ddk_log.jsonl")
+
+
+@pytest.fixture(scope="module")
+def ddk_cp1(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
+    return ddk_run(tiny_corpus, tmp_path_factory.mktemp("ddk_cp1"), teacher, 1)
+
+
+@pytest.mark.parametrize("nproc", [2, 4], ids=["cp2", "cp2xdp2"])
+def test_ddk_cp2_matches_cp1(tiny_corpus, tmp_path, teacher, ddk_cp1, nproc):  # noqa: F811
+    """DDK's per-domain validation CE (student and teacher) and the weights it derives are CP=1's."""
+    ref, ref_log = ddk_cp1
+    run, log = ddk_run(tiny_corpus, tmp_path, teacher, nproc, *CP2)
+    assert_series_close(run.series("lm loss"), ref.series("lm loss"))
+    assert [r["iteration"] for r in log] == [r["iteration"] for r in ref_log] == [0, 2]
+    for mine, theirs in zip(log, ref_log, strict=True):
         for key in ("ce_student", "ce_teacher", "weights"):
             np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
+    if nproc == 2:  # the CP=2 checkpoint of iteration 2 resumes at CP=1 with CP=1's losses
+        resume = tmp_path / "resume"
+        shutil.copytree(tmp_path / "ckpt" / "iter_0000002", resume / "ckpt" / "iter_0000002")
+        (resume / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2\n")
+        args = distill(
+            tiny_corpus, resume, teacher, "ddk", 4, "--ddk-interval", "2", "--load", resume / "ckpt"
+        )
+        assert_series_close(pretrain(1, *args).series("lm loss"), ref.series("lm loss")[2:])
