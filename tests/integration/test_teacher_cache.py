@@ -134,6 +134,21 @@ def test_dp2_equals_dp1(tiny_corpus, tmp_path, cache, reference):
         np.testing.assert_allclose(mine["weights"], theirs["weights"], rtol=1e-6)
 
 
+def test_cp2_equals_cp1(tiny_corpus, tmp_path, cache, reference):
+    """The cache's [b, s, k] rows are cut with the sequence; its per-sample teacher CE counted once."""
+    _, ref, ref_log = reference
+    run = pretrain(
+        2,
+        *ddk(tiny_corpus, tmp_path, 6, "--teacher-cache", cache, "--save", tmp_path / "ckpt"),
+        "--context-parallel-size",
+        "2",
+    )
+    for key in ("lm loss", "kd loss", "teacher lm loss"):
+        assert_series_close(run.series(key), ref.series(key))
+    for mine, theirs in zip(read_log(tmp_path / "ckpt" / "ddk_log.jsonl"), ref_log, strict=True):
+        np.testing.assert_allclose(mine["weights"], theirs["weights"], rtol=1e-6)
+
+
 def test_resume_reproduces_uninterrupted_run(tiny_corpus, tmp_path, cache, reference):
     _, ref, ref_log = reference
     args = ddk(
