@@ -46,7 +46,11 @@ def distill(corpus, tmp, teacher_dir, mode, iters, *extra):
 
 @pytest.fixture(scope="module")
 def kd_cp1(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
-    return pretrain(1, *distill(tiny_corpus, tmp_path_factory.mktemp("kd_cp1"), teacher, "kd", 3))
+    tmp = tmp_path_factory.mktemp("kd_cp1")
+    run = pretrain(
+        1, *distill(tiny_corpus, tmp, teacher, "kd", 3, "--save", tmp / "ckpt", "--save-interval", "1")
+    )
+    return tmp / "ckpt", run
 
 
 @pytest.mark.parametrize(
@@ -54,10 +58,37 @@ def kd_cp1(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
 )
 def test_kd_cp_matches_cp1(tiny_corpus, tmp_path, teacher, kd_cp1, nproc, layout):  # noqa: F811
     """CE, KD and the teacher's CE are per-token means over whole sequences (sums over the CP group)."""
+    _, ref = kd_cp1
     run = pretrain(nproc, *distill(tiny_corpus, tmp_path, teacher, "kd", 3, *layout))
     for key in ("lm loss", "kd loss", "teacher lm loss"):
-        assert_series_close(run.series(key), kd_cp1.series(key))
-    assert run.series("grad norm") == pytest.approx(kd_cp1.series("grad norm"), rel=1e-4)
+        assert_series_close(run.series(key), ref.series(key))
+    assert run.series("grad norm") == pytest.approx(ref.series("grad norm"), rel=1e-4)
+
+
+def test_kd_cp2_with_pipeline_matches_cp1(tiny_corpus, tmp_path, teacher, kd_cp1):  # noqa: F811
+    """CP=2 x PP=2 (the schedule's activations are [s/CP, b, h]), the student resumed from CP=1's
+    checkpoint of iteration 1 (a PP stage draws other initial weights than the whole model)."""
+    ckpt, ref = kd_cp1
+    mine = tmp_path / "ckpt"
+    shutil.copytree(ckpt / "iter_0000001", mine / "iter_0000001")
+    (mine / "latest_checkpointed_iteration.txt").write_text("1\n")
+    run = pretrain(
+        4,
+        *distill(
+            tiny_corpus,
+            tmp_path,
+            teacher,
+            "kd",
+            3,
+            "--load",
+            mine,
+            *CP2,
+            "--pipeline-model-parallel-size",
+            "2",
+        ),
+    )
+    for key in ("lm loss", "kd loss", "teacher lm loss"):
+        assert_series_close(run.series(key), ref.series(key)[1:])
 
 
 def read_log(path):
