@@ -67,7 +67,8 @@ def evaluate_domains(
 ) -> DomainEvaluation:
     """Mean CE of each domain's first ``num_samples`` validation samples (all ranks get the result).
 
-    ``pg``: the ProcessGroupCollection; samples are split over ``pg.dp``, stages run over ``pg.pp``.
+    ``pg``: the ProcessGroupCollection; samples are split over ``pg.dp`` (the CP
+    ranks of a replica share them and split each sequence), stages run over ``pg.pp``.
     ``measure_kd``: also the KD divergence per domain, from the online teacher (``with_teacher``) or
     from ``cached_rows(batch)``, the teacher cache's fields of a validation micro-batch.
     """
