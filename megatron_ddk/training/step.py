@@ -13,9 +13,10 @@ over micro-batches and DP ranks are exact.
 Process groups come in as ``pg`` (megatron-core's ``ProcessGroupCollection``): the pipeline group
 decides which stage computes the loss, the tensor-parallel group is the one the KD loss reduces
 over, and with context parallelism (``pg.cp``) each rank keeps its two load-balanced chunks of every
-sequence (``context_parallel_chunks``); its sums and token counts cover only those positions, and the
-reductions over ``pg.dp_cp`` (gradients, ``training.metrics``) add the chunks back up to whole sequences. (megatron-core's ``vocab_parallel_cross_entropy`` takes no group argument: it uses the TP
-group of the parallel state, which is ``pg.tp``.)
+sequence (``context_parallel_chunks``): its sums and token counts cover only those positions, and the
+reductions over ``pg.dp_cp`` (gradients, ``training.metrics``) add them up to whole sequences.
+(megatron-core's ``vocab_parallel_cross_entropy`` takes no group argument: it uses the TP group of the
+parallel state, which is ``pg.tp``.)
 
 Shapes: ``[b, s]`` per-token values; logits ``[b, s, v]`` (megatron-core's GPTModel returns them
 batch first), ``v`` = this TP rank's shard of the padded vocabulary.
