@@ -66,8 +66,7 @@ def check_context_parallel_supported(
     """What context parallelism cannot split here, refused before any weight exists.
 
     With Transformer Engine (GPU) its CP attention runs; without it, ``models.cp_attention`` (the
-    all-gather form). megatron-core's MoE layers and learned absolute position embeddings are not
-    verified under CP here: refused."""
+    all-gather form). megatron-core's MoE layers are not verified under CP here: refused."""
     cp = parallel.context_parallel_size
     if cp == 1:
         return
@@ -75,11 +74,6 @@ def check_context_parallel_supported(
         raise SetupError(
             f"--context-parallel-size {cp} is not supported for the {role}'s mixture-of-experts layers "
             "(not verified under CP here); use --context-parallel-size 1"
-        )
-    if model.position_embedding_type != "rope":
-        raise SetupError(
-            f"--context-parallel-size {cp} needs --position-embedding-type rope for the {role} "
-            f"(got {model.position_embedding_type}); use --context-parallel-size 1"
         )
 
 
