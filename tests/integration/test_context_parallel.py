@@ -48,7 +48,9 @@ def test_moe_student_is_one_line_before_any_process_group(tiny_corpus, tmp_path)
         "(not verified under CP here); use --context-parallel-size 1"
     )
     errors = {
-        line.split("pretrain_ddk.py: error: ", 1)[1] for line in run.stderr.splitlines() if "error: " in line
+        line.split("pretrain_ddk.py: error: ", 1)[1]
+        for line in run.stderr.splitlines()
+        if "pretrain_ddk.py: error: " in line
     }
     assert run.returncode != 0 and "iteration" not in run.stdout and errors == {message}, run.stderr[-2000:]
 
