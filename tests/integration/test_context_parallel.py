@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow
 CP2 = ["--context-parallel-size", "2"]
 
 
-@pytest.mark.parametrize("nproc", [2, 4], ids=["cp2", "cp4"])
-def test_all_gather_attention_equals_full_causal_attention(tmp_path, nproc):
-    """Values and gradients of q, k, v (GQA: 4 heads, 2 groups) on each rank's two chunks; the batch split."""
+def test_all_gather_attention_equals_full_causal_attention(tmp_path):
+    """Values and gradients of q, k, v (GQA: 4 heads, 2 groups) on each rank's two chunks; the batch split.
+    At CP=4 (CP=2 is what the runs below use end to end)."""
+    nproc = 4
     torchrun(SCRIPTS / "cp_attention.py", nproc, tmp_path / "out.json", timeout=120)
     records = read_json(tmp_path / "out.json")
     assert sorted(r["cp_rank"] for r in records) == list(range(nproc))
@@ -77,13 +78,12 @@ def kd_cp1(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
     return tmp / "ckpt", run
 
 
-@pytest.mark.parametrize(
-    "nproc,layout", [(2, CP2), (4, [*CP2, "--tensor-model-parallel-size", "2"])], ids=["cp2", "cp2xtp2"]
-)
-def test_kd_cp_matches_cp1(tiny_corpus, tmp_path, teacher, kd_cp1, nproc, layout):  # noqa: F811
-    """CE, KD and the teacher's CE are per-token means over whole sequences (sums over the CP group)."""
+def test_kd_cp2_with_tensor_parallel_matches_cp1(tiny_corpus, tmp_path, teacher, kd_cp1):  # noqa: F811
+    """CE, KD and the teacher's CE are per-token means over whole sequences (sums over the CP group),
+    at CP=2 x TP=2 (the vocab-parallel KD loss on each CP rank's chunks)."""
     _, ref = kd_cp1
-    run = pretrain(nproc, *distill(tiny_corpus, tmp_path, teacher, "kd", 3, *layout))
+    layout = [*CP2, "--tensor-model-parallel-size", "2"]
+    run = pretrain(4, *distill(tiny_corpus, tmp_path, teacher, "kd", 3, *layout))
     for key in ("lm loss", "kd loss", "teacher lm loss"):
         assert_series_close(run.series(key), ref.series(key))
     assert run.series("grad norm") == pytest.approx(ref.series("grad norm"), rel=1e-4)
@@ -129,21 +129,18 @@ def ddk_cp1(tiny_corpus, tmp_path_factory, teacher):  # noqa: F811
     return ddk_run(tiny_corpus, tmp_path_factory.mktemp("ddk_cp1"), teacher, 1)
 
 
-@pytest.mark.parametrize("nproc", [2, 4], ids=["cp2", "cp2xdp2"])
-def test_ddk_cp2_matches_cp1(tiny_corpus, tmp_path, teacher, ddk_cp1, nproc):  # noqa: F811
-    """DDK's per-domain validation CE (student and teacher) and the weights it derives are CP=1's."""
+def test_ddk_cp2_matches_cp1_and_resumes_at_cp1(tiny_corpus, tmp_path, teacher, ddk_cp1):  # noqa: F811
+    """DDK's per-domain validation CE (student and teacher) and the weights it derives at CP=2 x DP=2 are
+    CP=1's; the CP=2 checkpoint of iteration 2 resumes at CP=1 with CP=1's losses."""
     ref, ref_log = ddk_cp1
-    run, log = ddk_run(tiny_corpus, tmp_path, teacher, nproc, *CP2)
+    run, log = ddk_run(tiny_corpus, tmp_path, teacher, 4, *CP2)
     assert_series_close(run.series("lm loss"), ref.series("lm loss"))
     assert [r["iteration"] for r in log] == [r["iteration"] for r in ref_log] == [0, 2]
     for mine, theirs in zip(log, ref_log, strict=True):
         for key in ("ce_student", "ce_teacher", "weights"):
             np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, err_msg=key)
-    if nproc == 2:  # the CP=2 checkpoint of iteration 2 resumes at CP=1 with CP=1's losses
-        resume = tmp_path / "resume"
-        shutil.copytree(tmp_path / "ckpt" / "iter_0000002", resume / "ckpt" / "iter_0000002")
-        (resume / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2\n")
-        args = distill(
-            tiny_corpus, resume, teacher, "ddk", 4, "--ddk-interval", "2", "--load", resume / "ckpt"
-        )
-        assert_series_close(pretrain(1, *args).series("lm loss"), ref.series("lm loss")[2:])
+    resume = tmp_path / "resume"
+    shutil.copytree(tmp_path / "ckpt" / "iter_0000002", resume / "ckpt" / "iter_0000002")
+    (resume / "ckpt" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    args = distill(tiny_corpus, resume, teacher, "ddk", 4, "--ddk-interval", "2", "--load", resume / "ckpt")
+    assert_series_close(pretrain(1, *args).series("lm loss"), ref.series("lm loss")[2:])
