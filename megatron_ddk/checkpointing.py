@@ -539,6 +539,8 @@ def load_training_checkpoint(
     if load_optimizer:
         with torch.no_grad():  # fp32 + distributed optimizer: main params are views of the live params
             parts.optimizer.load_state_dict(state["optimizer"])
+        if use_distributed_optimizer:
+            _restore_adam_steps(parts.optimizer)
     else:
         parts.optimizer.reload_model_params()
     common = load_common(path)
@@ -566,6 +568,23 @@ def _materialize_optimizer_state(optimizer) -> None:
         opt.init_state_fn(opt.optimizer, opt.config)
         for state in opt.optimizer.state.values():
             state.setdefault("step", torch.tensor(0.0))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give torch's Adam (no TE/apex: CPU) its per-parameter step counts back after a distributed-
+    optimizer load. megatron-core restores the count from the saved param groups into ONE tensor shared
+    by every parameter, then overwrites it with the per-parameter ``step`` of the parameter state, which
+    its DP-resharding format does not save (it comes back as the 0 we materialized before loading); and
+    torch's Adam would increment a shared tensor once per parameter. Both make the bias correction after
+    a resume wrong from the first update on. (TE's and apex's Adam keep the count in the param group.)"""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.optimizer.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = opt.optimizer.state.get(param)
+                if state is not None and "step" in state:
+                    state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def _rng_grid(pg) -> tuple[tuple[int, int], ...]:
