@@ -150,7 +150,10 @@ def test_a_failed_background_write_stops_the_run_in_one_line_and_publishes_nothi
     )
     line = one_line_failure(run)
     assert f"the background save to {iteration_dir(ckpt, 4)} failed" in line, line
-    assert "background checkpoint writer of rank 1 failed" in run.stdout, run.stdout[-2000:]
+    if any(line.startswith("pretrain_ddk.py: error:") for line in run.stderr.splitlines()):
+        # rank 0 got to its error line, so it logged the writers' exceptions before (torchrun may stop
+        # it earlier, when another rank exits first)
+        assert "background checkpoint writer of rank 1 failed" in run.stdout, run.stdout[-2000:]
     assert read_tracker(ckpt) == 2 and not iteration_dir(ckpt, 4).exists()
 
 
