@@ -11,7 +11,7 @@ Also writes ``summary.json`` and ``ablation.png`` to ``--output-dir``. Resumable
     python benchmarks/ddk_ablation.py --domains data/local/domains.yaml --tokenizer-model data/local/tok.model \\
         --output-dir runs/ablation_far --student-pretrain-iters 60 --student-pretrain-weights 0.485 0.485 0.015 0.015
 
-Methods (``--methods``; ``NAME@K=20,alpha=0.8,tau=2,step=0.1,signal=kd-gap`` overrides a parameter):
+Methods (``--methods``; ``NAME@K=20,alpha=0.8,tau=2,step=0.1,signal=kd-gap,val=128`` overrides a parameter):
 
     cpt-natural, cpt-equal   continued pre-training (no teacher) at the natural (token-proportional) / equal mixture
     kd-natural, kd-equal     KD (Eq. 3) at a static mixture; kd-equal is the paper's "ES" and the reference here
@@ -66,6 +66,7 @@ PARAMETERS = {
     "tau": "--ddk-temperature",
     "step": "--ddk-max-step",
     "signal": "--ddk-signal",
+    "val": "--ddk-val-samples",
 }
 REFERENCE = "kd-equal"
 DEFAULT_METHODS = [

@@ -1,6 +1,6 @@
 """Per-domain evaluation of a checkpoint: student CE / perplexity, and with a teacher its CE and the ratio.
 
-    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/student [ckpt/other ...] [--teacher-load ckpt/teacher] \\
+    torchrun --nproc-per-node 2 tools/evaluate.py --load ckpt/student [ckpt/other ...] [--teacher-load ckpt/teacher | --teacher-cache DIR] \\
         --domains domains.yaml --split test [--num-samples 256] --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model tok.model --seq-length 128 [--tensor-model-parallel-size 2] [--output eval.json]
 
@@ -13,6 +13,12 @@ that shares a document with the domain's training or validation data is refused.
 checkpoints are evaluated one after the other (the teacher once) and printed side by side. Prints a
 table and, with ``--output``, writes the numbers as JSON (atomically): the first student's at the top
 level, every student's under ``students``.
+
+``--teacher-cache DIR`` instead of ``--teacher-load``: the teacher's CE of the validation samples comes
+from a cache built by ``tools/cache_teacher_logits.py`` (its per-sample CE, exact), so a student can be
+scored against a teacher too large to load next to it. The cache must have been built for this
+tokenizer, these datasets, ``--seed`` and ``--seq-length`` and hold the samples read (the first
+``--num-samples`` of each domain: the tool's ``--val-samples``); it holds no test samples.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import numpy as np
 
-from megatron_ddk.errors import ConfigError, DataError, UserError
+from megatron_ddk.errors import CheckpointError, ConfigError, DataError, UserError
 
 __all__ = ["build_parser", "evaluate_checkpoint", "format_table", "main"]
 
@@ -44,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--teacher-load", default=None, help="teacher checkpoint: adds teacher CE and the ratio S/T"
+    )
+    parser.add_argument(
+        "--teacher-cache",
+        default=None,
+        help="teacher cache (tools/cache_teacher_logits.py): the teacher's CE of the validation samples "
+        "from the cache, without loading the teacher (--split valid)",
     )
     parser.add_argument("--domains", default=None, help="domain registry (docs/DATA.md)")
     parser.add_argument(
@@ -82,6 +94,13 @@ def _check_args(args: argparse.Namespace, world_size: int) -> None:
         problems.append("give exactly one of --domains REGISTRY.yaml or --data-path")
     if args.split == "test" and args.domains is None:
         problems.append("--split test needs a --domains registry with a test split per domain (docs/DATA.md)")
+    if args.teacher_cache and args.teacher_load:
+        problems.append("give at most one of --teacher-load and --teacher-cache")
+    if args.teacher_cache and args.split == "test":
+        problems.append(
+            f"--teacher-cache {args.teacher_cache} holds training and validation samples only; "
+            "evaluate --split test with --teacher-load"
+        )
     if args.num_samples < 0:
         problems.append(f"--num-samples must be >= 0 (0: all), got {args.num_samples}")
     if args.seq_length < 1 or args.micro_batch_size < 1:
@@ -162,6 +181,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             "(--make-vocab-size-divisible-by); they cannot be evaluated side by side"
         )
     registry = _load_registry(args, tokenizer.vocab_size, distributed.rank_from_env())
+    cache = _open_teacher_cache(args, tokenizer, registry) if args.teacher_cache else None
 
     layout = distributed.ParallelLayout(
         world_size=world_size, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
@@ -184,12 +204,15 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
             initialize_weights=False,
         )
         load_model_state(args.teacher_load, teacher, flag="--teacher-load")
-    cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk")
+    data_cache = args.data_cache_path or os.path.join(os.path.expanduser("~"), ".cache", "megatron_ddk")
     domains = build_domain_datasets(
-        registry, tokenizer=tokenizer, seq_length=args.seq_length, seed=args.seed, cache_dir=cache
+        registry, tokenizer=tokenizer, seq_length=args.seq_length, seed=args.seed, cache_dir=data_cache
     )
     sets = [d.test if args.split == "test" else d.valid for d in domains]
     num_samples = args.num_samples or max(len(s) for s in sets)
+    cached_ce = (
+        None if cache is None else _cached_teacher_ce(cache, args, [len(s) for s in sets], num_samples)
+    )
     start = time.time()
     students, ce_teacher, tokens = [], None, None
     for index, (path, meta) in enumerate(zip(args.load, student_metas)):
@@ -224,11 +247,14 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         )
         if index == 0:
             ce_teacher, tokens = evaluation.ce_teacher, evaluation.tokens
+            if cached_ce is not None:
+                ce_teacher = _checked_cached_ce(cached_ce, tokens, args.teacher_cache)
         students.append(_student_result(str(path), evaluation.ce_student, ce_teacher, factor))
     first = students[0]
     result = {
         "student": first["student"],
-        "teacher": args.teacher_load,
+        "teacher": args.teacher_load or args.teacher_cache,
+        "teacher_source": "cache" if args.teacher_cache else "checkpoint" if args.teacher_load else None,
         "split": args.split,
         "samples_per_domain": [min(num_samples, len(s)) for s in sets],
         "layout": {
@@ -245,6 +271,56 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         "seconds": time.time() - start,
     }
     return result
+
+
+def _open_teacher_cache(args: argparse.Namespace, tokenizer, registry):
+    """The cache, checked against this evaluation's tokenizer, datasets, seed and sequence length (cheap:
+    index, sample plans, shard sizes) before any model is built."""
+    from megatron_ddk.distill.teacher_cache import TeacherCache, run_identity
+
+    cache = TeacherCache(args.teacher_cache)
+    if cache.domain_names != registry.names:
+        raise ConfigError(
+            f"--teacher-cache {args.teacher_cache} holds domains {cache.domain_names}, the registry has "
+            f"{registry.names}; use the registry the cache was built from"
+        )
+    expected = run_identity(
+        tokenizer=tokenizer, registry=registry, seed=args.seed, seq_length=args.seq_length, temperature=1.0
+    )
+    del expected["temperature"]  # the cached CE is the labels' CE at temperature 1 whatever the KD's
+    cache.check_identity(expected)
+    return cache
+
+
+def _cached_teacher_ce(cache, args: argparse.Namespace, sizes: list[int], num_samples: int) -> list[tuple]:
+    """Per domain, the cached (CE sum, tokens) of the first ``num_samples`` validation samples; refuses
+    before any model is built if the cache lacks one, naming how many it holds."""
+    wanted = [np.arange(min(num_samples, size)) for size in sizes]
+    short = {}
+    for d, ids in enumerate(wanted):
+        missing = cache.missing("valid", d, ids)
+        if missing.size:
+            short[cache.domain_names[d]] = int(missing.min())  # the cached prefix
+    if short:
+        prefix = min(short.values())
+        raise CheckpointError(
+            f"--teacher-cache {args.teacher_cache} lacks validation samples this evaluation reads "
+            f"(cached prefix per domain: {short}); use --num-samples {prefix} or add them with "
+            f"tools/cache_teacher_logits.py --output {args.teacher_cache} --val-samples {num_samples} "
+            "(the cache's other flags unchanged)"
+        )
+    return [cache.teacher_ce("valid", d, ids) for d, ids in enumerate(wanted)]
+
+
+def _checked_cached_ce(cached: list[tuple], tokens, flag_value: str) -> np.ndarray:
+    """Mean cached teacher CE per domain; its token counts must be the evaluation's (same samples, same masks)."""
+    counted = np.asarray([t for _, t in cached])
+    if not np.array_equal(counted, np.asarray(tokens, dtype=np.float64)):
+        raise CheckpointError(
+            f"--teacher-cache {flag_value} counts {counted.astype(int).tolist()} validation tokens per domain, "
+            f"this evaluation {np.asarray(tokens).astype(int).tolist()}; the cache belongs to other data: rebuild it"
+        )
+    return np.asarray([total / count for total, count in cached], dtype=np.float64)
 
 
 def _rows(model, tp: int) -> int:
@@ -280,7 +356,7 @@ def format_table(result: dict) -> str:
     rule = "-" * len(header)
     rows = [
         f"{result['split']} split, {result['student']}"
-        + (f" vs teacher {result['teacher']}" if teacher else ""),
+        + (f" vs teacher {_teacher_label(result)}" if teacher else ""),
         rule,
         header,
         rule,
@@ -311,7 +387,7 @@ def _side_by_side(result: dict) -> str:
         header += "".join(f" | {label + ' S/T':>{width + 4}s}" for label in labels)
     rule = "-" * len(header)
     rows = [
-        f"{result['split']} split" + (f", teacher {result['teacher']}" if teacher else ""),
+        f"{result['split']} split" + (f", teacher {_teacher_label(result)}" if teacher else ""),
         rule,
         header,
         rule,
@@ -335,6 +411,10 @@ def _side_by_side(result: dict) -> str:
             + "".join(f" | {s['mean_ratio']:{width + 4}.3f}" for s in students),
         ]
     return "\n".join(rows)
+
+
+def _teacher_label(result: dict) -> str:
+    return result["teacher"] + (" (cached CE)" if result.get("teacher_source") == "cache" else "")
 
 
 def _label(path: str) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import REPO_ROOT, read_json, torchrun
+from tests.helpers import REPO_ROOT, python, read_json, torchrun
 from tests.integration.test_distillation import teacher  # noqa: F401  (session fixture)
 from tests.runs import STUDENT, data_args, pretrain, train_args
 
@@ -105,3 +105,33 @@ def test_registry_without_test_split_is_refused(tiny_corpus, setup, teacher):  #
     assert run.returncode != 0 and not (tmp / "none.json").exists()  # torchrun reports the child's 2 as 1
     errors = [line for line in run.stderr.splitlines() if line.startswith("tools/evaluate.py: error:")]
     assert len(errors) == 1 and "have no test split" in errors[0], run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (
+            ["--teacher-load", "t", "--teacher-cache", "c"],
+            "at most one of --teacher-load and --teacher-cache",
+        ),
+        (["--teacher-cache", "c", "--split", "test"], "holds training and validation samples only"),
+    ],
+)
+def test_teacher_cache_flags_are_checked_first(tmp_path, extra, needle):
+    """Refused in one line before any file is read (the paths do not exist)."""
+    run = python(
+        "tools/evaluate.py",
+        "--load",
+        tmp_path / "none",
+        "--domains",
+        tmp_path / "none.yaml",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        tmp_path / "none.model",
+        "--seq-length",
+        "32",
+        *extra,
+        check=False,
+    )
+    assert run.returncode == 2 and needle in run.stderr and len(run.stderr.strip().splitlines()) == 1

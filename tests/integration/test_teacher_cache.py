@@ -125,6 +125,69 @@ def test_first_window_weights_equal_online_ddk(tiny_corpus, tmp_path, teacher, r
     np.testing.assert_allclose(cached_log[0]["weights"], online_log[0]["weights"], rtol=1e-5)
 
 
+def evaluation(corpus, tmp, student, num_samples, *teacher_flags):
+    """tools/evaluate.py's flags for the validation split of this file's corpus."""
+    return [
+        "--load",
+        student,
+        *teacher_flags,
+        "--domains",
+        corpus["registry"],
+        "--split",
+        "valid",
+        "--num-samples",
+        str(num_samples),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        corpus["tokenizer"],
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--data-cache-path",
+        tmp / "data_cache",
+    ]
+
+
+def test_evaluate_from_the_cache_equals_the_online_teacher(tiny_corpus, tmp_path, cache, teacher, reference):  # noqa: F811
+    """tools/evaluate.py --teacher-cache (at DP=2) gives the online teacher's CE and ratios (TP=1); asked for
+    validation samples the cache lacks, it names the cached prefix before building a model."""
+    evaluate, student = REPO_ROOT / "tools" / "evaluate.py", reference[0] / "ckpt"
+    online = tmp_path / "online.json"
+    torchrun(
+        evaluate,
+        1,
+        *evaluation(tiny_corpus, tmp_path, student, 8, "--teacher-load", teacher),
+        "--output",
+        online,
+    )
+    cached = tmp_path / "cached.json"
+    run = torchrun(
+        evaluate,
+        2,
+        *evaluation(tiny_corpus, tmp_path, student, 8, "--teacher-cache", cache),
+        "--output",
+        cached,
+    )
+    assert f"vs teacher {cache} (cached CE)" in run.stdout
+    want, got = json.loads(online.read_text()), json.loads(cached.read_text())
+    assert got["teacher_source"] == "cache" and got["tokens"] == want["tokens"]
+    for key in ("ce_teacher", "ce_student", "ratio"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
+    refused = subprocess.run(
+        [sys.executable, evaluate, *evaluation(tiny_corpus, tmp_path, student, 9, "--teacher-cache", cache)],
+        cwd=REPO_ROOT,
+        env=subprocess_env(None),
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "use --num-samples 8 or add them" in refused.stderr, refused.stderr[
+        -2000:
+    ]
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_dp2_equals_dp1(tiny_corpus, tmp_path, cache, reference):
     _, ref, ref_log = reference
     run = pretrain(2, *ddk(tiny_corpus, tmp_path, 6, "--teacher-cache", cache, "--save", tmp_path / "ckpt"))
