@@ -436,6 +436,15 @@ def consumed_mixture(ddk_log: Path, train_iters: int, interval: int) -> list[flo
     return (total / total.sum()).tolist()
 
 
+def _with_windows(result: dict, method: Method, run_dir: Path) -> dict:
+    """A DDK run's result with the mixture of every window (``window_mixtures``), read from its JSONL log."""
+    log = run_dir / "ckpt" / "ddk_log.jsonl"
+    if method.mode == "ddk" and "window_mixtures" not in result and log.exists():
+        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        result["window_mixtures"] = [record["weights"] for record in records]
+    return result
+
+
 def _after(dependency, function, *args):
     """``function(*args)`` once ``dependency`` (a future, or None) has finished successfully."""
     if dependency is not None:
@@ -453,7 +462,7 @@ def run_method(plan: Plan, method: Method, seed: int, teacher: str, student: str
     run_dir = plan.out / "runs" / f"{method.slug}_seed{seed}"
     result_file = run_dir / "test_eval.json"
     if result_file.exists():
-        return json.loads(result_file.read_text())
+        return _with_windows(json.loads(result_file.read_text()), method, run_dir)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     if method.mixture == "hindsight":
@@ -511,6 +520,7 @@ def run_method(plan: Plan, method: Method, seed: int, teacher: str, student: str
         result["consumed_mixture"] = consumed_mixture(
             run_dir / "ckpt" / "ddk_log.jsonl", args.train_iters, _interval(method, args.ddk_interval)
         )
+    result = _with_windows(result, method, run_dir)
     result_file.write_text(json.dumps(result, indent=1) + "\n")
     (run_dir / ".test_eval.json").unlink(missing_ok=True)
     print(
@@ -613,7 +623,43 @@ def summarize(
                 "worst": _mean_se([d["worst_ratio"] - h["worst_ratio"] for d, h in zip(dynamic, static)]),
                 "mean": _mean_se([d["mean_ratio"] - h["mean_ratio"] for d, h in zip(dynamic, static)]),
             }
+    for method in methods:  # the paper's factor smoothing (Eq. 2) against its "w/o FS" ablation
+        partner = unsmoothed_partner(method, methods)
+        if partner is None:
+            continue
+        smooth, plain = (
+            results_by_seed(results, method.spec, seeds),
+            results_by_seed(results, partner.spec, seeds),
+        )
+        distances = [
+            0.5 * float(np.abs(np.subtract(a, b)).sum())
+            for s, p in zip(smooth, plain)
+            for a, b in zip(s.get("window_mixtures", []), p.get("window_mixtures", []))
+        ]
+        summary["methods"][method.spec]["vs_no_smoothing"] = {
+            "method": partner.spec,
+            "worst": _mean_se([a["worst_ratio"] - b["worst_ratio"] for a, b in zip(smooth, plain)]),
+            "mean": _mean_se([a["mean_ratio"] - b["mean_ratio"] for a, b in zip(smooth, plain)]),
+            "window_mixture_tv": float(np.mean(distances)) if distances else None,
+        }
     return summary
+
+
+def unsmoothed_partner(method: Method, methods: list[Method]) -> Method | None:
+    """For a paper-exact ``ddk`` method, the ``ddk-no-smoothing`` method with the same overrides (alpha
+    aside: Eq. 1 alone does not use it), if the list has one."""
+    if method.mixing != "ddk" or method.mixture == "hindsight":
+        return None
+
+    def overrides(m: Method) -> dict[str, str]:
+        pairs = dict(zip(m.flags[::2], m.flags[1::2]))
+        pairs.pop("--ddk-alpha", None)
+        return pairs
+
+    for other in methods:
+        if other.mixing == "no-smoothing" and overrides(other) == overrides(method):
+            return other
+    return None
 
 
 def results_by_seed(results: dict, spec: str, seeds: list[int]) -> list[dict]:
@@ -651,6 +697,19 @@ def format_summary(summary: dict) -> str:
             rows.append(
                 f"{spec} - hindsight:{spec} (its own average mixture, static): worst "
                 f"{_pm(h['worst'], 7, '+')}, average {_pm(h['mean'], 7, '+')}"
+            )
+    for spec, e in summary["methods"].items():
+        if "vs_no_smoothing" in e:
+            v = e["vs_no_smoothing"]
+            tv = v["window_mixture_tv"]
+            rows.append(
+                f"{spec} - {v['method']} (Eq. 2's smoothing vs none): worst {_pm(v['worst'], 7, '+')}, "
+                f"average {_pm(v['mean'], 7, '+')}"
+                + (
+                    ""
+                    if tv is None
+                    else f"; their window mixtures differ by {tv:.3f} (total variation, mean)"
+                )
             )
     return "\n".join(rows)
 

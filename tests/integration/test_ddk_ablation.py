@@ -104,3 +104,60 @@ def test_registry_without_test_split_is_refused(tiny_corpus, tmp_path, teacher):
     run = ablation(tiny_corpus, registry, tmp_path / "out", teacher, check=False)
     assert run.returncode == 2 and "have no test split" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _ablation_module():
+    import importlib.util
+    import sys
+
+    from tests.helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "ddk_ablation", REPO_ROOT / "benchmarks" / "ddk_ablation.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ddk_ablation"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoothing_is_compared_with_its_unsmoothed_partner():
+    """``ddk`` (any alpha) is paired with ``ddk-no-smoothing`` of the same other overrides: seed-paired
+    differences and the mean total-variation distance between their window mixtures."""
+    ablation = _ablation_module()
+    specs = ["kd-equal", "ddk", "ddk-no-smoothing", "ddk@alpha=0.8", "ddk@K=3", "ddk-log"]
+    methods = [ablation.parse_method(s) for s in specs]
+    partner = {m.spec: getattr(ablation.unsmoothed_partner(m, methods), "spec", None) for m in methods}
+    assert partner == {
+        "kd-equal": None,
+        "ddk": "ddk-no-smoothing",
+        "ddk-no-smoothing": None,
+        "ddk@alpha=0.8": "ddk-no-smoothing",
+        "ddk@K=3": None,  # no ddk-no-smoothing@K=3 in the list
+        "ddk-log": None,
+    }
+    worst = {
+        "kd-equal": 2.0,
+        "ddk": 1.9,
+        "ddk-no-smoothing": 1.8,
+        "ddk@alpha=0.8": 2.1,
+        "ddk@K=3": 1.9,
+        "ddk-log": 1.7,
+    }
+    windows = {"ddk": [[0.5, 0.5], [0.6, 0.4]], "ddk-no-smoothing": [[0.5, 0.5], [0.7, 0.3]]}
+    results = {}
+    for spec in specs:
+        for seed, shift in ((1, 0.0), (2, 0.02)):
+            result = {"ratio": [1.0, worst[spec] + shift], "worst_ratio": worst[spec] + shift}
+            result["mean_ratio"] = (1.0 + result["worst_ratio"]) / 2
+            if spec in windows:
+                result["window_mixtures"] = windows[spec]
+            results[(spec, seed)] = result
+    summary = ablation.summarize(["a", "b"], methods, results, [1, 2])
+    compared = summary["methods"]["ddk"]["vs_no_smoothing"]
+    assert compared["method"] == "ddk-no-smoothing" and compared["worst"] == pytest.approx((0.1, 0.0))
+    assert compared["window_mixture_tv"] == pytest.approx(0.05)  # windows differ by 0 and by 0.1
+    assert summary["methods"]["ddk@alpha=0.8"]["vs_no_smoothing"]["window_mixture_tv"] is None
+    assert "ddk - ddk-no-smoothing (Eq. 2's smoothing vs none): worst +0.100" in ablation.format_summary(
+        summary
+    )

@@ -54,6 +54,26 @@ def test_eq2_history_matters():
     )
 
 
+def test_eq2_at_alpha_half_keeps_eq1s_mixture_to_first_order():
+    """Why the paper's "w/o FS" ablation ties DDK near the teacher (docs/DDK.md). Write r_t = (1 + c_t d) / N with
+    d = g - mean(g), g the ratios: to first order in d, Eq. 2 gives c_{t+1} = alpha * (c_t + 1), and Eq. 1 is
+    c = 1. At alpha = 0.5 Eq. 2 keeps c = 1 window after window, so with and without smoothing pick the same
+    mixture up to O(d^2); at alpha = 0.8 c grows to alpha / (1 - alpha) = 4."""
+    tv = factor.total_variation
+    s, t = ce_for_ratios([1.51, 1.60, 2.19, 2.10])  # the near regime's first evaluation
+    eq1 = factor.initial_factor(s, t)
+    r = eq1
+    for _ in range(8):  # ratios held fixed: Eq. 2's own drift
+        r = factor.smoothed_update(r, s, t, alpha=0.5)
+        assert tv(r, eq1) < 0.02
+    assert tv(eq1, [0.25] * 4) > 0.1  # while both are far from uniform
+    s, t = ce_for_ratios([1.50, 1.51, 1.52, 1.53])
+    eq1, r = factor.initial_factor(s, t), factor.initial_factor(s, t)
+    for _ in range(40):
+        r = factor.smoothed_update(r, s, t, alpha=0.8)
+    np.testing.assert_allclose(r - 0.25, 4 * (eq1 - 0.25), rtol=0.1)
+
+
 def test_eq2_alpha_one_and_zero():
     s, t = ce_for_ratios([1.0, 1.5, 3.0])
     prev = np.array([0.2, 0.3, 0.5])
