@@ -79,12 +79,35 @@ ablation() {  # ablation REGIME NAME ITERS K METHODS...
       --methods "$@" --seeds $SEEDS --train-iters "$iters" --ddk-interval "$k" --seq-length 64 --jobs "$JOBS" \
       --test-samples 128
 }
+# the method lists of the recorded tables (docs/DDK.md); NAME@K=..,alpha=..,val=..,signal=.. overrides one setting
+NEAR_SHORT=(kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-log hindsight:ddk-log
+  ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap kd-natural cpt-equal cpt-natural
+  ddk@K=3 ddk-no-smoothing@K=3 ddk@K=12 ddk-no-smoothing@K=12 ddk@alpha=0.8 ddk@alpha=0.2
+  ddk-log@K=3 ddk-log@K=12 ddk-log@alpha=0.8 ddk-log@alpha=0.2
+  ddk@val=8 ddk-no-smoothing@val=8 ddk-log@val=8 ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256
+  ddk-log@tau=0.5,val=256 ddk-log@signal=kd-gap,val=256)
+FAR_SHORT=(kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-log hindsight:ddk-log
+  ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap ddk-smooth0 ddk-bounded hindsight:ddk
+  cpt-natural cpt-equal kd-natural ddk@K=3 ddk-no-smoothing@K=3 ddk@K=12 ddk-log@K=3 ddk-log@K=12
+  ddk-log@alpha=0.8 ddk-log@alpha=0.2 ddk@alpha=0.8 ddk@alpha=0.2 ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256
+  ddk-log@tau=0.5,val=256 ddk-log@signal=kd-gap,val=256)
+NEAR_LONG=(kd-equal ddk-log ddk ddk-no-smoothing hindsight:ddk-log ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap
+  ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256)
+FAR_LONG=(kd-equal ddk-log ddk hindsight:ddk-log ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap ddk-no-smoothing cpt-equal
+  ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256)
 if has short; then
-  ablation near near 48 6 kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-log hindsight:ddk-log \
-      ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap kd-natural cpt-equal
-  ablation far far 48 6 kd-equal ddk ddk-log hindsight:ddk-log ddk-no-smoothing ddk-robust ddk-log@signal=kd-gap
+  ablation near near 48 6 "${NEAR_SHORT[@]}"
+  ablation far far 48 6 "${FAR_SHORT[@]}"
 fi
 if has long; then
-  ablation far far_long 240 30 kd-equal ddk-log ddk hindsight:ddk-log
-  ablation near near_long 240 30 kd-equal ddk-log ddk ddk-no-smoothing hindsight:ddk-log
+  ablation far far_long 240 30 "${FAR_LONG[@]}"
+  ablation near near_long 240 30 "${NEAR_LONG[@]}"
+fi
+# the compact table of docs/DDK.md: every method's seed-paired gain over kd-equal, one column per study
+columns=()
+for study in "near, short=near" "far, short=far" "near, long=near_long" "far, long=far_long"; do
+  [ -f "$OUT/ablation_${study#*=}/summary.json" ] && columns+=("${study%%=*}=$OUT/ablation_${study#*=}")
+done
+if [ ${#columns[@]} -gt 0 ]; then
+  run "$PYTHON" benchmarks/ddk_study_table.py "${columns[@]}" | tee "$OUT/study_table.md"
 fi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import yaml
@@ -161,3 +163,29 @@ def test_smoothing_is_compared_with_its_unsmoothed_partner():
     assert "ddk - ddk-no-smoothing (Eq. 2's smoothing vs none): worst +0.100" in ablation.format_summary(
         summary
     )
+
+
+def test_study_table_lines_up_the_studies(tmp_path):
+    """benchmarks/ddk_study_table.py: one row per method (first study's order), '.' where a study lacks it."""
+    from tests.helpers import python
+
+    def study(name, methods):
+        out = tmp_path / name
+        out.mkdir()
+        entries = {m: {"diff_worst": [d, 0.01], "diff_mean": [d / 2, 0.002]} for m, d in methods.items()}
+        (out / "summary.json").write_text(json.dumps({"reference": "kd-equal", "methods": entries}))
+        return f"{name}={out}"
+
+    run = python(
+        "benchmarks/ddk_study_table.py",
+        study("near", {"kd-equal": 0.0, "ddk": -0.05}),
+        study("far", {"kd-equal": 0.0, "ddk-log": -0.25, "ddk": 0.35}),
+    )
+    assert run.stdout.splitlines() == [
+        "| method | near | far |",
+        "|---|---|---|",
+        "| `ddk` | -0.050 ± 0.010 / -0.025 ± 0.002 | +0.350 ± 0.010 / +0.175 ± 0.002 |",
+        "| `ddk-log` | . | -0.250 ± 0.010 / -0.125 ± 0.002 |",
+    ]
+    missing = python("benchmarks/ddk_study_table.py", f"x={tmp_path / 'nothing'}", check=False)
+    assert missing.returncode == 2 and "is not NAME=DIR with DIR/summary.json" in missing.stderr
