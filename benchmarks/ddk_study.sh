@@ -85,16 +85,16 @@ NEAR_SHORT=(kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-lo
   ddk@K=3 ddk-no-smoothing@K=3 ddk@K=12 ddk-no-smoothing@K=12 ddk@alpha=0.8 ddk@alpha=0.2
   ddk-log@K=3 ddk-log@K=12 ddk-log@alpha=0.8 ddk-log@alpha=0.2
   ddk@val=8 ddk-no-smoothing@val=8 ddk-log@val=8 ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256
-  ddk-log@tau=0.5,val=256 ddk-log@signal=kd-gap,val=256)
+  ddk-log@tau=0.5 ddk-log@tau=0.5,val=256 hindsight:ddk-log@tau=0.5,val=256 ddk-log@signal=kd-gap,val=256)
 FAR_SHORT=(kd-equal ddk ddk-robust ddk-no-smoothing hindsight:ddk-robust ddk-log hindsight:ddk-log
   ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap ddk-smooth0 ddk-bounded hindsight:ddk
   cpt-natural cpt-equal kd-natural ddk@K=3 ddk-no-smoothing@K=3 ddk@K=12 ddk-log@K=3 ddk-log@K=12
   ddk-log@alpha=0.8 ddk-log@alpha=0.2 ddk@alpha=0.8 ddk@alpha=0.2 ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256
-  ddk-log@tau=0.5,val=256 ddk-log@signal=kd-gap,val=256)
+  ddk-log@tau=0.5 ddk-log@tau=0.5,val=256 hindsight:ddk-log@tau=0.5,val=256 ddk-log@signal=kd-gap,val=256)
 NEAR_LONG=(kd-equal ddk-log ddk ddk-no-smoothing hindsight:ddk-log ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap
-  ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256)
+  ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256 ddk-log@tau=0.5,val=256 hindsight:ddk-log@tau=0.5,val=256)
 FAR_LONG=(kd-equal ddk-log ddk hindsight:ddk-log ddk-log@signal=kd-gap hindsight:ddk-log@signal=kd-gap ddk-no-smoothing cpt-equal
-  ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256)
+  ddk@val=256 ddk-no-smoothing@val=256 ddk-log@val=256 ddk-log@tau=0.5,val=256 hindsight:ddk-log@tau=0.5,val=256)
 if has short; then
   ablation near near 48 6 "${NEAR_SHORT[@]}"
   ablation far far 48 6 "${FAR_SHORT[@]}"

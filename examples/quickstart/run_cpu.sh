@@ -15,8 +15,9 @@ STUDENT_PRETRAIN_ITERS=${STUDENT_PRETRAIN_ITERS:-100}
 STUDENT_ITERS=${STUDENT_ITERS:-200}    # per student: DDK, then KD
 DDK_INTERVAL=${DDK_INTERVAL:-25}
 MIXING=${MIXING:-ddk-log}             # --ddk-mixing of the DDK student (docs/DDK.md); ddk = the paper's exact update
+TEMPERATURE=${TEMPERATURE:-0.5}        # --ddk-temperature: ddk-log weights proportional to ratio^(1/T) (docs/DDK.md)
 SIZE_MB=${SIZE_MB:-3}                  # demo corpus size
-VAL_SAMPLES=${VAL_SAMPLES:-64}         # validation samples per domain (--ddk-val-samples)
+VAL_SAMPLES=${VAL_SAMPLES:-256}        # validation samples per domain (--ddk-val-samples; capped at each validation set)
 WARMUP=${WARMUP:-20}                   # --lr-warmup-iters
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 run() { echo "+ $*" >&2; "$@"; }
@@ -54,7 +55,7 @@ torchrun_ pretrain_ddk.py --ddk-mode cpt "${DATA[@]}" "${COMMON[@]}" \
 
 STUDENT=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 176)
 
-step "5/7 student: 2 layers, hidden 64 -- briefly pre-trained (cpt), then distilled with DDK (--ddk-mixing $MIXING, K=$DDK_INTERVAL, alpha=0.5, gamma=0.2)"
+step "5/7 student: 2 layers, hidden 64 -- briefly pre-trained (cpt), then distilled with DDK (--ddk-mixing $MIXING, T=$TEMPERATURE, K=$DDK_INTERVAL, alpha=0.5, gamma=0.2)"
 # The paper distils into an already pre-trained small model; a random-init student would have
 # perplexity ratios in the thousands, which Eq. 1 turns into a one-hot mixture.
 torchrun_ pretrain_ddk.py --ddk-mode cpt "${DATA[@]}" "${COMMON[@]}" "${STUDENT[@]}" \
@@ -66,7 +67,7 @@ start() {  # START: resume the run saved in $1, or start it from the pre-trained
 DISTILL=(--teacher-load "$OUT/teacher" "${DATA[@]}" "${COMMON[@]}" "${STUDENT[@]}" --train-iters "$STUDENT_ITERS"
          --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters "$WARMUP" --kd-weight 0.2 --ddk-val-samples "$VAL_SAMPLES")
 start "$OUT/student"
-torchrun_ pretrain_ddk.py --ddk-mode ddk --ddk-mixing "$MIXING" --ddk-interval "$DDK_INTERVAL" --ddk-alpha 0.5 \
+torchrun_ pretrain_ddk.py --ddk-mode ddk --ddk-mixing "$MIXING" --ddk-temperature "$TEMPERATURE" --ddk-interval "$DDK_INTERVAL" --ddk-alpha 0.5 \
     "${DISTILL[@]}" "${START[@]}" --save "$OUT/student" --tensorboard-dir "$OUT/tensorboard"
 
 step "6/7 the same student distilled with plain KD on equal sampling (the paper's ES baseline), same cost"
