@@ -4,7 +4,7 @@
 # short (48 iterations, K = 6) and long (240 iterations, K = 30). Every stage is skipped when its output
 # exists, so a killed study resumes where it stopped (ddk_ablation.py also skips finished runs).
 #
-#   bash benchmarks/ddk_study.sh                          # everything (~3-4 h on 2 CPU cores)
+#   bash benchmarks/ddk_study.sh                          # everything (~2-3 h on 2 idle CPU cores)
 #   STAGES="prepare short" bash benchmarks/ddk_study.sh   # only some stages: prepare short long
 #   OUT=/data/ddk_study PYTHON=.venv/bin/python JOBS=2 bash benchmarks/ddk_study.sh
 #
