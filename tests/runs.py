@@ -74,6 +74,30 @@ def data_args(corpus: dict, cache: Path) -> list[str]:
     ]
 
 
+def evaluation_args(
+    corpus: dict, registry: Path, data_cache: Path, *, split: str, num_samples: int, micro_batch_size: int
+) -> list[str]:
+    """tools/evaluate.py's data flags for a test corpus (sequence length 32, as the test runs train)."""
+    return [
+        "--domains",
+        str(registry),
+        "--split",
+        split,
+        "--num-samples",
+        str(num_samples),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        str(corpus["tokenizer"]),
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        str(micro_batch_size),
+        "--data-cache-path",
+        str(data_cache),
+    ]
+
+
 def train_args(iters: int, *, gbs: int = 8, mbs: int = 2) -> list[str]:
     return [
         "--micro-batch-size",

@@ -8,7 +8,7 @@ import yaml
 
 from tests.helpers import REPO_ROOT, python, read_json, torchrun
 from tests.integration.test_distillation import teacher  # noqa: F401  (session fixture)
-from tests.runs import STUDENT, data_args, pretrain, train_args
+from tests.runs import STUDENT, data_args, evaluation_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -44,22 +44,7 @@ def evaluate(corpus, tmp, registry, teacher_dir, nproc, *extra, output="eval.jso
         tmp / "student",
         "--teacher-load",
         teacher_dir,
-        "--domains",
-        registry,
-        "--split",
-        "test",
-        "--num-samples",
-        "6",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        corpus["tokenizer"],
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "2",
-        "--data-cache-path",
-        tmp / "cache",
+        *evaluation_args(corpus, registry, tmp / "cache", split="test", num_samples=6, micro_batch_size=2),
         "--output",
         tmp / output,
         *extra,
@@ -107,18 +92,9 @@ def test_registry_without_test_split_is_refused(tiny_corpus, setup, teacher):  #
     assert len(errors) == 1 and "have no test split" in errors[0], run.stderr[-2000:]
 
 
-@pytest.mark.parametrize(
-    "extra,needle",
-    [
-        (
-            ["--teacher-load", "t", "--teacher-cache", "c"],
-            "at most one of --teacher-load and --teacher-cache",
-        ),
-        (["--teacher-cache", "c", "--split", "test"], "holds training and validation samples only"),
-    ],
-)
-def test_teacher_cache_flags_are_checked_first(tmp_path, extra, needle):
-    """Refused in one line before any file is read (the paths do not exist)."""
+def test_teacher_cache_flags_are_checked_first(tmp_path):
+    """Refused in one line before any file is read (the paths do not exist): both teacher flags, and the
+    cache (which holds no test samples) with --split test."""
     run = python(
         "tools/evaluate.py",
         "--load",
@@ -131,7 +107,14 @@ def test_teacher_cache_flags_are_checked_first(tmp_path, extra, needle):
         tmp_path / "none.model",
         "--seq-length",
         "32",
-        *extra,
+        "--teacher-load",
+        "t",
+        "--teacher-cache",
+        "c",
+        "--split",
+        "test",
         check=False,
     )
-    assert run.returncode == 2 and needle in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "at most one of --teacher-load and --teacher-cache" in run.stderr
+    assert "holds training and validation samples only" in run.stderr

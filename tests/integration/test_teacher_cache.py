@@ -19,7 +19,7 @@ from megatron_ddk.distill import teacher_cache as tc
 from megatron_ddk.errors import CheckpointError
 from tests.helpers import REPO_ROOT, free_port, subprocess_env, torchrun
 from tests.integration.test_distillation import _edited_teacher, teacher  # noqa: F401  (session fixture)
-from tests.runs import STUDENT, assert_series_close, data_args, pretrain, train_args
+from tests.runs import STUDENT, assert_series_close, data_args, evaluation_args, pretrain, train_args
 
 pytestmark = pytest.mark.slow
 TOOL = REPO_ROOT / "tools" / "cache_teacher_logits.py"
@@ -127,27 +127,15 @@ def test_first_window_weights_equal_online_ddk(tiny_corpus, tmp_path, teacher, r
 
 def evaluation(corpus, tmp, student, num_samples, *teacher_flags):
     """tools/evaluate.py's flags for the validation split of this file's corpus."""
-    return [
-        "--load",
-        student,
-        *teacher_flags,
-        "--domains",
+    data = evaluation_args(
+        corpus,
         corpus["registry"],
-        "--split",
-        "valid",
-        "--num-samples",
-        str(num_samples),
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        corpus["tokenizer"],
-        "--seq-length",
-        "32",
-        "--micro-batch-size",
-        "4",
-        "--data-cache-path",
         tmp / "data_cache",
-    ]
+        split="valid",
+        num_samples=num_samples,
+        micro_batch_size=4,
+    )
+    return ["--load", student, *teacher_flags, *data]
 
 
 def test_evaluate_from_the_cache_equals_the_online_teacher(tiny_corpus, tmp_path, cache, teacher, reference):  # noqa: F811
