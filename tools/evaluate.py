@@ -295,6 +295,8 @@ def _open_teacher_cache(args: argparse.Namespace, tokenizer, registry):
 def _cached_teacher_ce(cache, args: argparse.Namespace, sizes: list[int], num_samples: int) -> list[tuple]:
     """Per domain, the cached (CE sum, tokens) of the first ``num_samples`` validation samples; refuses
     before any model is built if the cache lacks one, naming how many it holds."""
+    from megatron_ddk.distill.teacher_source import validation_ce_sums
+
     wanted = [np.arange(min(num_samples, size)) for size in sizes]
     short = {}
     for d, ids in enumerate(wanted):
@@ -309,7 +311,7 @@ def _cached_teacher_ce(cache, args: argparse.Namespace, sizes: list[int], num_sa
             f"tools/cache_teacher_logits.py --output {args.teacher_cache} --val-samples {num_samples} "
             "(the cache's other flags unchanged)"
         )
-    return [cache.teacher_ce("valid", d, ids) for d, ids in enumerate(wanted)]
+    return validation_ce_sums(cache, sizes, num_samples)
 
 
 def _checked_cached_ce(cached: list[tuple], tokens, flag_value: str) -> np.ndarray:

@@ -223,11 +223,20 @@ class CachedTeacher:
         """Mean teacher CE per domain over the first ``num_samples`` validation samples; None if any is missing."""
         if not self.holds_validation(valid_sizes, num_samples):
             return None
-        ce = []
-        for d, size in enumerate(valid_sizes):
-            total, tokens = self.cache.teacher_ce("valid", d, np.arange(min(num_samples, size)))
-            ce.append(total / tokens)
-        return np.asarray(ce, dtype=np.float64)
+        return np.asarray(
+            [total / tokens for total, tokens in validation_ce_sums(self.cache, valid_sizes, num_samples)],
+            dtype=np.float64,
+        )
+
+
+def validation_ce_sums(
+    cache: TeacherCache, valid_sizes: Sequence[int], num_samples: int
+) -> list[tuple[float, float]]:
+    """Per domain, the cached teacher's (CE sum, token count) over its first ``num_samples`` validation samples
+    (every one must be cached: ``TeacherCache.teacher_ce`` raises otherwise)."""
+    return [
+        cache.teacher_ce("valid", d, np.arange(min(num_samples, size))) for d, size in enumerate(valid_sizes)
+    ]
 
 
 def stack_rows(found: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
